@@ -1,0 +1,78 @@
+"""What a patch is: its mode, rank and layers, validated before any weight is touched."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from numbers import Integral
+
+MODES = ("covariance", "lowrank")
+
+
+@dataclass
+class PatchConfig:
+    """The settings of one `patch_model` call, recorded on the model as `config.merged_attn`.
+
+    Attributes:
+        mode: "covariance" (one d x d matrix S_h = Wq_h Wk_hᵀ per head) or "lowrank" (S_h ≈ U_h V_hᵀ).
+        rank: r for "lowrank" (1 <= r <= hidden size); None for "covariance".
+        layers: indices of the patched blocks (sorted); None until resolved against a model.
+    """
+
+    mode: str
+    rank: int | None = None
+    layers: list[int] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(
+                f"mode={self.mode!r} is not a patch mode; allowed: {', '.join(repr(m) for m in MODES)}. "
+                "Use mode='covariance' for the exact merged S_h, or mode='lowrank' with rank=r."
+            )
+        if self.mode == "covariance" and self.rank is not None:
+            raise ValueError(
+                f"rank={self.rank!r} was given with mode='covariance', which has no rank (S_h is d x d). "
+                "Drop rank, or use mode='lowrank' to factor S_h at rank r."
+            )
+        if self.mode == "lowrank":
+            if self.rank is None:
+                raise ValueError(
+                    "mode='lowrank' needs rank=r (an integer, e.g. the head size 64 for GPT-2, which is exact). "
+                    "Pass rank=..., or use mode='covariance'."
+                )
+            if isinstance(self.rank, bool) or not isinstance(self.rank, Integral):
+                raise ValueError(
+                    f"rank={self.rank!r} ({type(self.rank).__name__}) is not an integer; lowrank needs an integer "
+                    "rank r >= 1 (r = head size is exact, smaller approximates, larger adds capacity)."
+                )
+            self.rank = int(self.rank)
+            if self.rank < 1:
+                raise ValueError(f"rank={self.rank} is below 1; lowrank needs an integer rank r >= 1.")
+
+    def check_against(self, hidden_size: int, num_layers: int) -> None:
+        """Check rank and layers against a model's sizes and resolve `layers` (None -> all blocks).
+
+        Raises:
+            ValueError: rank above the hidden size, or a layer index out of range / not an integer.
+        """
+        if self.rank is not None and self.rank > hidden_size:
+            raise ValueError(
+                f"rank={self.rank} exceeds the hidden size {hidden_size}: S_h is {hidden_size} x {hidden_size}, so "
+                f"a rank above {hidden_size} adds nothing. Use 1 <= rank <= {hidden_size}, or mode='covariance'."
+            )
+        if self.layers is None:
+            self.layers = list(range(num_layers))
+            return
+        given = self.layers
+        if isinstance(given, (str, bytes)) or not hasattr(given, "__iter__"):
+            raise ValueError(f"layers={given!r} is not a list of block indices; pass e.g. layers=[0, 1] or None (all).")
+        bad = [i for i in given if isinstance(i, bool) or not isinstance(i, Integral) or not 0 <= i < num_layers]
+        if bad or not given:
+            raise ValueError(
+                f"layers={list(given)!r} has indices out of range {bad!r}; this model has {num_layers} blocks, so "
+                f"allowed indices are 0..{num_layers - 1}. Pass a non-empty list of those, or None for all."
+            )
+        self.layers = sorted({int(i) for i in given})
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (what `config.merged_attn` holds)."""
+        return asdict(self)

@@ -1,0 +1,63 @@
+"""Bad input fails early with a message naming what was given, what is allowed and what to do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HIDDEN, LAYERS, make_gpt2
+from transformers import BertConfig, BertModel, GPT2LMHeadModel
+
+from hf_merged_attn import patch_model
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"mode": "covarience"}, ValueError, r"mode='covarience' is not a patch mode; allowed: 'covariance', 'lowrank'"),
+        ({"mode": "lowrank"}, ValueError, r"mode='lowrank' needs rank=r"),
+        ({"mode": "lowrank", "rank": 2.5}, ValueError, r"rank=2.5 \(float\) is not an integer"),
+        ({"mode": "lowrank", "rank": "8"}, ValueError, r"rank='8' \(str\) is not an integer"),
+        ({"mode": "lowrank", "rank": True}, ValueError, r"rank=True \(bool\) is not an integer"),
+        ({"mode": "lowrank", "rank": 0}, ValueError, r"rank=0 is below 1"),
+        ({"mode": "lowrank", "rank": HIDDEN + 1}, ValueError, rf"rank={HIDDEN + 1} exceeds the hidden size {HIDDEN}"),
+        ({"mode": "covariance", "rank": 8}, ValueError, r"rank=8 was given with mode='covariance'"),
+        ({"layers": [0, LAYERS]}, ValueError, rf"layers=\[0, {LAYERS}\] has indices out of range \[{LAYERS}\].*0\.\.{LAYERS - 1}"),
+        ({"layers": [-1]}, ValueError, r"out of range \[-1\]"),
+        ({"layers": []}, ValueError, r"layers=\[\] has indices out of range"),
+        ({"layers": 1}, ValueError, r"layers=1 is not a list of block indices"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    model = make_gpt2()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        patch_model(model, **kwargs)
+    # nothing was touched: errors come before any module is swapped
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+    assert not hasattr(model.config, "merged_attn")
+
+
+def test_patching_twice():
+    model = patch_model(make_gpt2(), "covariance")
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel is already patched \(config.merged_attn=.*covariance"):
+        patch_model(model, "lowrank", rank=4)
+
+
+def test_model_without_gpt2_attention():
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64))
+    with pytest.raises(ValueError, match=r"BertModel has no GPT2Attention module; patch_model supports GPT-2"):
+        patch_model(bert)
+
+
+def test_cross_attention_is_refused():
+    model = make_gpt2(GPT2LMHeadModel, add_cross_attention=True)
+    with pytest.raises(NotImplementedError, match=r"add_cross_attention=True .* not supported"):
+        patch_model(model)
+
+
+def test_unsupported_attn_implementation_at_call_time():
+    model = patch_model(make_gpt2(), "covariance")
+    model.config._attn_implementation = "flash_attention_2"  # as set_attn_implementation would, where installed
+    with pytest.raises(NotImplementedError, match=r"attn_implementation='flash_attention_2' is not supported .*supported: eager, sdpa"):
+        model(torch.ones(1, 4, dtype=torch.long))

@@ -160,3 +160,15 @@ def qk_from_homogeneous(
     norm = torch.linalg.matrix_norm(full).clamp_min(torch.finfo(_SEED_DTYPE).tiny)
     rel_error = torch.linalg.matrix_norm(full - approx) / norm
     return new_left[:, : d_plus_1 - 1], new_left[:, d_plus_1 - 1], new_right, rel_error
+
+
+def heads_to_linear(per_head: torch.Tensor) -> torch.Tensor:
+    """(H, d, k) per-head maps x -> x @ W_h as one nn.Linear weight (H*k, d)."""
+    heads, d, k = per_head.shape
+    return per_head.mT.reshape(heads * k, d)  # (H, k, d) -> (H*k, d)
+
+
+def linear_to_heads(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Inverse of `heads_to_linear`: an nn.Linear weight (H*k, d) -> per-head maps (H, d, k)."""
+    _, d = weight.shape
+    return weight.reshape(num_heads, -1, d).mT  # (H*k, d) -> (H, k, d) -> (H, d, k)

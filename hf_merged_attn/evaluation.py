@@ -1,0 +1,84 @@
+"""Perplexity of a causal LM on one long token stream: the strided sliding-window recipe.
+
+This is the recipe of the transformers docs ("Perplexity of fixed-length models"): windows of
+`max_length` tokens advance by `stride`; each window scores only the tokens not scored by the previous
+one, with the tokens before them as context, so every token after the first is scored exactly once with
+at least `max_length - stride` tokens of context (except near the start). Token-weighted: the result is
+exp(total NLL / number of scored tokens). stride = max_length gives disjoint blocks (fast, less context).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def sliding_windows(num_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, number of new target tokens) for each window over a stream of `num_tokens`."""
+    if not 1 <= stride <= max_length:
+        raise ValueError(f"stride={stride} must be between 1 and max_length={max_length}.")
+    windows, previous_end = [], 0
+    for begin in range(0, num_tokens, stride):
+        end = min(begin + max_length, num_tokens)
+        windows.append((begin, end, end - previous_end))
+        previous_end = end
+        if end == num_tokens:
+            break
+    return windows
+
+
+@torch.no_grad()
+def evaluate_perplexity(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    max_length: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+    show_progress: bool = False,
+) -> dict[str, float]:
+    """Token-weighted strided sliding-window perplexity of `model` on a 1-D token stream.
+
+    Args:
+        model: a causal LM returning `.logits` (any mode, patched or stock: the same evaluator for all).
+        input_ids: 1-D LongTensor, the whole evaluation text tokenized and concatenated.
+        max_length: window length (at most the model's context).
+        stride: step between windows (default: max_length // 2).
+        batch_size: windows per forward pass.
+        show_progress: tqdm bar over batches.
+
+    Returns:
+        {"perplexity", "loss" (mean NLL per scored token), "tokens" (number scored)}.
+    """
+    if input_ids.dim() != 1 or input_ids.numel() < 2:
+        raise ValueError(f"input_ids must be a 1-D token stream of at least 2 tokens; got shape {tuple(input_ids.shape)}.")
+    stride = stride or max(1, max_length // 2)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    windows = sliding_windows(input_ids.numel(), max_length, stride)
+    total_nll, total_tokens = 0.0, 0
+    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+    for batch in tqdm(batches, desc="perplexity", disable=not show_progress, leave=False):
+        length = max(end - begin for begin, end, _ in batch)
+        ids = torch.zeros(len(batch), length, dtype=torch.long)
+        targets = torch.full((len(batch), length), -100, dtype=torch.long)
+        mask = torch.zeros(len(batch), length, dtype=torch.long)
+        for row, (begin, end, new) in enumerate(batch):
+            n = end - begin
+            ids[row, :n] = input_ids[begin:end]
+            mask[row, :n] = 1
+            targets[row, n - new : n] = input_ids[end - new : end]  # only tokens not scored by the previous window
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        # position t predicts token t+1 (the first token of the stream has no prediction and is never scored)
+        nll = nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1).to(device), reduction="sum"
+        )
+        total_nll += nll.item()
+        total_tokens += int((targets[:, 1:] != -100).sum())
+    model.train(was_training)
+    loss = total_nll / total_tokens
+    return {"perplexity": math.exp(loss), "loss": loss, "tokens": total_tokens}

@@ -44,8 +44,11 @@ def test_matches_the_docs_recipe(max_length, stride):
     got = evaluate_perplexity(model, ids, max_length=max_length, stride=stride, batch_size=3)
     # batching pads the last window on the right; fp32 sums of ~100 log-probs in another order: ~1e-6 relative
     assert got["perplexity"] == pytest.approx(expected, rel=1e-5)
-    # every token but the first of the stream is scored exactly once
-    assert got["tokens"] == ids.numel() - 1
+    assert got["tokens"] == n
+    # with overlap (stride < max_length) every token but the stream's first is scored exactly once;
+    # disjoint windows (stride = max_length) cannot score each window's first token (no context)
+    windows = -(-ids.numel() // max_length)
+    assert n == (ids.numel() - 1 if stride < max_length else ids.numel() - windows)
 
 
 def test_same_for_exact_patch():

@@ -172,3 +172,172 @@ def linear_to_heads(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Inverse of `heads_to_linear`: an nn.Linear weight (H*k, d) -> per-head maps (H, d, k)."""
     _, d = weight.shape
     return weight.reshape(num_heads, -1, d).mT  # (H*k, d) -> (H, k, d) -> (H, d, k)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Activation-aware ("whitened") low-rank seeding
+# ---------------------------------------------------------------------------------------------------
+
+# Relative damping of a second-moment matrix before its Cholesky factor is taken: C + λ·mean(diag C)·I,
+# as SVD-LLM / ASVD do. It keeps rank-deficient moments (constant inputs, fewer tokens than d, LayerNorm's
+# null direction) invertible; if the factorisation still fails, λ grows tenfold, up to _MAX_DAMPING_TRIES times.
+DEFAULT_DAMPING = 1e-2
+_MAX_DAMPING_TRIES = 8
+
+
+def damped_cholesky(moment: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
+    """Lower-triangular L with L Lᵀ = C + λ·mean(diag C)·I (float64), for a second-moment matrix C.
+
+    The damping is relative to the mean eigenvalue mean(diag C) (absolute 1 when C is all zero), so it does
+    not depend on the scale of the activations. If the Cholesky factorisation fails (C indefinite from
+    round-off, or damping=0 on a singular C), λ is raised tenfold (starting at 1e-8 when damping=0) and it
+    is tried again; deterministic for a given C.
+
+    Args:
+        moment: (..., n, n) symmetric positive semi-definite, e.g. E[xᵀx].
+        damping: λ >= 0.
+
+    Returns:
+        L (..., n, n), float64.
+
+    Raises:
+        ValueError: a non-finite or non-square moment, a negative damping, or no λ that makes C + λ·I
+            positive definite (only possible for a badly non-symmetric or non-PSD input).
+    """
+    if moment.dim() < 2 or moment.shape[-1] != moment.shape[-2]:
+        raise ValueError(f"moment must be a square (..., n, n) matrix; got shape {tuple(moment.shape)}.")
+    if not damping >= 0:
+        raise ValueError(f"damping={damping!r} must be >= 0 (a relative ridge, e.g. {DEFAULT_DAMPING}).")
+    c = moment.to(_SEED_DTYPE)
+    if not torch.isfinite(c).all():
+        raise ValueError(
+            "moment has NaN/inf entries: the calibration activations overflowed or were not finite. "
+            "Check the model's weights and the calibration input_ids."
+        )
+    c = (c + c.mT) / 2  # exact symmetry (accumulated sums can differ in the last bit)
+    n = c.shape[-1]
+    scale = c.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).unsqueeze(-1)  # (..., 1, 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    eye = torch.eye(n, dtype=_SEED_DTYPE, device=c.device)
+    lam = damping
+    for _ in range(_MAX_DAMPING_TRIES):
+        factor, info = torch.linalg.cholesky_ex(c + lam * scale * eye)
+        if not info.any():
+            return factor
+        lam = lam * 10 if lam > 0 else 1e-8
+    raise ValueError(
+        f"moment + λ·mean(diag)·I is not positive definite even at λ={lam / 10:g}; a second-moment matrix "
+        "E[xᵀx] is positive semi-definite, so this input is not one. Pass the moments collected by "
+        "hf_merged_attn.calibration.collect_attention_moments."
+    )
+
+
+def whitened_best_rank_factors(
+    left: torch.Tensor, right: torch.Tensor, rank: int, left_chol: torch.Tensor, right_chol: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r factors of M = left @ rightᵀ minimising the WEIGHTED error ‖L_lᵀ (M − M̂) L_r‖_F (batched).
+
+    Derivation. Let Cl = L_l L_lᵀ and Cr = L_r L_rᵀ be positive definite (Cholesky factors). For row
+    vectors a with E[aᵀa] = Cl and b with E[bᵀb] = Cr drawn independently,
+
+        E[(a (M − M̂) bᵀ)²] = E[tr((M − M̂)ᵀ aᵀa (M − M̂) bᵀb)] = tr((M − M̂)ᵀ Cl (M − M̂) Cr)
+                           = ‖L_lᵀ (M − M̂) L_r‖_F².
+
+    The map M̂ ↦ L_lᵀ M̂ L_r is a bijection of the rank-≤r matrices (L_l, L_r invertible), so the weighted
+    problem is plain Eckart–Young in whitened coordinates: take the truncated SVD [L_lᵀ M L_r]_r = A Bᵀ and
+    un-whiten, M̂ = L_l^{-T} A Bᵀ L_r^{-1}, i.e. factors L_l^{-T} A and L_r^{-T} B (triangular solves).
+    Whitened coordinates stay thin: L_lᵀ M L_r = (L_lᵀ left)(L_rᵀ right)ᵀ, so `best_rank_factors` runs on
+    (m, k) and (n, k) factors. Finally the product is re-split by `best_rank_factors` itself, so the returned
+    factors are P Σ½, Q Σ½ of M̂'s own SVD — orthogonal columns, Σ shared evenly between the two sides, the
+    same form as the plain-SVD seed (balanced factors train better than whatever scale whitening left).
+    With Cl = c·I and Cr = c'·I this is exactly the plain truncated SVD of M.
+
+    Args:
+        left: (..., m, k). right: (..., n, k). rank: 1 <= r <= min(m, n, k).
+        left_chol: (..., m, m) lower-triangular L_l (e.g. from `damped_cholesky`).
+        right_chol: (..., n, n) lower-triangular L_r.
+
+    Returns:
+        (left_r, right_r) of shapes (..., m, r) and (..., n, r), float64.
+    """
+    left, right = left.to(_SEED_DTYPE), right.to(_SEED_DTYPE)
+    left_chol, right_chol = left_chol.to(_SEED_DTYPE), right_chol.to(_SEED_DTYPE)
+    a, b = best_rank_factors(left_chol.mT @ left, right_chol.mT @ right, rank)  # whitened (.., m, r), (.., n, r)
+    a = torch.linalg.solve_triangular(left_chol.mT, a, upper=True)  # L_l^{-T} A
+    b = torch.linalg.solve_triangular(right_chol.mT, b, upper=True)  # L_r^{-T} B
+    return best_rank_factors(a, b, rank)
+
+
+def weighted_score_error(
+    target: torch.Tensor, approx: torch.Tensor, query_moment: torch.Tensor, key_moment: torch.Tensor
+) -> torch.Tensor:
+    """Mean squared score error E[(x̃_i (S̃ − Ŝ) x_jᵀ)²] = tr(Δᵀ Cq Δ Ck), Δ = S̃ − Ŝ (batched over heads).
+
+    Args:
+        target, approx: (..., d+1, d) homogeneous score matrices.
+        query_moment: (d+1, d+1) E[x̃ᵀx̃]. key_moment: (d, d) E[xᵀx].
+
+    Returns:
+        (...,) float64.
+    """
+    delta = (target.to(_SEED_DTYPE) - approx.to(_SEED_DTYPE))
+    cq, ck = query_moment.to(_SEED_DTYPE), key_moment.to(_SEED_DTYPE)
+    return ((cq @ delta) * (delta @ ck)).sum((-2, -1))  # tr(Δᵀ Cq Δ Ck) = Σ (Cq Δ) ∘ (Δ Ck)
+
+
+def whitened_lowrank_from_qk(
+    wq: torch.Tensor,
+    bq: torch.Tensor,
+    wk: torch.Tensor,
+    rank: int,
+    moment: torch.Tensor,
+    *,
+    damping: float = DEFAULT_DAMPING,
+    init_std: float = 0.02,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Activation-aware seed of U_h, a_h, V_h: the rank-r factors with the least score error on real inputs.
+
+    The score of head h is x̃_i S̃_h x_jᵀ with S̃_h = [Wq_h; bq_h] Wk_hᵀ ((d+1) x d), query-side input
+    x̃_i = [x_i, 1] and key-side input x_j (x = the attention input, after ln_1). Plain SVD minimises
+    ‖S̃ − Ŝ‖_F, which weighs every direction of x equally; what matters is the error of the scores,
+
+        E[(x̃_i (S̃ − Ŝ) x_jᵀ)²] = tr(Δᵀ Cq Δ Ck) = ‖L_qᵀ (S̃ − Ŝ) L_k‖_F²,
+
+    with Cq = E[x̃ᵀx̃] = L_q L_qᵀ ((d+1) x (d+1), the `moment` given) and Ck = E[xᵀx] = L_k L_kᵀ, its
+    top-left d x d block (the key side sees x without the 1). Both sides are whitened — the query side
+    (SVD-LLM's whitening) and the key side — and `whitened_best_rank_factors` solves the problem exactly:
+    truncated SVD of L_qᵀ S̃ L_k, un-whitened by L_q^{-T} and L_k^{-T}. Each moment is damped by
+    λ·mean(diag)·I first (`damped_cholesky`), so rank-deficient or constant calibration inputs are safe.
+    Treating i and j as independent is the approximation: summed over ALL pairs (i, j) of one stream of
+    tokens, ‖X̃ Δ Xᵀ‖_F² = tr(Δᵀ X̃ᵀX̃ Δ XᵀX) is exact; causal masking and per-sequence pairing are ignored.
+
+    For r >= hd nothing is lost — rank(S̃_h) <= hd, so S̃_h is held exactly — and whitening would change
+    nothing: the result is that of `lowrank_from_qk` (stock weights at r = hd, padded above).
+
+    Args:
+        wq, wk: (H, d, hd). bq: (H, hd). rank: r >= 1.
+        moment: (d+1, d+1) E[x̃ᵀx̃] of this layer's attention input, x̃ = [x, 1] (last row/column: E[x], 1).
+        damping: relative ridge λ for both Cholesky factors.
+        init_std, generator: as `lowrank_from_qk` (used only for r > hd).
+
+    Returns:
+        U (H, d, r), a (H, r), V (H, d, r), in float64.
+    """
+    num_heads, d, hd = wq.shape
+    if moment.shape != (d + 1, d + 1):
+        raise ValueError(
+            f"moment has shape {tuple(moment.shape)}; expected ({d + 1}, {d + 1}) = E[x̃ᵀx̃] for x̃ = [x, 1] with "
+            f"hidden size d={d}."
+        )
+    if rank >= hd:
+        return lowrank_from_qk(wq, bq, wk, rank, init_std=init_std, generator=generator)
+    wq, bq, wk = (t.to(_SEED_DTYPE) for t in (wq, bq, wk))
+    moment = moment.to(device=wq.device, dtype=_SEED_DTYPE)
+    query_chol = damped_cholesky(moment, damping)  # (d+1, d+1)
+    key_chol = damped_cholesky(moment[:d, :d], damping)  # (d, d)
+    homogeneous = torch.cat([wq, bq.unsqueeze(1)], dim=1)  # (H, d+1, hd): S̃_h = homogeneous @ Wk_hᵀ
+    left, right = whitened_best_rank_factors(
+        homogeneous, wk, rank, query_chol.expand(num_heads, d + 1, d + 1), key_chol.expand(num_heads, d, d)
+    )  # (H, d+1, r), (H, d, r)
+    return left[:, :d].contiguous(), left[:, d].contiguous(), right

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from numbers import Integral
 
 MODES = ("covariance", "lowrank")
+INITS = ("svd", "whitened")  # how lowrank factors are seeded: plain SVD of the weights, or activation-aware
 
 
 @dataclass
@@ -16,11 +17,14 @@ class PatchConfig:
         mode: "covariance" (one d x d matrix S_h = Wq_h Wk_hᵀ per head) or "lowrank" (S_h ≈ U_h V_hᵀ).
         rank: r for "lowrank" (1 <= r <= hidden size); None for "covariance".
         layers: indices of the patched blocks (sorted); None until resolved against a model.
+        init: how "lowrank" factors are seeded — "svd" (best rank-r approximation of the weights) or
+            "whitened" (least score error on calibration activations); None for "covariance" (exact).
     """
 
     mode: str
     rank: int | None = None
     layers: list[int] | None = field(default=None)
+    init: str | None = "svd"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -47,6 +51,50 @@ class PatchConfig:
             self.rank = int(self.rank)
             if self.rank < 1:
                 raise ValueError(f"rank={self.rank} is below 1; lowrank needs an integer rank r >= 1.")
+        self._check_init()
+
+    def _check_init(self) -> None:
+        if self.init is not None and (not isinstance(self.init, str) or self.init not in INITS):
+            raise ValueError(
+                f"init={self.init!r} is not a seeding method; allowed: {', '.join(repr(i) for i in INITS)}. "
+                "Use init='svd' (best rank-r factors of the weights, no data) or init='whitened' with "
+                "calibration=... (least score error on real activations)."
+            )
+        if self.mode == "covariance":
+            if self.init == "whitened":
+                raise ValueError(
+                    "init='whitened' was given with mode='covariance', which is exact (S_h = Wq_h Wk_hᵀ is held "
+                    "whole, nothing is approximated, so there is nothing to fit to activations). Drop init, or "
+                    "use mode='lowrank' with rank=r and init='whitened'."
+                )
+            self.init = None
+        elif self.init is None:
+            self.init = "svd"
+
+    def check_calibration(self, calibration) -> None:
+        """Check that calibration data is given exactly when the seeding uses it (init='whitened').
+
+        Raises:
+            ValueError: init='whitened' without calibration, or calibration with init='svd' / covariance.
+        """
+        given = calibration is not None
+        what = f"calibration (a {type(calibration).__name__})"
+        if self.mode == "covariance" and given:
+            raise ValueError(
+                f"{what} was given with mode='covariance', which is exact and uses no data. Drop calibration, "
+                "or use mode='lowrank', rank=r, init='whitened' to fit low-rank factors to it."
+            )
+        if self.init == "svd" and given:
+            raise ValueError(
+                f"{what} was given with init='svd', which factors the weights alone and ignores data. Pass "
+                "init='whitened' to use the calibration activations, or drop calibration."
+            )
+        if self.init == "whitened" and not given:
+            raise ValueError(
+                "init='whitened' needs calibration=...: an iterable of batches of token ids (LongTensors (B, T), "
+                "lists of ids, or dicts with 'input_ids', e.g. a DataLoader or a tokenized dataset) to measure "
+                "the attention inputs on. Pass e.g. 16 blocks of 256 tokens of training text, or use init='svd'."
+            )
 
     def check_against(self, hidden_size: int, num_layers: int) -> None:
         """Check rank and layers against a model's sizes and resolve `layers` (None -> all blocks).

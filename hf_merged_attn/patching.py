@@ -9,6 +9,7 @@ from torch import nn
 from transformers import GPT2Config
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
+from .calibration import collect_attention_moments
 from .config import PatchConfig
 from .configuration_merged_gpt2 import MergedGPT2Config
 from .modeling_merged_gpt2 import MERGED_CLASSES, MergedGPT2Attention
@@ -19,6 +20,7 @@ from .seeding import (
     lowrank_from_qk,
     qk_from_homogeneous,
     split_gpt2_qkv,
+    whitened_lowrank_from_qk,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,8 +57,17 @@ def _swap(parent: nn.Module, name: str, old: nn.Module, new: nn.Module) -> None:
     setattr(parent, name, new)
 
 
-def seeded_attention(attn: GPT2Attention, mode: str, rank: int | None = None) -> MergedGPT2Attention:
-    """A MergedGPT2Attention computing the same scores as stock `attn` (shares its c_proj and dropouts)."""
+def seeded_attention(
+    attn: GPT2Attention, mode: str, rank: int | None = None, *, moment: torch.Tensor | None = None
+) -> MergedGPT2Attention:
+    """A MergedGPT2Attention computing the same scores as stock `attn` (shares its c_proj and dropouts).
+
+    With `moment` (lowrank only) — E[x̃ᵀx̃] ((d+1) x (d+1)) of this layer's input x̃ = [x, 1], from
+    `collect_attention_moments` — factors below the head size are the activation-aware ("whitened") ones,
+    least score error on those inputs, instead of the best rank-r approximation of the weights.
+    """
+    if moment is not None and mode != "lowrank":
+        raise ValueError(f"moment (activation-aware seeding) applies to mode='lowrank' only; got mode={mode!r}.")
     weight = attn.c_attn.weight
     new = MergedGPT2Attention(
         attn.config, mode, rank, attn.layer_idx, c_proj=attn.c_proj, device=weight.device, dtype=weight.dtype
@@ -66,6 +77,10 @@ def seeded_attention(attn: GPT2Attention, mode: str, rank: int | None = None) ->
     if mode == "covariance":
         query_weight, query_bias = covariance_from_qk(parts["wq"], parts["bq"], parts["wk"])  # (H,d,d), (H,d)
         key_weight = None
+    elif moment is not None:
+        query_weight, query_bias, key_weight = whitened_lowrank_from_qk(
+            parts["wq"], parts["bq"], parts["wk"], rank, moment, init_std=attn.config.initializer_range
+        )  # (H,d,r), (H,r), (H,d,r)
     else:
         query_weight, query_bias, key_weight = lowrank_from_qk(
             parts["wq"], parts["bq"], parts["wk"], rank, init_std=attn.config.initializer_range
@@ -86,6 +101,8 @@ def patch_model(
     *,
     rank: int | None = None,
     layers: list[int] | None = None,
+    init: str = "svd",
+    calibration=None,
 ) -> nn.Module:
     """Replace GPT-2 self-attention with merged query–key attention, seeded to compute exactly what it did.
 
@@ -100,15 +117,26 @@ def patch_model(
             at rank r (exact for r = head size, best rank-r approximation below, extra capacity above).
         rank: r, required for "lowrank" (1 <= r <= hidden size); must be None for "covariance".
         layers: block indices to patch (default: all).
+        init: how "lowrank" factors below the head size are seeded. "svd" (default): best rank-r approximation
+            of each head's S̃_h = [S_h; u_h] in Frobenius norm (weights only). "whitened": the rank-r factors
+            with the least error of the SCORES on `calibration` activations — SVD of L_qᵀ S̃_h L_k, with
+            Cholesky factors of the damped second moments of the attention input [x, 1] (query side) and x
+            (key side), un-whitened (see `seeding.whitened_lowrank_from_qk`). For rank >= head size both are
+            exact and identical. Recorded in `config.merged_attn["init"]` (None for covariance).
+        calibration: for init="whitened" only: an iterable of batches of token ids (LongTensors (B, T), lists,
+            or dicts with 'input_ids' and optionally 'attention_mask' — a DataLoader or tokenized dataset). The
+            stock model is run over it once (eval, no gradients) before any weight is changed.
 
     Returns:
         The same `model` object, patched.
 
     Raises:
-        ValueError: bad mode / rank / layers, a model that is already patched, or one with no GPT2Attention.
+        ValueError: bad mode / rank / layers / init / calibration (all before any weight is changed), a model
+            that is already patched, or one with no GPT2Attention.
         NotImplementedError: GPT-2 with cross-attention (`add_cross_attention=True`).
     """
-    patch = PatchConfig(mode, rank, layers)
+    patch = PatchConfig(mode, rank, layers, init)
+    patch.check_calibration(calibration)
     found = _attentions(model, GPT2Attention)
     if any(isinstance(module, MergedGPT2Attention) for _, _, module in found):
         raise ValueError(
@@ -127,14 +155,23 @@ def patch_model(
             "self-attention is merged. Use a decoder-only GPT-2 (add_cross_attention=False)."
         )
     patch.check_against(found[0][2].embed_dim, len(found))
-    for parent, name, old in found:
-        if old.layer_idx in patch.layers:
-            _swap(parent, name, old, seeded_attention(old, patch.mode, patch.rank))
+    moments, calibration_tokens = {}, None
+    if patch.init == "whitened":  # one pass of the STOCK model; raises on bad calibration before any swap
+        moments, calibration_tokens = collect_attention_moments(model, calibration, patch.layers)
+    seeded = [  # every new module is built before the first swap: a seeding error leaves the model untouched
+        (parent, name, old, seeded_attention(old, patch.mode, patch.rank, moment=moments.get(old.layer_idx)))
+        for parent, name, old in found
+        if old.layer_idx in patch.layers
+    ]
+    for parent, name, old, new in seeded:
+        _swap(parent, name, old, new)
 
     config = model.config
     if type(config) is GPT2Config:
         config.__class__ = MergedGPT2Config  # same fields plus merged_attn; model_type "merged_gpt2"
     config.merged_attn = {**patch.to_dict(), "base_model": config._name_or_path or None}
+    if calibration_tokens is not None:
+        config.merged_attn["calibration_tokens"] = calibration_tokens
     merged = MERGED_CLASSES.get(type(model))
     if merged is not None:
         model.__class__ = merged[0]  # a subclass of the stock class: isinstance checks still hold

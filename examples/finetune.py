@@ -1,0 +1,523 @@
+#!/usr/bin/env python
+"""Fine-tune stock vs patched GPT-2 at an equal budget and compare perplexity.
+
+    accelerate launch examples/finetune.py                      # shipped stand-in model + Shakespeare, ~10 min on 2 CPUs
+    accelerate launch examples/finetune.py --seeds 3 --output_dir docs/finetune
+    accelerate launch --multi_gpu --num_processes 2 examples/finetune.py   # 2 ranks (DDP; gloo on CPU)
+    accelerate launch --mixed_precision bf16 examples/finetune.py          # mixed precision (on a GPU)
+    accelerate launch examples/finetune.py --model_name_or_path gpt2 \\
+        --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1   # real GPT-2 (needs the Hub)
+
+For every mode in --modes (default: stock, covariance, lowrank at half the head size) and every seed,
+the script takes a fresh copy of the pretrained model, patches it (except stock), measures perplexity
+right after patching (equal to stock for exact modes), fine-tunes it with the same data order, seed,
+optimizer, schedule and token budget, and measures perplexity again. Perplexity always comes from the
+same evaluator (`hf_merged_attn.evaluation.evaluate_perplexity`, the strided sliding-window recipe).
+
+Writes to --output_dir: results.json, results.md (also printed) and loss_curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import threading
+import time
+from itertools import chain
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from datasets import load_dataset
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator, get_scheduler
+
+from hf_merged_attn import PatchConfig, patch_model
+from hf_merged_attn.evaluation import evaluate_perplexity
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_MODEL = HERE / "shakespeare-gpt2"
+DEFAULT_DATA = HERE / "data" / "shakespeare"
+MODES = ("stock", "covariance", "lowrank")
+DATA_EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model and data (hub ids or local paths)")
+    g.add_argument("--model_name_or_path", default=str(DEFAULT_MODEL))
+    g.add_argument("--dataset_name", default=None, help="hub dataset, e.g. wikitext (overrides the files)")
+    g.add_argument("--dataset_config_name", default=None, help="e.g. wikitext-2-raw-v1")
+    g.add_argument("--train_file", default=str(DEFAULT_DATA / "train.txt"), help=".txt, .json(l) or .csv")
+    g.add_argument("--validation_file", default=str(DEFAULT_DATA / "validation.txt"))
+    g.add_argument("--text_column", default="text")
+    g.add_argument("--block_size", type=int, default=256, help="training sequence length (<= model context)")
+    g = p.add_argument_group("comparison")
+    g.add_argument("--modes", default="stock,covariance,lowrank",
+                   help="comma-separated: stock, covariance, lowrank (uses --rank) or lowrank:R")
+    g.add_argument("--rank", type=int, default=None, help="lowrank rank (default: half the head size)")
+    g.add_argument("--seeds", type=int, default=1, help="run every mode with seeds seed, seed+1, ...")
+    g = p.add_argument_group("training (as run_clm_no_trainer)")
+    g.add_argument("--per_device_train_batch_size", type=int, default=8)
+    g.add_argument("--per_device_eval_batch_size", type=int, default=8)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--learning_rate", type=float, default=5e-4)
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--lr_scheduler_type", default="cosine")
+    g.add_argument("--num_warmup_steps", type=int, default=10)
+    g.add_argument("--max_train_steps", type=int, default=60)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--output_dir", default="runs/finetune")
+    g.add_argument("--checkpointing_steps", type=int, default=None, help="save accelerate state every N steps")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help="'latest' (each run resumes from its newest checkpoint in --output_dir) or a step_N folder")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval_stride", type=int, default=None, help="sliding-window stride (default block_size/2)")
+    g.add_argument("--eval_max_tokens", type=int, default=24576, help="validation tokens scored (0 = all)")
+    g.add_argument("--eval_steps", type=int, default=20, help="eval loss for the curves every N steps")
+    g.add_argument("--curve_eval_tokens", type=int, default=4096, help="validation tokens for curve points")
+    g = p.add_argument_group("LoRA (peft) and the Hub")
+    g.add_argument("--lora", action="store_true", help="train LoRA adapters on the attention modules only")
+    g.add_argument("--lora_r", type=int, default=8)
+    g.add_argument("--lora_alpha", type=int, default=16)
+    g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--push_to_hub", action="store_true", help="push each fine-tuned patched model (first seed)")
+    g.add_argument("--hub_model_id", default=None)
+    g.add_argument("--hub_token", default=None)
+    return p.parse_args(argv)
+
+
+def parse_modes(text: str, default_rank: int) -> list[tuple[str, str, int | None]]:
+    """'stock,covariance,lowrank:16' -> [(label, mode, rank)]; errors name the bad entry."""
+    modes = []
+    for item in [m.strip() for m in text.split(",") if m.strip()]:
+        mode, _, rank_text = item.partition(":")
+        if mode not in MODES or (rank_text and mode != "lowrank"):
+            raise ValueError(
+                f"--modes entry {item!r} is not a mode; allowed: stock, covariance, lowrank or lowrank:R "
+                "(e.g. --modes stock,covariance,lowrank:16)."
+            )
+        if mode == "lowrank" and rank_text and not rank_text.isdigit():
+            raise ValueError(f"--modes entry {item!r}: the rank after ':' must be an integer, e.g. lowrank:16.")
+        rank = (int(rank_text) if rank_text else default_rank) if mode == "lowrank" else None
+        modes.append((f"lowrank-r{rank}" if mode == "lowrank" else mode, mode, rank))
+    if not modes:
+        raise ValueError("--modes is empty; give at least one of stock, covariance, lowrank.")
+    return modes
+
+
+def validate(args: argparse.Namespace) -> tuple[list, AutoConfig]:
+    """Check every argument that can be checked before loading data or models; returns (modes, model config)."""
+    if not args.dataset_name:
+        for flag, path in (("--train_file", args.train_file), ("--validation_file", args.validation_file)):
+            if not path or not Path(path).is_file():
+                raise FileNotFoundError(f"{flag} {path!r} does not exist. Pass an existing .txt/.json/.csv file, or --dataset_name.")
+            if Path(path).suffix not in DATA_EXTENSIONS:
+                raise ValueError(f"{flag} {path!r}: extension must be one of {sorted(DATA_EXTENSIONS)}.")
+    for flag in ("max_train_steps", "seeds", "per_device_train_batch_size", "gradient_accumulation_steps", "block_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} {getattr(args, flag)} must be >= 1.")
+    config = AutoConfig.from_pretrained(args.model_name_or_path)
+    if getattr(config, "model_type", None) != "gpt2":
+        raise ValueError(f"--model_name_or_path {args.model_name_or_path!r} is a {config.model_type!r} model; this comparison patches stock GPT-2 (model_type 'gpt2').")
+    if args.block_size > config.n_positions:
+        raise ValueError(
+            f"--block_size {args.block_size} is larger than the model's context ({config.n_positions} positions "
+            f"in {args.model_name_or_path}). Use --block_size {config.n_positions} or less."
+        )
+    head_dim = config.n_embd // config.n_head
+    modes = parse_modes(args.modes, args.rank if args.rank is not None else head_dim // 2)
+    for _, mode, rank in modes:
+        if mode != "stock":
+            PatchConfig(mode, rank).check_against(config.n_embd, config.n_layer)
+    resume = args.resume_from_checkpoint
+    if resume and resume != "latest":
+        if not Path(resume).is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {resume!r} is not a folder; pass a step_N folder or 'latest'.")
+        if len(modes) * args.seeds != 1:
+            raise ValueError("--resume_from_checkpoint with a folder needs a single mode and seed; use 'latest' for several.")
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. you/gpt2-merged).")
+    return modes, config
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_lm_data(args, tokenizer, accelerator):
+    """Tokenize the train/validation text; train as block_size blocks, validation as one token stream."""
+    if args.dataset_name:
+        raw = load_dataset(args.dataset_name, args.dataset_config_name)
+    else:
+        builder = DATA_EXTENSIONS[Path(args.train_file).suffix]
+        extra = {"keep_linebreaks": True} if builder == "text" else {}
+        raw = load_dataset(builder, data_files={"train": args.train_file, "validation": args.validation_file}, **extra)
+    if "validation" not in raw:
+        raise ValueError(f"dataset {args.dataset_name!r} has no 'validation' split (splits: {list(raw)}); use --validation_file.")
+    for split in ("train", "validation"):
+        if args.text_column not in raw[split].column_names:
+            raise ValueError(
+                f"the {split} data has no text column {args.text_column!r} (columns: {raw[split].column_names}). "
+                "Pass --text_column with the column that holds the text."
+            )
+
+    def tokenize(batch):
+        return tokenizer(batch[args.text_column], add_special_tokens=False)
+
+    def group_texts(batch):  # concatenate and cut into blocks, as run_clm does
+        ids = list(chain(*batch["input_ids"]))
+        total = len(ids) // args.block_size * args.block_size
+        blocks = [ids[i : i + args.block_size] for i in range(0, total, args.block_size)]
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+    columns = raw["train"].column_names
+    with accelerator.main_process_first():
+        tokenized = raw.map(tokenize, batched=True, remove_columns=columns, desc="tokenize")
+        train = tokenized["train"].map(
+            group_texts, batched=True, batch_size=None, remove_columns=tokenized["train"].column_names, desc="blocks"
+        )
+    if len(train) == 0:
+        raise ValueError(f"the train data has fewer than --block_size {args.block_size} tokens.")
+    stream = torch.tensor(list(chain(*tokenized["validation"]["input_ids"])), dtype=torch.long)  # (N,)
+    if args.eval_max_tokens:
+        stream = stream[: args.eval_max_tokens]
+    return train.with_format("torch"), stream
+
+
+class EpochSampler(Sampler):
+    """A random order fixed by (seed, epoch): the same for every mode, reproducible on resume."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class PeakMemory:
+    """Peak memory while the block runs: CUDA max allocated, or the process's resident set sampled every 10 ms."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mb, self._stop = device, 0.0, threading.Event()
+
+    @staticmethod
+    def _rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def _sample(self):
+        while not self._stop.wait(0.01):
+            self.peak_mb = max(self.peak_mb, self._rss_mb())
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif os.path.exists("/proc/self/statm"):
+            self.peak_mb = self._rss_mb()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif hasattr(self, "_thread"):
+            self._stop.set()
+            self._thread.join()
+
+
+# ---------------------------------------------------------------- one run
+
+
+def build_model(args, mode: str, rank: int | None):
+    """A fresh pretrained model, patched for `mode`, with LoRA adapters if --lora."""
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
+    if mode != "stock":
+        patch_model(model, mode, rank=rank)
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        # like for like: stock's c_attn (q, k, v) vs the patched q_proj / k_proj / v_proj
+        targets = ["c_attn"] if mode == "stock" else ["q_proj", "k_proj", "v_proj"]
+        targets = [t for t in targets if any(name.endswith(f".{t}") for name, _ in model.named_modules())]
+        config = LoraConfig(
+            r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+            target_modules=targets, fan_in_fan_out=mode == "stock", task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+    return model
+
+
+def eval_loss(model, stream, args, max_tokens=None) -> dict:
+    ids = stream[:max_tokens] if max_tokens else stream
+    return evaluate_perplexity(
+        model, ids, max_length=args.block_size, stride=args.eval_stride or args.block_size // 2,
+        batch_size=args.per_device_eval_batch_size,
+    )
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    steps = sorted(run_dir.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    return steps[-1] if steps else None
+
+
+def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo_suffix="") -> dict:
+    """Patch, evaluate, fine-tune and evaluate one (mode, seed); returns its record (main process)."""
+    set_seed(seed)
+    run_dir = Path(args.output_dir) / f"{label}-seed{seed}"
+    model = build_model(args, mode, rank)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    at_patch = eval_loss(model, stream, args) if accelerator.is_main_process else None
+    sampler = EpochSampler(len(train_data), seed)
+    # its own generator: starting an epoch then draws no number from the global RNG, so dropout masks after a
+    # resume (whose iterator starts after the RNG state is restored) match the uninterrupted run
+    loader = DataLoader(train_data, batch_size=args.per_device_train_batch_size, sampler=sampler,
+                        collate_fn=default_data_collator, drop_last=True, generator=torch.Generator().manual_seed(seed))
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith("bias") and "ln_" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (n.endswith("bias") or "ln_" in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate,
+    )
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.num_warmup_steps,
+                              num_training_steps=args.max_train_steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    tokens_per_step = (args.per_device_train_batch_size * args.block_size * args.gradient_accumulation_steps
+                       * accelerator.num_processes)
+
+    step, history = 0, {"train": [], "eval": []}
+    resume = args.resume_from_checkpoint
+    resume_dir = latest_checkpoint(run_dir) if resume == "latest" else (Path(resume) if resume else None)
+    if resume_dir is not None:
+        accelerator.load_state(str(resume_dir))
+        step = int(resume_dir.name.split("_")[1])
+        history = json.loads((resume_dir / "history.json").read_text())
+        accelerator.print(f"[{label} seed {seed}] resumed from {resume_dir} at step {step}")
+    elif accelerator.is_main_process:
+        history["eval"].append({"step": 0, "tokens": 0, "loss": eval_loss(model, stream, args, args.curve_eval_tokens)["loss"]})
+
+    micro_done = step * args.gradient_accumulation_steps
+    epoch, offset = divmod(micro_done, len(loader))
+    first_batch_hash = None
+    train_time, timed_steps, running = 0.0, 0, []  # the run's first step is warm-up and is not timed
+    warmup_step = step + 1
+    progress = tqdm(total=args.max_train_steps, initial=step, desc=f"{label} seed {seed}",
+                    disable=not accelerator.is_local_main_process)
+    model.train()
+    with PeakMemory(accelerator.device) as memory:
+        while step < args.max_train_steps:
+            sampler.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(loader, offset) if offset else loader
+            offset = 0
+            for batch in batches:
+                if first_batch_hash is None:
+                    first_batch_hash = hashlib.sha1(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()[:12]
+                start = time.perf_counter()
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                if step + 1 > warmup_step:
+                    train_time += time.perf_counter() - start
+                running.append(accelerator.reduce(loss.detach(), "mean").item())
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                timed_steps += step > warmup_step
+                history["train"].append({"step": step, "tokens": step * tokens_per_step, "loss": sum(running) / len(running)})
+                running = []
+                progress.update(1)
+                progress.set_postfix(loss=f"{history['train'][-1]['loss']:.3f}")
+                if accelerator.is_main_process and (step % args.eval_steps == 0 or step == args.max_train_steps):
+                    curve = eval_loss(accelerator.unwrap_model(model), stream, args, args.curve_eval_tokens)
+                    history["eval"].append({"step": step, "tokens": step * tokens_per_step, "loss": curve["loss"]})
+                    model.train()
+                if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                    ckpt = run_dir / f"step_{step}"
+                    accelerator.save_state(str(ckpt))
+                    if accelerator.is_main_process:
+                        (ckpt / "history.json").write_text(json.dumps(history))
+                if step >= args.max_train_steps:
+                    break
+            epoch += 1
+    progress.close()
+    hashes = accelerator.gather_for_metrics([first_batch_hash], use_gather_object=True)
+    unwrapped = accelerator.unwrap_model(model)
+    record = None
+    if accelerator.is_main_process:
+        after = eval_loss(unwrapped, stream, args)
+        record = {
+            "label": label, "mode": mode, "rank": rank, "seed": seed,
+            "total_params": total, "trainable_params": trainable,
+            "perplexity_at_patch": at_patch["perplexity"], "perplexity_after": after["perplexity"],
+            "eval_tokens": after["tokens"], "train_steps": step, "train_tokens": step * tokens_per_step,
+            "tokens_per_s": timed_steps * tokens_per_step / train_time if train_time else None,
+            "peak_memory_mb": memory.peak_mb, "train_time_s": train_time,
+            "final_train_loss": history["train"][-1]["loss"] if history["train"] else None,
+            "first_batch_hash_per_rank": hashes, "history": history,
+        }
+        if seed == args.seed:
+            save_run(args, unwrapped, mode, label, record, run_dir, repo_suffix)
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    return record
+
+
+def save_run(args, model, mode, label, record, run_dir: Path, repo_suffix: str) -> None:
+    """Save the fine-tuned model (or its LoRA adapters) and push patched ones if asked."""
+    target = run_dir / ("adapter" if args.lora else "model")
+    model.save_pretrained(target)
+    record["saved_to"] = str(target)
+    if args.push_to_hub and mode != "stock":
+        to_push = model.merge_and_unload() if args.lora else model
+        results = {
+            "perplexity at patch": f"{record['perplexity_at_patch']:.2f}",
+            "perplexity after fine-tuning": f"{record['perplexity_after']:.2f}",
+            "train tokens": record["train_tokens"], "data": args.dataset_name or Path(args.train_file).name,
+        }
+        to_push.push_to_hub(args.hub_model_id + repo_suffix, token=args.hub_token, results=results)
+
+
+# ---------------------------------------------------------------- report
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(records: list[dict], stock_before: float) -> dict:
+    summary = {}
+    for label in dict.fromkeys(r["label"] for r in records):
+        runs = [r for r in records if r["label"] == label]
+        entry = {k: runs[0][k] for k in ("mode", "rank", "total_params", "trainable_params", "train_tokens")}
+        entry["perplexity_before"] = stock_before
+        for key in ("perplexity_at_patch", "perplexity_after", "tokens_per_s", "peak_memory_mb", "train_time_s"):
+            entry[key], entry[key + "_std"] = mean_std([r[key] for r in runs])
+        entry["seeds"] = [r["seed"] for r in runs]
+        summary[label] = entry
+    return summary
+
+
+def markdown_table(summary: dict, args, world_size: int) -> str:
+    n = len(next(iter(summary.values()))["seeds"])
+    spread = " ± std over seeds" if n > 1 else ""
+    lines = [
+        f"| mode | params (trainable) | ppl before | ppl at patch | ppl after{spread} | train tokens | tokens/s | peak MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, e in summary.items():
+        after = f"{e['perplexity_after']:.2f}" + (f" ± {e['perplexity_after_std']:.2f}" if n > 1 else "")
+        lines.append(
+            f"| {label} | {e['total_params'] / 1e6:.2f}M ({e['trainable_params'] / 1e6:.2f}M) | {e['perplexity_before']:.2f} "
+            f"| {e['perplexity_at_patch']:.2f} | {after} | {e['train_tokens']:,} | {e['tokens_per_s']:.0f} | {e['peak_memory_mb']:.0f} |"
+        )
+    lines.append("")
+    lines.append(
+        f"{n} seed(s) from {args.seed}; {args.max_train_steps} steps of {args.per_device_train_batch_size}×{args.block_size} "
+        f"tokens × {args.gradient_accumulation_steps} accumulation × {world_size} process(es); perplexity: sliding window "
+        f"{args.block_size}, stride {args.eval_stride or args.block_size // 2}, on the first "
+        f"{next(iter(summary.values())).get('eval_tokens', 'all')} validation tokens."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label in dict.fromkeys(r["label"] for r in records):
+        runs = [r for r in records if r["label"] == label]
+        for ax, kind in zip(axes, ("train", "eval")):
+            points = runs[0]["history"][kind]
+            x = [p["tokens"] for p in points]
+            y = [statistics.fmean(r["history"][kind][i]["loss"] for r in runs) for i in range(len(points))]
+            ax.plot(x, y, label=label, marker="o" if kind == "eval" else None, markersize=3)
+    for ax, title in zip(axes, ("train loss (per step, mean over seeds)", "validation loss (curve slice)")):
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
+    modes, _ = validate(args)  # before any long work
+    # Several processes and no accelerator: DDP over gloo on the CPU. accelerate 1.15 only picks MULTI_CPU when
+    # told cpu=True; otherwise each launched process would silently train alone (world size 1).
+    on_cpu_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=on_cpu_ranks)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    train_data, stream = load_lm_data(args, tokenizer, accelerator)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.print(
+        f"{len(train_data)} train blocks of {args.block_size}; {stream.numel()} validation tokens; "
+        f"modes {[m[0] for m in modes]}; {args.seeds} seed(s); {accelerator.num_processes} process(es)"
+    )
+    stock_before = None
+    if accelerator.is_main_process:
+        stock_before = eval_loss(AutoModelForCausalLM.from_pretrained(args.model_name_or_path), stream, args)["perplexity"]
+        accelerator.print(f"stock perplexity before fine-tuning: {stock_before:.3f}")
+    records = []
+    start = time.time()
+    several_patched = sum(mode != "stock" for _, mode, _ in modes) > 1  # then push each to <hub_model_id>-<mode>
+    for seed in range(args.seed, args.seed + args.seeds):
+        for label, mode, rank in modes:
+            suffix = f"-{label}" if several_patched else ""
+            record = run_one(args, accelerator, label, mode, rank, seed, train_data, stream, suffix)
+            if record:
+                accelerator.print(
+                    f"[{label} seed {seed}] ppl before {stock_before:.3f} | at patch {record['perplexity_at_patch']:.3f}"
+                    f" | after {record['perplexity_after']:.3f} | {record['tokens_per_s']:.0f} tokens/s"
+                )
+                records.append(record)
+    if not accelerator.is_main_process:
+        return None
+    summary = summarize(records, stock_before)
+    for e in summary.values():
+        e["eval_tokens"] = records[0]["eval_tokens"]
+    table = markdown_table(summary, args, accelerator.num_processes)
+    results = {
+        "args": vars(args), "world_size": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
+        "mixed_precision": accelerator.mixed_precision, "torch": torch.__version__, "wall_time_s": time.time() - start,
+        "perplexity_before": stock_before, "summary": summary, "runs": records,
+    }
+    (output_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (output_dir / "results.md").write_text(table)
+    plot_curves(records, output_dir / "loss_curves.png")
+    accelerator.print("\n" + table)
+    accelerator.print(f"wrote {output_dir}/results.json, results.md, loss_curves.png in {time.time() - start:.0f} s")
+    accelerator.end_training()
+    return results
+
+
+if __name__ == "__main__":
+    main()

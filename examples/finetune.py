@@ -62,6 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated: stock, covariance, lowrank (uses --rank) or lowrank:R")
     g.add_argument("--rank", type=int, default=None, help="lowrank rank (default: half the head size)")
     g.add_argument("--seeds", type=int, default=1, help="run every mode with seeds seed, seed+1, ...")
+    g.add_argument("--init", default="svd", choices=("svd", "whitened"),
+                   help="lowrank seeding: svd (weights only) or whitened (activation-aware, calibrated on train blocks)")
+    g.add_argument("--calibration_samples", type=int, default=16,
+                   help="evenly spaced train blocks that calibrate --init whitened (at most all of them)")
     g = p.add_argument_group("training (as run_clm_no_trainer)")
     g.add_argument("--per_device_train_batch_size", type=int, default=8)
     g.add_argument("--per_device_eval_batch_size", type=int, default=8)
@@ -121,7 +125,8 @@ def validate(args: argparse.Namespace) -> tuple[list, AutoConfig]:
                 raise FileNotFoundError(f"{flag} {path!r} does not exist. Pass an existing .txt/.json/.csv file, or --dataset_name.")
             if Path(path).suffix not in DATA_EXTENSIONS:
                 raise ValueError(f"{flag} {path!r}: extension must be one of {sorted(DATA_EXTENSIONS)}.")
-    for flag in ("max_train_steps", "seeds", "per_device_train_batch_size", "gradient_accumulation_steps", "block_size"):
+    for flag in ("max_train_steps", "seeds", "per_device_train_batch_size", "gradient_accumulation_steps", "block_size",
+                 "calibration_samples"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} {getattr(args, flag)} must be >= 1.")
     config = AutoConfig.from_pretrained(args.model_name_or_path)
@@ -243,10 +248,12 @@ class PeakMemory:
 # ---------------------------------------------------------------- one run
 
 
-def build_model(args, mode: str, rank: int | None):
-    """A fresh pretrained model, patched for `mode`, with LoRA adapters if --lora."""
+def build_model(args, mode: str, rank: int | None, calibration=None):
+    """A fresh pretrained model, patched for `mode` (lowrank: seeded by --init), with LoRA adapters if --lora."""
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
-    if mode != "stock":
+    if mode == "lowrank" and args.init == "whitened":
+        patch_model(model, mode, rank=rank, init="whitened", calibration=calibration)
+    elif mode != "stock":
         patch_model(model, mode, rank=rank)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
@@ -281,7 +288,11 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
     """Patch, evaluate, fine-tune and evaluate one (mode, seed); returns its record (main process)."""
     set_seed(seed)
     run_dir = Path(args.output_dir) / f"{label}-seed{seed}"
-    model = build_model(args, mode, rank)
+    calibration = None
+    if mode == "lowrank" and args.init == "whitened":  # the same evenly spaced train blocks for every run
+        n = min(args.calibration_samples, len(train_data))
+        calibration = train_data[[i * len(train_data) // n for i in range(n)]]["input_ids"].split(4)
+    model = build_model(args, mode, rank, calibration)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     at_patch = eval_loss(model, stream, args) if accelerator.is_main_process else None

@@ -293,6 +293,7 @@ def whitened_lowrank_from_qk(
     moment: torch.Tensor,
     *,
     damping: float = DEFAULT_DAMPING,
+    center_keys: bool = False,
     init_std: float = 0.02,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -312,6 +313,11 @@ def whitened_lowrank_from_qk(
     Treating i and j as independent is the approximation: summed over ALL pairs (i, j) of one stream of
     tokens, ‖X̃ Δ Xᵀ‖_F² = tr(Δᵀ X̃ᵀX̃ Δ XᵀX) is exact; causal masking and per-sequence pairing are ignored.
 
+    `center_keys`: the softmax over j ignores anything constant along j, and the error x̃_i Δ μᵀ caused by the
+    mean key μ = E[x] is such a constant. With center_keys=True the key side uses the covariance
+    Ck = E[xᵀx] − μᵀμ instead, so no rank is spent on that softmax-invariant part (it is exact for the error
+    around the global mean; per-sequence means still differ from it).
+
     For r >= hd nothing is lost — rank(S̃_h) <= hd, so S̃_h is held exactly — and whitening would change
     nothing: the result is that of `lowrank_from_qk` (stock weights at r = hd, padded above).
 
@@ -319,6 +325,7 @@ def whitened_lowrank_from_qk(
         wq, wk: (H, d, hd). bq: (H, hd). rank: r >= 1.
         moment: (d+1, d+1) E[x̃ᵀx̃] of this layer's attention input, x̃ = [x, 1] (last row/column: E[x], 1).
         damping: relative ridge λ for both Cholesky factors.
+        center_keys: whiten the key side with the covariance of x instead of its second moment.
         init_std, generator: as `lowrank_from_qk` (used only for r > hd).
 
     Returns:
@@ -335,7 +342,11 @@ def whitened_lowrank_from_qk(
     wq, bq, wk = (t.to(_SEED_DTYPE) for t in (wq, bq, wk))
     moment = moment.to(device=wq.device, dtype=_SEED_DTYPE)
     query_chol = damped_cholesky(moment, damping)  # (d+1, d+1)
-    key_chol = damped_cholesky(moment[:d, :d], damping)  # (d, d)
+    key_moment = moment[:d, :d]  # E[xᵀx]
+    if center_keys:
+        mean = moment[d, :d]  # E[x]
+        key_moment = key_moment - torch.outer(mean, mean)  # Cov(x)
+    key_chol = damped_cholesky(key_moment, damping)  # (d, d)
     homogeneous = torch.cat([wq, bq.unsqueeze(1)], dim=1)  # (H, d+1, hd): S̃_h = homogeneous @ Wk_hᵀ
     left, right = whitened_best_rank_factors(
         homogeneous, wk, rank, query_chol.expand(num_heads, d + 1, d + 1), key_chol.expand(num_heads, d, d)

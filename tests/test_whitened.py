@@ -92,6 +92,22 @@ def test_identity_moments_give_plain_svd(scale):
         assert (plain - whitened).abs().max() < 1e-10
 
 
+def test_center_keys_minimises_the_error_around_the_mean_key():
+    """Errors along the mean key μ only add row constants (softmax-invariant); center_keys whitens with Cov(x)."""
+    wq, bq, wk = random_heads()
+    x = anisotropic_inputs() + 5.0  # a large mean, as LayerNorm's beta / outlier features give
+    moment = moment_of(x)
+    covariance = moment[:D, :D] - torch.outer(moment[D, :D], moment[D, :D])
+    target = product(wq, bq, wk)
+    for rank in range(1, HD):
+        centred = product(*whitened_lowrank_from_qk(wq, bq, wk, rank, moment, damping=0.0, center_keys=True))
+        plain = product(*whitened_lowrank_from_qk(wq, bq, wk, rank, moment, damping=0.0))
+        assert (weighted_score_error(target, centred, moment, covariance)
+                <= weighted_score_error(target, plain, moment, covariance) * (1 + 1e-9)).all()
+    identity = product(*whitened_lowrank_from_qk(wq, bq, wk, 2, torch.eye(D + 1, dtype=F64), center_keys=True))
+    assert (identity - product(*lowrank_from_qk(wq, bq, wk, 2))).abs().max() < 1e-10  # E[x] = 0: no change
+
+
 def test_factors_are_balanced_like_the_svd_seed():
     """The un-whitened product is re-split as P Σ½, Q Σ½: equal column norms, orthogonal columns on each side."""
     wq, bq, wk = random_heads()

@@ -140,13 +140,30 @@ class MergedGPT2Attention(GPT2Attention):
             layer_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
             key, value = layer_cache.update(key, value, self.layer_idx, kwargs=kwargs)  # (B, Hk, Tk, qk), (B, H, Tk, hd)
 
+        shared_key = key.shape[1] == 1 and self.num_heads > 1
+        unequal = query.shape[-1] != value.shape[-1]  # q/k head size != v head size: SDPA has no fused kernel
         if implementation == "eager":
             attn_output, attn_weights = self._eager_attention(query, key, value, attention_mask)
+        elif shared_key or (unequal and query.shape[2] == 1):
+            # Covariance, and lowrank r != hd decoding one token: SDPA would take its math fallback, which (for the
+            # shared key) copies the key to every head and computes all T x Tk scores, and (for one token) scales a
+            # copy of the whole K cache. _eager_attention does one GEMM per block of queries against the shared key,
+            # skips the keys above the diagonal when sdpa would be causal (no mask, T > 1), and gives the same
+            # results as SDPA, including a zero output for a query whose mask hides every key. No weights, like SDPA.
+            causal = attention_mask is None and query.shape[2] > 1 and kwargs.get("is_causal", self.is_causal)
+            attn_output, _ = self._eager_attention(query, key, value, attention_mask, causal=bool(causal))
+            attn_weights = None
         else:
+            if unequal and query.shape[-1] < value.shape[-1]:
+                # lowrank r < hd over T > 1 tokens: zero-pad q and k to hd (q·k is unchanged, the cache keeps r) so
+                # that SDPA can use a fused kernel (CPU flash attention needs equal q/k and v head sizes) instead of
+                # its math fallback, which materialises the T x Tk scores.
+                pad = value.shape[-1] - query.shape[-1]
+                query, key = nn.functional.pad(query, (0, pad)), nn.functional.pad(key, (0, pad))
             attn_output, attn_weights = ALL_ATTENTION_FUNCTIONS[implementation](
                 self,
                 query,
-                key.expand(-1, self.num_heads, -1, -1),  # (B, H, Tk, qk): a view, no copy of the shared key
+                key,
                 value,
                 attention_mask,
                 dropout=self.attn_dropout.p if self.training else 0.0,
@@ -158,31 +175,100 @@ class MergedGPT2Attention(GPT2Attention):
         return attn_output, attn_weights
 
     def _eager_attention(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stock GPT-2's eager attention (incl. `reorder_and_upcast_attn`) for a shared or per-head key.
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stock GPT-2's eager attention (incl. `reorder_and_upcast_attn`) for a per-head or a shared key.
 
-        The softmax always runs in float32: covariance scores can be larger than stock's per-head ones.
+        Args:
+            query: (B, H, T, qk); key: (B, H, Tk, qk) or the shared (B, 1, Tk, qk); value: (B, H, Tk, hd).
+            attention_mask: additive float (eager's format) or boolean, True = attend (sdpa's format),
+                broadcastable to (B, H, T, Tk).
+            causal: sdpa's `is_causal` (no mask): query i sees keys 0..i (of the first T keys).
+
+        Returns:
+            The output (B, T, H, hd) and the weights (B, H, T, Tk); None instead of the weights when `causal`.
+
+        The softmax always runs in float32: covariance scores can be larger than stock's per-head ones. With a
+        shared key, the scores of all heads come from one GEMM (B, T*H, d) @ (B, d, Tk) on the query projection as
+        it is laid out, with no copy of the key or the query, and the scaling is applied to the smaller operand
+        rather than to the scores. When `causal`, the queries go in blocks of 256 and each block only multiplies
+        the keys it can see: about half the score and attn·V work of a dense product for long sequences.
         """
         upcast = self.reorder_and_upcast_attn
-        with torch.autocast(query.device.type, enabled=False) if upcast else nullcontext():
+        batch, heads, length, _ = query.shape
+        kv_length = length if causal else key.shape[2]  # sdpa's is_causal uses the first T keys
+        no_autocast = torch.autocast(query.device.type, enabled=False) if upcast else nullcontext()
+        if key.shape[1] == 1 and heads > 1:
+            rows = query.transpose(1, 2).reshape(batch, length * heads, -1)  # (B, T*H, qk), row t*H + h: a view
+            shared = key[:, 0, :kv_length]  # (B, Tk, qk)
+            mask = None if attention_mask is None else attention_mask.transpose(1, 2)  # (B, T, H or 1, Tk)
+            with no_autocast:
+                if upcast:
+                    rows, shared = rows.float(), shared.float()
+                if self.scaling != 1.0:  # scale the smaller operand, never the T x Tk scores
+                    if rows.shape[1] <= shared.shape[1]:
+                        rows = rows * self.scaling
+                    else:
+                        shared = shared * self.scaling
+            block = 256 if causal else length
+            outputs, weights = [], None
+            for start in range(0, length, block):
+                stop = min(start + block, length)
+                keys = stop if causal else kv_length
+                with no_autocast:
+                    scores = torch.bmm(rows[:, start * heads : stop * heads], shared[:, :keys].mT)  # (B, Tc*H, Tk')
+                scores = scores.view(batch, stop - start, heads, keys)  # (B, Tc, H, Tk')
+                if causal:
+                    above = torch.ones(stop - start, keys, dtype=torch.bool, device=scores.device).triu_(start + 1)
+                    scores = scores.masked_fill(above[:, None], torch.finfo(scores.dtype).min)
+                elif mask is not None:
+                    part = mask[:, start:stop]
+                    if part.dtype == torch.bool:
+                        scores = scores.masked_fill(~part, torch.finfo(scores.dtype).min)
+                    else:
+                        scores = scores + part
+                weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+                if mask is not None and part.dtype == torch.bool:  # like SDPA: a query that sees no key gets 0
+                    weights = weights.masked_fill(~part.any(dim=-1, keepdim=True), 0.0)
+                weights = weights.transpose(1, 2)  # (B, H, Tc, Tk'), a view
+                if self.training and self.attn_dropout.p > 0:  # draw the dropout mask in stock's (B, H, T, Tk) order
+                    weights = self.attn_dropout(weights.contiguous())
+                out = weights @ value[:, :, :keys]  # (B, H, Tc, hd)
+                outputs.append(out.transpose(1, 2))  # (B, Tc, H, hd)
+            attn_output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # (B, T, H, hd)
+            return attn_output, None if causal else weights
+
+        with no_autocast:
             if upcast:
                 query, key = query.float(), key.float()
-            scores = _scores(query, key) * self.scaling  # (B, H, T, Tk)
-        if attention_mask is not None:
-            scores = scores + attention_mask
+            scores = _scores(query, key[:, :, :kv_length]) * self.scaling  # (B, H, T, Tk)
+        if causal:
+            above = torch.ones(length, kv_length, dtype=torch.bool, device=scores.device).triu_(1)
+            scores = scores.masked_fill(above, torch.finfo(scores.dtype).min)
+        elif attention_mask is not None:
+            if attention_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + attention_mask
         weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+        if attention_mask is not None and attention_mask.dtype == torch.bool:  # like SDPA: a query that sees no key gets 0
+            weights = weights.masked_fill(~attention_mask.any(dim=-1, keepdim=True), 0.0)
         weights = self.attn_dropout(weights)
-        attn_output = (weights @ value).transpose(1, 2)  # (B, H, T, hd) -> (B, T, H, hd)
+        attn_output = (weights @ value[:, :, :kv_length]).transpose(1, 2)  # (B, H, T, hd) -> (B, T, H, hd)
         return attn_output, weights
 
 
 def _scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """q·kᵀ per head; a one-head (shared) key is used by all heads in one GEMM without copying it."""
+    """q·kᵀ per head (B, H, T, Tk); a one-head (shared) key is used by all heads in one GEMM without copying it."""
     batch, heads, length, width = query.shape
     if key.shape[1] == 1 and heads > 1:
-        flat = query.reshape(batch, heads * length, width)  # (B, H*T, qk)
-        return (flat @ key[:, 0].mT).view(batch, heads, length, -1)  # (B, H*T, Tk) -> (B, H, T, Tk)
+        flat = query.transpose(1, 2).reshape(batch, length * heads, width)  # (B, T*H, qk): a view of the projection
+        return (flat @ key[:, 0].mT).view(batch, length, heads, -1).transpose(1, 2)  # (B, T, H, Tk) -> (B, H, T, Tk)
     return query @ key.mT  # (B, H, T, Tk)
 
 

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -47,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", default="runs/rank_sweep")
     p.add_argument("--docs_dir", default=None, help="also copy rank_sweep.md / .png here (e.g. docs)")
     p.add_argument("--command", default=None, help="the command line to print in the report (default: this one)")
+    p.add_argument("--report_only", action="store_true",
+                   help="do not train: rebuild the report from the finetune.py results.json already in --output_dir")
+    p.add_argument("--note", default=None, help="a sentence added to the report's setup (e.g. about machine load)")
     p.add_argument("finetune_args", nargs=argparse.REMAINDER, help="after --: extra arguments for finetune.py")
     args = p.parse_args(argv)
     try:
@@ -109,7 +113,10 @@ def collect(args, head_dim: int) -> tuple[dict, dict]:
         with_stock = index == 0 and not args.no_stock
         if not ranks and not with_stock:
             continue
-        results = run_finetune(args, init, ranks, with_stock, out / init)
+        if args.report_only:
+            results = json.loads((out / init / "results.json").read_text())
+        else:
+            results = run_finetune(args, init, ranks, with_stock, out / init)
         extra["runs"][init] = results
         extra["stock_before"] = results["perplexity_before"]
         for record in results["runs"]:
@@ -166,6 +173,7 @@ def report(args, rows: dict, extra: dict, wall_s: float, command: str) -> str:
         f"- Perplexity: `hf_merged_attn.evaluation.evaluate_perplexity`, the first {first['eval_tokens']:,} scored "
         f"tokens of the validation split, windows of {args.block_size}, stride {args.eval_stride}.",
         f"- Machine: {machine()}. Wall time of the whole sweep: {wall_s / 60:.1f} min.",
+        *([f"- {args.note}"] if args.note else []),
         "",
         "Command:",
         "",
@@ -212,10 +220,12 @@ def main(argv=None) -> None:
 
     config = AutoConfig.from_pretrained(args.model_name_or_path)
     head_dim = config.n_embd // config.n_head
-    command = args.command or "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    command = args.command or "python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     start = time.time()
     rows, extra = collect(args, head_dim)
     wall_s = time.time() - start
+    if args.report_only:  # the time of the runs that produced the results
+        wall_s = sum(r["wall_time_s"] for r in extra["runs"].values())
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     merged = {

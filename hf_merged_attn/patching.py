@@ -18,6 +18,7 @@ from .seeding import (
     heads_to_linear,
     linear_to_heads,
     lowrank_from_qk,
+    merge_gpt2_qkv,
     qk_from_homogeneous,
     split_gpt2_qkv,
     whitened_lowrank_from_qk,
@@ -210,13 +211,12 @@ def stock_attention(attn: MergedGPT2Attention) -> tuple[GPT2Attention, float]:
     stock = GPT2Attention(attn.config, layer_idx=attn.layer_idx).to(device=weight.device, dtype=weight.dtype)
     stock.c_proj, stock.attn_dropout, stock.resid_dropout = attn.c_proj, attn.attn_dropout, attn.resid_dropout
     wq, bq, wk, rel_error = qk_from_homogeneous(*homogeneous_factors(attn), attn.head_dim)  # (H,d,hd), (H,hd), ..
-    d = attn.embed_dim
+    weight, bias = merge_gpt2_qkv(
+        wq, bq, wk, torch.zeros_like(bq), attn.v_proj.weight.detach().mT, attn.v_proj.bias.detach()
+    )  # Conv1D (in, out) = (d, 3d); bk = 0
     with torch.no_grad():
-        per_head_columns = lambda w: w.permute(1, 0, 2).reshape(d, d)  # noqa: E731  (H, d, hd) -> (d, H*hd)
-        stock.c_attn.weight.copy_(
-            torch.cat([per_head_columns(wq), per_head_columns(wk), attn.v_proj.weight.detach().mT.double()], dim=1)
-        )  # Conv1D (in, out) = (d, 3d)
-        stock.c_attn.bias.copy_(torch.cat([bq.reshape(d), torch.zeros_like(bq).reshape(d), attn.v_proj.bias.double()]))
+        stock.c_attn.weight.copy_(weight)
+        stock.c_attn.bias.copy_(bias)
     return stock, rel_error.max().item()
 
 

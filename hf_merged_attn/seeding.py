@@ -352,3 +352,18 @@ def whitened_lowrank_from_qk(
         homogeneous, wk, rank, query_chol.expand(num_heads, d + 1, d + 1), key_chol.expand(num_heads, d, d)
     )  # (H, d+1, r), (H, d, r)
     return left[:, :d].contiguous(), left[:, d].contiguous(), right
+
+
+def merge_gpt2_qkv(
+    wq: torch.Tensor, bq: torch.Tensor, wk: torch.Tensor, bk: torch.Tensor, wv: torch.Tensor, bv: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `split_gpt2_qkv`: per-head wq, wk (H, d, hd), bq, bk (H, hd) and the value block wv (d, d),
+    bv (d,) in Conv1D layout -> a GPT-2 `c_attn` Conv1D weight (d, 3d) and bias (3d,)."""
+    num_heads, d, hd = wq.shape
+
+    def columns(w: torch.Tensor) -> torch.Tensor:
+        return w.permute(1, 0, 2).reshape(d, num_heads * hd)  # (H, d, hd) -> (d, H, hd) -> (d, d)
+
+    weight = torch.cat([columns(wq), columns(wk), wv.to(wq.dtype)], dim=1)  # (d, 3d)
+    bias = torch.cat([bq.reshape(-1), bk.reshape(-1), bv.to(bq.dtype)])  # (3d,)
+    return weight, bias

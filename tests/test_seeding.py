@@ -8,6 +8,7 @@ from hf_merged_attn.seeding import (
     best_rank_factors,
     covariance_from_qk,
     lowrank_from_qk,
+    merge_gpt2_qkv,
     qk_from_homogeneous,
     split_gpt2_qkv,
 )
@@ -79,3 +80,9 @@ def test_export_round_trip():
     # a full-rank S cannot be held at rank hd: the error is reported, not hidden
     _, _, _, err = qk_from_homogeneous(torch.randn(H, D + 1, D, dtype=torch.float64), eye, HD)
     assert (err > 0.1).all()
+
+
+def test_merge_is_the_inverse_of_split():
+    weight, bias, parts = random_qk()
+    merged_weight, merged_bias = merge_gpt2_qkv(parts["wq"], parts["bq"], parts["wk"], parts["bk"], parts["wv"], parts["bv"])
+    assert torch.equal(merged_weight, weight) and torch.equal(merged_bias, bias)

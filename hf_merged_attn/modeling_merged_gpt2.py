@@ -151,8 +151,9 @@ class MergedGPT2Attention(GPT2Attention):
             # skips the keys above the diagonal when sdpa would be causal (no mask, T > 1), and gives the same
             # results as SDPA, including a zero output for a query whose mask hides every key. No weights, like SDPA.
             causal = attention_mask is None and query.shape[2] > 1 and kwargs.get("is_causal", self.is_causal)
-            attn_output, _ = self._eager_attention(query, key, value, attention_mask, causal=bool(causal))
-            attn_weights = None
+            attn_output, attn_weights = self._eager_attention(
+                query, key, value, attention_mask, causal=bool(causal), need_weights=False
+            )
         else:
             if unequal and query.shape[-1] < value.shape[-1]:
                 # lowrank r < hd over T > 1 tokens: zero-pad q and k to hd (q·k is unchanged, the cache keeps r) so
@@ -181,6 +182,7 @@ class MergedGPT2Attention(GPT2Attention):
         value: torch.Tensor,
         attention_mask: torch.Tensor | None,
         causal: bool = False,
+        need_weights: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stock GPT-2's eager attention (incl. `reorder_and_upcast_attn`) for a per-head or a shared key.
 
@@ -189,14 +191,17 @@ class MergedGPT2Attention(GPT2Attention):
             attention_mask: additive float (eager's format) or boolean, True = attend (sdpa's format),
                 broadcastable to (B, H, T, Tk).
             causal: sdpa's `is_causal` (no mask): query i sees keys 0..i (of the first T keys).
+            need_weights: False for sdpa, which returns no weights; with a shared key and autograd on, the weights
+                are then recomputed in the backward pass instead of being kept.
 
         Returns:
-            The output (B, T, H, hd) and the weights (B, H, T, Tk); None instead of the weights when `causal`.
+            The output (B, T, H, hd) and the weights (B, H, T, Tk); None instead of the weights when `causal` or
+            not `need_weights`.
 
         The softmax always runs in float32: covariance scores can be larger than stock's per-head ones. With a
         shared key, the scores of all heads come from one GEMM (B, T*H, d) @ (B, d, Tk) on the query projection as
         it is laid out, with no copy of the key or the query, and the scaling is applied to the smaller operand
-        rather than to the scores. When `causal`, the queries go in blocks of 256 and each block only multiplies
+        rather than to the scores. When `causal`, the queries go in blocks of 128 and each block only multiplies
         the keys it can see: about half the score and attn·V work of a dense product for long sequences.
         """
         upcast = self.reorder_and_upcast_attn
@@ -215,33 +220,50 @@ class MergedGPT2Attention(GPT2Attention):
                         rows = rows * self.scaling
                     else:
                         shared = shared * self.scaling
-            block = 256 if causal else length
-            outputs, weights = [], None
-            for start in range(0, length, block):
-                stop = min(start + block, length)
-                keys = stop if causal else kv_length
+            dropout = self.training and self.attn_dropout.p > 0
+
+            def attend(left, right, values, part, start):
+                """Queries `left` (rows t*H + h) against keys `right`: (B, Tc, H, hd) and the weights (B, H, Tc, Tk')."""
                 with no_autocast:
-                    scores = torch.bmm(rows[:, start * heads : stop * heads], shared[:, :keys].mT)  # (B, Tc*H, Tk')
-                scores = scores.view(batch, stop - start, heads, keys)  # (B, Tc, H, Tk')
-                if causal:
-                    above = torch.ones(stop - start, keys, dtype=torch.bool, device=scores.device).triu_(start + 1)
-                    scores = scores.masked_fill(above[:, None], torch.finfo(scores.dtype).min)
-                elif mask is not None:
-                    part = mask[:, start:stop]
+                    scores = torch.bmm(left, right.mT)  # (B, Tc*H, Tk')
+                scores = scores.view(batch, -1, heads, right.shape[1])  # (B, Tc, H, Tk')
+                if causal:  # query start + i sees keys 0 .. start + i
+                    above = torch.ones(scores.shape[1], right.shape[1], dtype=torch.bool, device=scores.device)
+                    scores = scores.masked_fill(above.triu_(start + 1)[:, None], torch.finfo(scores.dtype).min)
+                elif part is not None:
                     if part.dtype == torch.bool:
                         scores = scores.masked_fill(~part, torch.finfo(scores.dtype).min)
                     else:
                         scores = scores + part
-                weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-                if mask is not None and part.dtype == torch.bool:  # like SDPA: a query that sees no key gets 0
+                weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+                if part is not None and part.dtype == torch.bool:  # like SDPA: a query that sees no key gets 0
                     weights = weights.masked_fill(~part.any(dim=-1, keepdim=True), 0.0)
                 weights = weights.transpose(1, 2)  # (B, H, Tc, Tk'), a view
-                if self.training and self.attn_dropout.p > 0:  # draw the dropout mask in stock's (B, H, T, Tk) order
+                if dropout:  # draw the dropout mask in stock's (B, H, T, Tk) order
                     weights = self.attn_dropout(weights.contiguous())
-                out = weights @ value[:, :, :keys]  # (B, H, Tc, hd)
-                outputs.append(out.transpose(1, 2))  # (B, Tc, H, hd)
+                return (weights @ values).transpose(1, 2), weights  # (B, Tc, H, hd)
+
+            # Without weights to return (sdpa), keep none of the T x Tk weights for backward, as SDPA's fused kernels
+            # do: each block's scores are recomputed in the backward pass (a third more score work, O(T) memory).
+            recompute = not need_weights and torch.is_grad_enabled() and (rows.requires_grad or value.requires_grad)
+            block = 128 if causal else length
+            outputs, weights = [], None
+            # split, not slices: the backward pass then concatenates the blocks' query gradients once instead of
+            # zero-filling a (B, T*H, qk) gradient for every block
+            for start, left in zip(range(0, length, block), rows.split(block * heads, dim=1)):
+                stop = min(start + block, length)
+                keys = stop if causal else kv_length
+                part = None if mask is None else mask[:, start:stop]
+                inputs = (left, shared[:, :keys], value[:, :, :keys], part, start)
+                if recompute:
+                    out = torch.utils.checkpoint.checkpoint(
+                        lambda *args: attend(*args)[0], *inputs, use_reentrant=False, preserve_rng_state=dropout
+                    )
+                else:
+                    out, weights = attend(*inputs)
+                outputs.append(out)
             attn_output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # (B, T, H, hd)
-            return attn_output, None if causal else weights
+            return attn_output, weights if need_weights and not causal else None
 
         with no_autocast:
             if upcast:

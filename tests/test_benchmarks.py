@@ -1,0 +1,119 @@
+"""The benchmark's smoke run, and torch.compile of the patched attention (one graph, same numbers as eager)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import HEAD_DIM, HIDDEN, max_diff, make_gpt2
+
+from hf_merged_attn import patch_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_writes_every_mode(tmp_path):
+    """`python benchmarks/run.py --quick` (the CI smoke run) in a fresh process: a few seconds after imports."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "benchmarks.json").read_text())
+    assert (tmp_path / "benchmarks.md").read_text().count("| covariance |") >= 4
+    assert (tmp_path / "benchmarks.png").stat().st_size > 10_000
+
+    modes = result["modes"]
+    assert list(modes) == ["stock", "covariance", "lowrank64", "lowrank32", "lowrank16"]
+    for kind in ("train", "decode"):
+        for settings in result[kind].values():
+            for figures in settings.values():
+                assert set(figures) == set(modes)
+                assert all(t > 0 for name in modes for t in figures[name]["times_s"]), kind
+    head_dim = result["config"]["hidden"] // result["config"]["heads"]
+    assert head_dim == 64  # the ratios below are r/64 of GPT-2 small's heads
+    for context, caches in result["kv_cache"].items():
+        stock = caches["stock"]
+        assert caches["covariance"]["k_bytes"] == stock["k_bytes"] > 0, context  # (B, 1, T, d) vs (B, H, T, hd)
+        assert caches["covariance"]["v_bytes"] == stock["v_bytes"], context
+        for name, spec in modes.items():
+            if spec["mode"] == "lowrank":
+                assert caches[name]["k_bytes"] * head_dim == stock["k_bytes"] * spec["rank"], (name, context)
+                assert caches[name]["v_bytes"] == stock["v_bytes"]
+    # The analytic parameter formula (benchmarks/flops.py, docs/MATH.md) matches the models that were timed.
+    layers, d, heads = result["config"]["layers"], result["config"]["hidden"], result["config"]["heads"]
+    for name in modes:
+        extra = (result["analytic"][name]["qk_params_per_layer"] - result["analytic"]["stock"]["qk_params_per_layer"])
+        assert modes[name]["params_total"] - modes["stock"]["params_total"] == layers * extra, name
+    assert result["analytic"]["covariance"]["qk_params_per_layer"] == heads * d * d + heads * d
+
+
+# torch.compile. The backend is "aot_eager": dynamo captures the graph (fullgraph=True fails on any graph break)
+# and AOTAutograd traces forward and backward into aten graphs, which is where graph breaks and tracing errors
+# show up. Inductor would then generate and compile C++ for each graph, ~1 min per graph on a 2-core CI machine;
+# its speed and agreement are reported by `benchmarks/run.py --compile`, and test_inductor_whole_model runs it
+# when HF_MERGED_ATTN_SLOW_TESTS=1. Tolerance 1e-5: the compiled graph runs the same fp32 aten ops, so any
+# difference is round-off from a reordered reduction (scores here are O(1-10), outputs O(1): ~1e-7), while a
+# wrong mask, scaling or head layout moves outputs by > 1e-2.
+COMPILE_TOL = 1e-5
+CASES = [("stock", None), ("covariance", None), ("lowrank", HEAD_DIM), ("lowrank", 3)]
+CASE_IDS = ["stock", "covariance", "lowrank_r=hd", "lowrank_r=3"]
+
+
+@pytest.mark.parametrize("mode,rank", CASES, ids=CASE_IDS)
+def test_compiled_attention_is_one_graph_and_matches_eager(mode, rank):
+    torch._dynamo.reset()
+    model = make_gpt2(attn_implementation="sdpa", n_positions=320)
+    if mode != "stock":
+        patch_model(model, mode, rank=rank)
+    attn = model.transformer.h[0].attn.train()
+    compiled = torch.compile(copy.deepcopy(attn), fullgraph=True, backend="aot_eager")
+    # T = 300 > 128: the covariance sdpa path multiplies causal blocks of 128 queries (recomputed in backward).
+    hidden = torch.randn(2, 300, HIDDEN)
+    for module in (attn, compiled):
+        module.zero_grad(set_to_none=True)
+    x_eager, x_compiled = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    expected = attn(x_eager)[0]
+    got = compiled(x_compiled)[0]
+    assert max_diff(got, expected) < COMPILE_TOL
+    weights = torch.randn_like(expected)
+    (expected * weights).sum().backward()
+    (got * weights).sum().backward()
+    assert max_diff(x_compiled.grad, x_eager.grad) < COMPILE_TOL
+    for (name, p_eager), p_compiled in zip(attn.named_parameters(), compiled.parameters()):
+        assert max_diff(p_compiled.grad, p_eager.grad) < COMPILE_TOL, name
+
+
+def test_patched_model_has_no_graph_breaks_where_stock_has_none():
+    """torch._dynamo.explain of whole models with a padding mask (sdpa; eager for covariance's masked path)."""
+    ids = torch.randint(1, 100, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding: the masked paths
+    counts = {}
+    for (mode, rank), impl in [*((case, "sdpa") for case in CASES), (("covariance", None), "eager")]:
+        model = make_gpt2(attn_implementation=impl)
+        if mode != "stock":
+            patch_model(model, mode, rank=rank)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(ids, attention_mask=mask)
+        counts[mode, rank, impl] = (explained.graph_count, explained.graph_break_count)
+    assert counts[("stock", None, "sdpa")] == (1, 0)
+    assert all(c == (1, 0) for c in counts.values()), counts
+
+
+@pytest.mark.skipif(os.environ.get("HF_MERGED_ATTN_SLOW_TESTS") != "1", reason="inductor compiles C++: minutes on CPU")
+@pytest.mark.parametrize("mode,rank", CASES[1:], ids=CASE_IDS[1:])
+def test_inductor_whole_model(mode, rank):
+    torch._dynamo.reset()
+    model = patch_model(make_gpt2(attn_implementation="sdpa"), mode, rank=rank)
+    ids = torch.randint(1, 100, (2, 12))
+    with torch.no_grad():
+        got = torch.compile(model, fullgraph=True)(ids).logits
+        expected = model(ids).logits
+    assert max_diff(got, expected) < COMPILE_TOL

@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--command", default=None, help="the command line to print in the report (default: this one)")
     p.add_argument("--report_only", action="store_true",
                    help="do not train: rebuild the report from the finetune.py results.json already in --output_dir")
-    p.add_argument("--note", default=None, help="a sentence added to the report's setup (e.g. about machine load)")
+    p.add_argument("--note", action="append", default=[], help="a sentence added to the report (repeatable)")
     p.add_argument("finetune_args", nargs=argparse.REMAINDER, help="after --: extra arguments for finetune.py")
     args = p.parse_args(argv)
     try:
@@ -150,7 +150,7 @@ def report(args, rows: dict, extra: dict, wall_s: float, command: str) -> str:
     text = [
         "# Rank sweep: plain-SVD vs activation-aware (whitened) low-rank seeding",
         "",
-        f"Validation perplexity of the GPT-2 `{args.model_name_or_path}` with every attention layer in "
+        f"Validation perplexity of the GPT-2 `{os.path.relpath(args.model_name_or_path)}` with every attention layer in "
         "lowrank mode, right after patching and after a short equal-budget fine-tune (lower is better; bold: the "
         "better init at that rank).",
         "",
@@ -173,7 +173,7 @@ def report(args, rows: dict, extra: dict, wall_s: float, command: str) -> str:
         f"- Perplexity: `hf_merged_attn.evaluation.evaluate_perplexity`, the first {first['eval_tokens']:,} scored "
         f"tokens of the validation split, windows of {args.block_size}, stride {args.eval_stride}.",
         f"- Machine: {machine()}. Wall time of the whole sweep: {wall_s / 60:.1f} min.",
-        *([f"- {args.note}"] if args.note else []),
+        *[f"- {note}" for note in args.note],
         "",
         "Command:",
         "",
@@ -186,28 +186,32 @@ def report(args, rows: dict, extra: dict, wall_s: float, command: str) -> str:
 
 
 def plot(args, rows: dict, extra: dict, path: Path) -> None:
+    """Perplexity minus stock's (same stage), per rank: the differences are small, so no shared axis, no log scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {"svd": "tab:blue", "whitened": "tab:orange"}
-    for ax, key, title in zip(axes, ("perplexity_at_patch", "perplexity_after"), ("right after patching", "after fine-tuning")):
+    stages = (
+        ("perplexity_at_patch", "right after patching", extra["stock_before"]),
+        ("perplexity_after", "after the equal-budget fine-tune", (extra["stock"] or {}).get("perplexity_after")),
+    )
+    for ax, (key, title, reference) in zip(axes, stages):
+        base = reference or 0.0
         for init in args.init_list:
             ranks = [r for r in args.rank_list if (init, r) in rows]
-            ax.plot(ranks, [rows[init, r][key] for r in ranks], marker="o", label=init, color=colors.get(init))
-        reference = extra["stock_before"] if key == "perplexity_at_patch" else (extra["stock"] or {}).get("perplexity_after")
-        if reference:
-            ax.axhline(reference, color="gray", linestyle="--", label="stock")
+            ax.plot(ranks, [rows[init, r][key] - base for r in ranks], marker="o", label=init, color=colors.get(init))
+        ax.axhline(0.0, color="gray", linestyle="--", label=f"stock ({reference:.2f})" if reference else "0")
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
         ax.set_xticks(args.rank_list, [str(r) for r in args.rank_list])
-        ax.set_xlabel("rank r per head (head size 64)")
-        ax.set_title(f"validation perplexity, {title}")
-        ax.grid(alpha=0.3, which="both")
+        ax.set_xlabel("rank r per head")
+        ax.set_ylabel("validation perplexity − stock" if reference else "validation perplexity")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
         ax.legend()
-    axes[0].set_ylabel("perplexity (log scale)")
+    fig.suptitle(f"lowrank seeding: svd vs whitened ({os.path.basename(os.path.normpath(args.model_name_or_path))})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -224,8 +228,11 @@ def main(argv=None) -> None:
     start = time.time()
     rows, extra = collect(args, head_dim)
     wall_s = time.time() - start
-    if args.report_only:  # the time of the runs that produced the results
-        wall_s = sum(r["wall_time_s"] for r in extra["runs"].values())
+    if args.report_only:  # the time of the sweep that produced the results (else: of its finetune.py runs)
+        previous = Path(args.output_dir) / "results.json"
+        wall_s = (json.loads(previous.read_text()).get("wall_time_s") if previous.is_file() else None) or sum(
+            r["wall_time_s"] for r in extra["runs"].values()
+        )
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     merged = {

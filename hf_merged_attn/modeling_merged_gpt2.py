@@ -201,7 +201,7 @@ class MergedGPT2Attention(GPT2Attention):
         The softmax always runs in float32: covariance scores can be larger than stock's per-head ones. With a
         shared key, the scores of all heads come from one GEMM (B, T*H, d) @ (B, d, Tk) on the query projection as
         it is laid out, with no copy of the key or the query, and the scaling is applied to the smaller operand
-        rather than to the scores. When `causal`, the queries go in blocks of 128 and each block only multiplies
+        rather than to the scores. When `causal`, the queries go in blocks of 64 and each block only multiplies
         the keys it can see: about half the score and attn·V work of a dense product for long sequences.
         """
         upcast = self.reorder_and_upcast_attn
@@ -246,7 +246,7 @@ class MergedGPT2Attention(GPT2Attention):
             # Without weights to return (sdpa), keep none of the T x Tk weights for backward, as SDPA's fused kernels
             # do: each block's scores are recomputed in the backward pass (a third more score work, O(T) memory).
             recompute = not need_weights and torch.is_grad_enabled() and (rows.requires_grad or value.requires_grad)
-            block = 128 if causal else length
+            block = 64 if causal else length
             outputs, weights = [], None
             # split, not slices: the backward pass then concatenates the blocks' query gradients once instead of
             # zero-filling a (B, T*H, qk) gradient for every block

@@ -172,8 +172,9 @@ def markdown(result: dict) -> str:
         "",
         f"Model: GPT-2-small-shaped, d = {c['hidden']}, {c['heads']} heads × {c['hidden'] // c['heads']}, "
         f"{c['layers']} layers, vocabulary {c['vocab']}, {c['dtype']}, batch {c['batch']}, dropout off. "
-        f"Medians of {c['repeats']} repeats after {c['warmup']} warm-up, modes interleaved (rotating order); "
-        f"decode times average {c['decode_steps']} steps per repeat.",
+        f"Medians of {c['repeats']} repeats (decode: {c.get('decode_repeats', c['repeats'])}) after {c['warmup']} "
+        f"warm-up, modes interleaved (rotating order); a decode repeat times {c['decode_steps']} consecutive steps "
+        "after one untimed step of the same model.",
         "",
         "**targets**",
         "",

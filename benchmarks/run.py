@@ -157,17 +157,22 @@ def bench_decode(models: dict, specs: list[dict], args, device, impl: str, conte
         for i in range(args.decode_steps):
             model(steps[:, i : i + 1], cache=cache, use_cache=True)
 
+    def reset(cache):
+        extra = cache.get_seq_length() - context
+        if extra:
+            cache.crop(-extra)  # back to the prefilled context (transformers 5 crops by a negative count)
+
     times = {s["name"]: [] for s in specs}
-    for rep in range(args.warmup + args.repeats):
+    for rep in range(args.warmup + args.decode_repeats):
         for spec in rotated(specs, rep):
-            cache = caches[spec["name"]]
-            extra = cache.get_seq_length() - context
-            if extra:
-                cache.crop(-extra)  # back to the prefilled context (transformers 5 crops by a negative count)
-            elapsed = timed(lambda: decode(models[spec["name"]], cache), device)
+            model, cache = models[spec["name"]], caches[spec["name"]]
+            reset(cache)
+            model(steps[:, :1], cache=cache, use_cache=True)  # one untimed step: this model's weights back in cache
+            reset(cache)
+            elapsed = timed(lambda: decode(model, cache), device)
             if rep >= args.warmup:
                 times[spec["name"]].append(elapsed)
-        log(f"  decode {impl} ctx={context} repeat {rep + 1}/{args.warmup + args.repeats}: "
+        log(f"  decode {impl} ctx={context} repeat {rep + 1}/{args.warmup + args.decode_repeats}: "
             + ", ".join(f"{k} {1e3 * v[-1] / args.decode_steps:.2f}ms" for k, v in times.items() if v))
     del caches
     return {name: median_summary(t, args.batch * args.decode_steps) for name, t in times.items()}, sizes
@@ -377,6 +382,7 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024], help="T of the training steps")
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048], help="cache lengths for decoding")
     p.add_argument("--decode-steps", type=int, default=16, help="decode steps timed per repeat")
+    p.add_argument("--decode-repeats", type=int, default=15, help="repeats of the decode timing (cheap, noisy)")
     p.add_argument("--impls", nargs="+", default=["sdpa", "eager"], choices=["sdpa", "eager"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
@@ -389,7 +395,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.vocab, args.tokens, args.contexts = 1, 1024, [32, 64], [32, 64]
-        args.decode_steps, args.repeats, args.warmup, args.impls = 2, 2, 1, ["sdpa"]
+        args.decode_steps, args.repeats, args.decode_repeats, args.warmup, args.impls = 2, 2, 2, 1, ["sdpa"]
         args.no_memory, args.no_explain, args.compile_tokens = True, True, 32
         args.threads = args.threads or 1  # tiny shapes: a second OpenMP thread only waits on a shared machine
     if args.out is None:

@@ -74,7 +74,7 @@ def test_compiled_attention_is_one_graph_and_matches_eager(mode, rank):
         patch_model(model, mode, rank=rank)
     attn = model.transformer.h[0].attn.train()
     compiled = torch.compile(copy.deepcopy(attn), fullgraph=True, backend="aot_eager")
-    # T = 300 > 128: the covariance sdpa path multiplies causal blocks of 128 queries (recomputed in backward).
+    # T = 300 > 64: the covariance sdpa path multiplies causal blocks of 64 queries (recomputed in backward).
     hidden = torch.randn(2, 300, HIDDEN)
     for module in (attn, compiled):
         module.zero_grad(set_to_none=True)

@@ -227,18 +227,11 @@ class MergedGPT2Attention(GPT2Attention):
                 with no_autocast:
                     scores = torch.bmm(left, right.mT)  # (B, Tc*H, Tk')
                 scores = scores.view(batch, -1, heads, right.shape[1])  # (B, Tc, H, Tk')
-                if causal:  # query start + i sees keys 0 .. start + i
-                    above = torch.ones(scores.shape[1], right.shape[1], dtype=torch.bool, device=scores.device)
-                    scores = scores.masked_fill(above.triu_(start + 1)[:, None], torch.finfo(scores.dtype).min)
-                elif part is not None:
-                    if part.dtype == torch.bool:
-                        scores = scores.masked_fill(~part, torch.finfo(scores.dtype).min)
-                    else:
-                        scores = scores + part
-                weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
-                if part is not None and part.dtype == torch.bool:  # like SDPA: a query that sees no key gets 0
-                    weights = weights.masked_fill(~part.any(dim=-1, keepdim=True), 0.0)
-                weights = weights.transpose(1, 2)  # (B, H, Tc, Tk'), a view
+                if causal:  # query start + i sees keys 0 .. start + i: only the diagonal block has hidden keys
+                    tc = scores.shape[1]
+                    above = torch.ones(tc, tc, dtype=torch.bool, device=scores.device).triu_(1)  # (Tc, Tc)
+                    scores[..., start:].masked_fill_(above[:, None], torch.finfo(scores.dtype).min)  # in place: bmm keeps no output
+                weights = _masked_softmax(scores, part, values.dtype).transpose(1, 2)  # (B, H, Tc, Tk'), a view
                 if dropout:  # draw the dropout mask in stock's (B, H, T, Tk) order
                     weights = self.attn_dropout(weights.contiguous())
                 return (weights @ values).transpose(1, 2), weights  # (B, Tc, H, hd)
@@ -265,33 +258,33 @@ class MergedGPT2Attention(GPT2Attention):
             attn_output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # (B, T, H, hd)
             return attn_output, weights if need_weights and not causal else None
 
+        if causal:  # as a boolean mask, True = attend (the forward never asks for this: per-head keys over T > 1 use SDPA)
+            attention_mask = torch.ones(length, kv_length, dtype=torch.bool, device=query.device).tril_()
         with no_autocast:
             if upcast:
                 query, key = query.float(), key.float()
-            scores = _scores(query, key[:, :, :kv_length]) * self.scaling  # (B, H, T, Tk)
-        if causal:
-            above = torch.ones(length, kv_length, dtype=torch.bool, device=scores.device).triu_(1)
-            scores = scores.masked_fill(above, torch.finfo(scores.dtype).min)
-        elif attention_mask is not None:
-            if attention_mask.dtype == torch.bool:
-                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-            else:
-                scores = scores + attention_mask
-        weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-        if attention_mask is not None and attention_mask.dtype == torch.bool:  # like SDPA: a query that sees no key gets 0
-            weights = weights.masked_fill(~attention_mask.any(dim=-1, keepdim=True), 0.0)
-        weights = self.attn_dropout(weights)
+            scores = (query @ key[:, :, :kv_length].mT) * self.scaling  # (B, H, T, Tk)
+        weights = self.attn_dropout(_masked_softmax(scores, attention_mask, value.dtype))
         attn_output = (weights @ value[:, :, :kv_length]).transpose(1, 2)  # (B, H, T, hd) -> (B, T, H, hd)
         return attn_output, weights
 
 
-def _scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """q·kᵀ per head (B, H, T, Tk); a one-head (shared) key is used by all heads in one GEMM without copying it."""
-    batch, heads, length, width = query.shape
-    if key.shape[1] == 1 and heads > 1:
-        flat = query.transpose(1, 2).reshape(batch, length * heads, width)  # (B, T*H, qk): a view of the projection
-        return (flat @ key[:, 0].mT).view(batch, length, heads, -1).transpose(1, 2)  # (B, T, H, Tk) -> (B, H, T, Tk)
-    return query @ key.mT  # (B, H, T, Tk)
+def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Softmax over keys (the last dim) in float32, cast to `dtype`, under eager GPT-2's or SDPA's mask.
+
+    `mask` broadcasts to `scores`: additive float (eager's format, added) or boolean, True = attend (sdpa's format;
+    a query whose mask hides every key gets weights 0, as SDPA gives). `scores` must be a fresh tensor: a boolean
+    mask is applied to it in place.
+    """
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+    elif mask is not None:
+        scores = scores + mask  # not in place: a float32 mask promotes half scores, as in stock
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+    if mask is not None and mask.dtype == torch.bool:
+        weights = weights.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+    return weights
+
 
 
 MODES = ("covariance", "lowrank")

@@ -418,7 +418,8 @@ class MergedGPT2Mixin:
         what = (
             "as one d x d matrix per head (S_h = Wq_h·Wk_hᵀ, covariance mode)"
             if record["mode"] == "covariance"
-            else f"factored at rank {record['rank']} (S_h ≈ U_h·V_hᵀ, lowrank mode)"
+            else f"factored at rank {record['rank']} (S_h ≈ U_h·V_hᵀ, lowrank mode, seeded by "
+            f"{'activation-whitened SVD' if record.get('init') == 'whitened' else 'SVD'})"
         )
         front = ["---", "library_name: transformers", "tags: [hf_merged_attn, gpt2, merged-attention]"]
         if base and not os.path.isdir(str(base)):  # a hub id, not a local folder

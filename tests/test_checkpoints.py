@@ -177,7 +177,7 @@ def test_push_to_hub_uploads_the_checkpoint_and_a_card(tmp_path, monkeypatch):
     assert {"config.json", "model.safetensors", "modeling_merged_gpt2.py", "configuration_merged_gpt2.py", "README.md"} <= set(committed)
     assert not any(name.endswith((".bin", ".pt")) for name in committed)
     card = committed["README.md"].decode()
-    assert "lowrank" in card and "rank 3" in card and "validation perplexity | 12.34" in card
+    assert "lowrank" in card and "rank 3" in card and "seeded by SVD" in card and "validation perplexity | 12.34" in card
     assert 'from_pretrained("someone/tiny-merged", trust_remote_code=True)' in card
     stock_params = sum(p.numel() for p in make_gpt2().parameters())
     assert f"{stock_params:,}" in card and f"{sum(p.numel() for p in model.parameters()):,}" in card

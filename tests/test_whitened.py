@@ -351,6 +351,7 @@ def test_whitened_checkpoint_saves_and_reloads_exactly(tmp_path):
     model.save_pretrained(tmp_path)
     record = json.loads((tmp_path / "config.json").read_text())["merged_attn"]
     assert record["init"] == "whitened" and record["rank"] == 3 and record["calibration_tokens"] == ids.numel()
+    assert "seeded by activation-whitened SVD" in (tmp_path / "README.md").read_text()  # the model card says so
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")  # no calibration needed
     assert type(loaded) is MergedGPT2LMHeadModel and loaded.config.merged_attn["init"] == "whitened"
     state = model.state_dict()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import subprocess
 import sys
@@ -51,6 +52,24 @@ def test_quick_benchmark_writes_every_mode(tmp_path):
         extra = (result["analytic"][name]["qk_params_per_layer"] - result["analytic"]["stock"]["qk_params_per_layer"])
         assert modes[name]["params_total"] - modes["stock"]["params_total"] == layers * extra, name
     assert result["analytic"]["covariance"]["qk_params_per_layer"] == heads * d * d + heads * d
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--device", "tpu"], "allowed are cpu and cuda"),
+        (["--ranks", "0", "16"], "--ranks [0, 16]: every value must be a positive integer"),
+        (["--hidden", "770"], "--hidden 770 is not divisible by --heads 12"),
+    ],
+)
+def test_bad_arguments_fail_before_any_work(argv, message, capsys, monkeypatch):
+    """Argument errors come from parse_args (argparse's exit 2), before a model is built or a file written."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    run = importlib.import_module("run")
+    with pytest.raises(SystemExit) as exited:
+        run.parse_args(["--quick", *argv])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 # torch.compile. The backend is "aot_eager": dynamo captures the graph (fullgraph=True fails on any graph break)

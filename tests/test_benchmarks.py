@@ -72,6 +72,15 @@ def test_bad_arguments_fail_before_any_work(argv, message, capsys, monkeypatch):
     assert message in capsys.readouterr().err
 
 
+def test_profile_decode_prints_times_and_operators(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    profile_decode = importlib.import_module("profile_decode")
+    profile_decode.main(["--context", "16", "--steps", "2", "--repeats", "1", "--rank", "16"])
+    out = capsys.readouterr().out
+    assert "stock" in out and "lowrank16" in out and "x stock" in out
+    assert out.count("aten::addmm") == 2  # one operator table per model
+
+
 # torch.compile. The backend is "aot_eager": dynamo captures the graph (fullgraph=True fails on any graph break)
 # and AOTAutograd traces forward and backward into aten graphs, which is where graph breaks and tracing errors
 # show up. Inductor then generates and compiles C++ for each graph; test_inductor_whole_model runs it on tiny

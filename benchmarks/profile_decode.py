@@ -4,7 +4,8 @@
     python benchmarks/profile_decode.py --mode covariance --context 2048 --attn_implementation eager
 
 Same model shape as benchmarks/run.py (GPT-2-small-shaped, 2 layers, vocabulary 8192, fp32, batch 1, one thread).
-Prints the median ms per token of each model (interleaved repeats after one untimed step) and, for each, the operators
+Prints the median ms per token of each model (interleaved repeats, alternating which model goes first, each after one
+untimed step) and, for each, the operators
 that took the most self CPU time over --steps steps. Run it twice, once with `MALLOC_MMAP_THRESHOLD_=4294967296
 MALLOC_TRIM_THRESHOLD_=4294967296` in the environment, to see how much of a difference comes from glibc returning
 and re-faulting the memory of the KV cache's per-step `torch.cat` (see docs/benchmarks.md).
@@ -30,15 +31,20 @@ transformers.logging.set_verbosity_error()
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=["covariance", "lowrank"], default="lowrank")
-    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=None, help="lowrank only (default 64, the head size)")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--attn_implementation", choices=["sdpa", "eager"], default="sdpa")
     parser.add_argument("--steps", type=int, default=16, help="decode steps per repeat")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--rows", type=int, default=8, help="operators shown per model")
     args = parser.parse_args(argv)
-    if min(args.rank, args.context, args.steps, args.repeats, args.rows) < 1:
-        parser.error("--rank, --context, --steps, --repeats and --rows must be positive integers")
+    if args.mode == "covariance" and args.rank is not None:
+        parser.error(f"--rank {args.rank} was given with --mode covariance, which has no rank; drop --rank")
+    args.rank = 64 if args.rank is None and args.mode == "lowrank" else args.rank
+    if args.mode == "lowrank" and not 1 <= args.rank <= 768:
+        parser.error(f"--rank {args.rank}: allowed are 1 .. 768 (the hidden size); 64 is the head size (exact)")
+    if min(args.context, args.steps, args.repeats, args.rows) < 1:
+        parser.error("--context, --steps, --repeats and --rows must be positive integers")
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -46,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
                         attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     stock = GPT2LMHeadModel(config).eval()
     stock.set_attn_implementation(args.attn_implementation)
-    patched = patch_model(copy.deepcopy(stock), args.mode, rank=args.rank if args.mode == "lowrank" else None)
+    patched = patch_model(copy.deepcopy(stock), args.mode, rank=args.rank)
     name = args.mode if args.mode == "covariance" else f"lowrank{args.rank}"
     models = {"stock": stock, name: patched}
 
@@ -63,8 +69,8 @@ def main(argv: list[str] | None = None) -> None:
                 models[key](token, cache=caches[key], use_cache=True)
             caches[key].crop(-count)  # back to the prefilled context
 
-        for _ in range(args.repeats):
-            for key in models:
+        for repeat in range(args.repeats):
+            for key in list(models)[repeat % 2 :] + list(models)[: repeat % 2]:  # alternate which model goes first
                 steps(key, 1)  # untimed: this model's weights back in the CPU caches
                 start = time.perf_counter()
                 steps(key, args.steps)

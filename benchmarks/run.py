@@ -393,20 +393,31 @@ def parse_args(argv=None):
     p.add_argument("--label", default="", help="free text stored in the JSON (e.g. the machine's load)")
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    kind = args.device.split(":")[0]
-    if kind not in ("cpu", "cuda"):
-        p.error(f"--device {args.device!r}: allowed are cpu and cuda (or cuda:N)")
-    if kind == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device!r}, but this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu "
-                "or install a CUDA build of torch on a GPU machine")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        p.error(f"--device {args.device!r}: allowed are cpu, cuda and cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            p.error(f"--device {args.device!r}, but this torch ({torch.__version__}) sees {count} CUDA GPU(s); use "
+                    "--device cpu, another GPU index, or a CUDA build of torch on a GPU machine")
     for name in ("ranks", "tokens", "contexts"):
         if min(getattr(args, name)) < 1:
             p.error(f"--{name} {getattr(args, name)}: every value must be a positive integer")
-    for name in ("hidden", "heads", "layers", "vocab", "batch", "repeats", "decode_steps", "decode_repeats"):
+    positive = ("hidden", "heads", "layers", "vocab", "batch", "repeats", "decode_steps", "decode_repeats", "compile_tokens")
+    for name in positive:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a positive integer")
+    for name in ("threads", "warmup"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name} {getattr(args, name)}: must be 0 or more")
     if args.hidden % args.heads:
         p.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}; GPT-2 needs hidden = heads x head size")
+    if max(args.ranks) > args.hidden:
+        p.error(f"--ranks {args.ranks}: a lowrank rank is at most the hidden size ({args.hidden})")
     if args.quick:
         args.layers, args.vocab, args.tokens, args.contexts = 1, 1024, [32, 64], [32, 64]
         args.decode_steps, args.repeats, args.decode_repeats, args.warmup, args.impls = 2, 2, 2, 1, ["sdpa"]

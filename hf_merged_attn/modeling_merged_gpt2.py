@@ -286,7 +286,6 @@ def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, dtype: torc
     return weights
 
 
-
 MODES = ("covariance", "lowrank")
 
 

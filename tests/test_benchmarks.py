@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -54,18 +55,29 @@ def test_quick_benchmark_writes_every_mode(tmp_path):
     assert result["analytic"]["covariance"]["qk_params_per_layer"] == heads * d * d + heads * d
 
 
+def load_script(name: str, monkeypatch):
+    """benchmarks/<name>.py as a module under a private name (its sibling imports, e.g. flops, resolve)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--device", "tpu"], "allowed are cpu and cuda"),
+        (["--device", "tpu"], "allowed are cpu, cuda and cuda:N"),
         (["--ranks", "0", "16"], "--ranks [0, 16]: every value must be a positive integer"),
         (["--hidden", "770"], "--hidden 770 is not divisible by --heads 12"),
+        (["--ranks", "800"], "a lowrank rank is at most the hidden size (768)"),
+        (["--device", "cuda:1"], "sees 0 CUDA GPU(s)"),  # torch.cuda.is_available() is patched to False below
     ],
 )
 def test_bad_arguments_fail_before_any_work(argv, message, capsys, monkeypatch):
     """Argument errors come from parse_args (argparse's exit 2), before a model is built or a file written."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    run = importlib.import_module("run")
+    run = load_script("run", monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only machine, also where a GPU is
     with pytest.raises(SystemExit) as exited:
         run.parse_args(["--quick", *argv])
     assert exited.value.code == 2
@@ -73,12 +85,14 @@ def test_bad_arguments_fail_before_any_work(argv, message, capsys, monkeypatch):
 
 
 def test_profile_decode_prints_times_and_operators(capsys, monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    profile_decode = importlib.import_module("profile_decode")
-    profile_decode.main(["--context", "16", "--steps", "2", "--repeats", "1", "--rank", "16"])
+    profile_decode = load_script("profile_decode", monkeypatch)
+    profile_decode.main(["--context", "16", "--steps", "2", "--repeats", "2", "--rank", "16"])
     out = capsys.readouterr().out
     assert "stock" in out and "lowrank16" in out and "x stock" in out
-    assert out.count("aten::addmm") == 2  # one operator table per model
+    assert out.count("operators by self CPU time") == 2  # one operator table per model
+    with pytest.raises(SystemExit):
+        profile_decode.main(["--mode", "covariance", "--rank", "16"])
+    assert "which has no rank" in capsys.readouterr().err
 
 
 # torch.compile. The backend is "aot_eager": dynamo captures the graph (fullgraph=True fails on any graph break)

@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--block_size", type=int, default=256, help="training sequence length (<= model context)")
     g = p.add_argument_group("comparison")
     g.add_argument("--modes", default="stock,covariance,lowrank",
-                   help="comma-separated: stock, covariance, lowrank (uses --rank) or lowrank:R")
+                   help="comma-separated: stock, covariance, lowrank (uses --rank), lowrank:R, or lowrank:E with "
+                        "E in (0, 1] (per block, the smallest rank keeping that share of the spectral energy)")
     g.add_argument("--rank", type=int, default=None, help="lowrank rank (default: half the head size)")
     g.add_argument("--seeds", type=int, default=1, help="run every mode with seeds seed, seed+1, ...")
     g.add_argument("--init", default="svd", choices=("svd", "whitened"),
@@ -98,8 +99,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def parse_modes(text: str, default_rank: int) -> list[tuple[str, str, int | None]]:
-    """'stock,covariance,lowrank:16' -> [(label, mode, rank)]; errors name the bad entry."""
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_modes(text: str, default_rank: int) -> list[tuple[str, str, int | float | None]]:
+    """'stock,covariance,lowrank:16,lowrank:0.9' -> [(label, mode, rank)]; errors name the bad entry."""
     modes = []
     for item in [m.strip() for m in text.split(",") if m.strip()]:
         mode, _, rank_text = item.partition(":")
@@ -108,10 +117,17 @@ def parse_modes(text: str, default_rank: int) -> list[tuple[str, str, int | None
                 f"--modes entry {item!r} is not a mode; allowed: stock, covariance, lowrank or lowrank:R "
                 "(e.g. --modes stock,covariance,lowrank:16)."
             )
-        if mode == "lowrank" and rank_text and not rank_text.isdigit():
-            raise ValueError(f"--modes entry {item!r}: the rank after ':' must be an integer, e.g. lowrank:16.")
-        rank = (int(rank_text) if rank_text else default_rank) if mode == "lowrank" else None
-        modes.append((f"lowrank-r{rank}" if mode == "lowrank" else mode, mode, rank))
+        energy = rank_text.startswith("0.") or rank_text == "1.0"
+        if mode == "lowrank" and rank_text and not (rank_text.isdigit() or energy and _is_number(rank_text)):
+            raise ValueError(
+                f"--modes entry {item!r}: after ':' give an integer rank (lowrank:16) or a spectral-energy "
+                "fraction in (0, 1] (lowrank:0.9: the smallest rank per block keeping 90% of each head's energy)."
+            )
+        rank = None
+        if mode == "lowrank":
+            rank = float(rank_text) if energy else int(rank_text) if rank_text else default_rank
+        label = f"lowrank-e{rank:g}" if isinstance(rank, float) else f"lowrank-r{rank}"
+        modes.append((label if mode == "lowrank" else mode, mode, rank))
     if not modes:
         raise ValueError("--modes is empty; give at least one of stock, covariance, lowrank.")
     return modes
@@ -271,6 +287,12 @@ def build_model(args, mode: str, rank: int | None, calibration=None):
     return model
 
 
+def _ranks_per_block(model) -> dict[str, int] | None:
+    """{block: rank} of a lowrank model patched with a per-block rank (e.g. an energy target), else None."""
+    rank = (getattr(model.config, "merged_attn", None) or {}).get("rank")
+    return rank if isinstance(rank, dict) else None
+
+
 def eval_loss(model, stream, args, max_tokens=None) -> dict:
     ids = stream[:max_tokens] if max_tokens else stream
     return evaluate_perplexity(
@@ -380,6 +402,7 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
         after = eval_loss(unwrapped, stream, args)
         record = {
             "label": label, "mode": mode, "rank": rank, "seed": seed,
+            "ranks_per_block": _ranks_per_block(unwrapped),
             "total_params": total, "trainable_params": trainable,
             "perplexity_at_patch": at_patch["perplexity"], "perplexity_after": after["perplexity"],
             "eval_tokens": after["tokens"], "train_steps": step, "train_tokens": step * tokens_per_step,
@@ -413,8 +436,15 @@ def save_run(args, model, mode, label, record, run_dir: Path, repo_suffix: str) 
 # ---------------------------------------------------------------- report
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and std over seeds; (None, None) when a figure was not measured (tokens/s of a 1-step run)."""
+    if any(v is None for v in values):
+        return None, None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def summarize(records: list[dict], stock_before: float) -> dict:
@@ -441,7 +471,7 @@ def markdown_table(summary: dict, args, world_size: int) -> str:
         after = f"{e['perplexity_after']:.2f}" + (f" ± {e['perplexity_after_std']:.2f}" if n > 1 else "")
         lines.append(
             f"| {label} | {e['total_params'] / 1e6:.2f}M ({e['trainable_params'] / 1e6:.2f}M) | {e['perplexity_before']:.2f} "
-            f"| {e['perplexity_at_patch']:.2f} | {after} | {e['train_tokens']:,} | {e['tokens_per_s']:.0f} | {e['peak_memory_mb']:.0f} |"
+            f"| {e['perplexity_at_patch']:.2f} | {after} | {e['train_tokens']:,} | {fmt(e['tokens_per_s'], '.0f')} | {e['peak_memory_mb']:.0f} |"
         )
     lines.append("")
     lines.append(
@@ -507,7 +537,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             if record:
                 accelerator.print(
                     f"[{label} seed {seed}] ppl before {stock_before:.3f} | at patch {record['perplexity_at_patch']:.3f}"
-                    f" | after {record['perplexity_after']:.3f} | {record['tokens_per_s']:.0f} tokens/s"
+                    f" | after {record['perplexity_after']:.3f} | {fmt(record['tokens_per_s'], '.0f')} tokens/s"
                 )
                 records.append(record)
     if not accelerator.is_main_process:

@@ -15,16 +15,20 @@ class PatchConfig:
 
     Attributes:
         mode: "covariance" (one d x d matrix S_h = Wq_h Wk_hᵀ per head) or "lowrank" (S_h ≈ U_h V_hᵀ).
-        rank: r for "lowrank" (1 <= r <= hidden size); None for "covariance".
+        rank: for "lowrank", r (1 <= r <= hidden size) for every patched block, or {block index: r} per block;
+            None for "covariance". An energy target is resolved to the per-block dict by `patch_model`.
         layers: indices of the patched blocks (sorted); None until resolved against a model.
         init: how "lowrank" factors are seeded — "svd" (best rank-r approximation of the weights) or
             "whitened" (least score error on calibration activations); None for "covariance" (exact).
+        energy: for "lowrank" given `rank=<float>`: the fraction in (0, 1] of each head's spectral energy that
+            the seed keeps; `patch_model` picks the smallest such rank per block.
     """
 
     mode: str
-    rank: int | None = None
+    rank: int | dict[int, int] | None = None
     layers: list[int] | None = field(default=None)
     init: str | None = "svd"
+    energy: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -38,20 +42,57 @@ class PatchConfig:
                 "Drop rank, or use mode='lowrank' to factor S_h at rank r."
             )
         if self.mode == "lowrank":
-            if self.rank is None:
+            if self.rank is None and self.energy is None:
                 raise ValueError(
-                    "mode='lowrank' needs rank=r (an integer, e.g. the head size 64 for GPT-2, which is exact). "
-                    "Pass rank=..., or use mode='covariance'."
+                    "mode='lowrank' needs rank=r (an integer, e.g. the head size 64 for GPT-2, which is exact; a "
+                    "dict {block: r}; or a float in (0, 1], the spectral energy to keep). Pass rank=..., or use "
+                    "mode='covariance'."
                 )
-            if isinstance(self.rank, bool) or not isinstance(self.rank, Integral):
-                raise ValueError(
-                    f"rank={self.rank!r} ({type(self.rank).__name__}) is not an integer; lowrank needs an integer "
-                    "rank r >= 1 (r = head size is exact, smaller approximates, larger adds capacity)."
-                )
-            self.rank = int(self.rank)
-            if self.rank < 1:
-                raise ValueError(f"rank={self.rank} is below 1; lowrank needs an integer rank r >= 1.")
+            if isinstance(self.rank, float):  # an energy target, resolved per block by patch_model
+                if not 0.0 < self.rank <= 1.0:
+                    raise ValueError(
+                        f"rank={self.rank!r} is a float, i.e. a spectral-energy target, but not in (0, 1]; pass "
+                        "e.g. rank=0.9 to keep 90% of each head's energy, or an integer rank r >= 1."
+                    )
+                self.energy, self.rank = float(self.rank), None
+            elif isinstance(self.rank, dict):
+                self.rank = {self._block(i): self._integer_rank(r, f"rank[{i!r}]") for i, r in self.rank.items()}
+                if not self.rank:
+                    raise ValueError("rank={} names no block; pass {block index: r, ...} or an integer rank.")
+                if self.layers is not None and sorted(self.layers) != sorted(self.rank):
+                    raise ValueError(
+                        f"layers={list(self.layers)!r} and the blocks of rank={self.rank!r} differ; with a rank per "
+                        "block the dict's keys are the patched blocks. Drop layers, or make them equal."
+                    )
+                self.layers = sorted(self.rank)
+            elif self.rank is not None:
+                self.rank = self._integer_rank(self.rank, "rank")
         self._check_init()
+
+    @staticmethod
+    def _integer_rank(rank, name: str) -> int:
+        if isinstance(rank, bool) or not isinstance(rank, Integral):
+            raise ValueError(
+                f"{name}={rank!r} ({type(rank).__name__}) is not an integer; lowrank needs an integer rank r >= 1 "
+                "(r = head size is exact, smaller approximates, larger adds capacity), a dict {block: r}, or a "
+                "float in (0, 1] (the spectral energy to keep)."
+            )
+        if rank < 1:
+            raise ValueError(f"{name}={rank} is below 1; lowrank needs an integer rank r >= 1.")
+        return int(rank)
+
+    @staticmethod
+    def _block(index) -> int:
+        """A block index from a rank dict (ints, or digit strings as JSON writes dict keys)."""
+        if isinstance(index, str) and index.isdigit():
+            return int(index)
+        if isinstance(index, bool) or not isinstance(index, Integral):
+            raise ValueError(f"rank dict key {index!r} is not a block index; pass {{0: 32, 1: 16, ...}}.")
+        return int(index)
+
+    def rank_for(self, layer: int) -> int | None:
+        """The rank of block `layer` (None for covariance)."""
+        return self.rank[layer] if isinstance(self.rank, dict) else self.rank
 
     def _check_init(self) -> None:
         if self.init is not None and (not isinstance(self.init, str) or self.init not in INITS):
@@ -102,7 +143,8 @@ class PatchConfig:
         Raises:
             ValueError: rank above the hidden size, or a layer index out of range / not an integer.
         """
-        if self.rank is not None and self.rank > hidden_size:
+        ranks = self.rank.values() if isinstance(self.rank, dict) else [self.rank]
+        if any(r is not None and r > hidden_size for r in ranks):
             raise ValueError(
                 f"rank={self.rank} exceeds the hidden size {hidden_size}: S_h is {hidden_size} x {hidden_size}, so "
                 f"a rank above {hidden_size} adds nothing. Use 1 <= rank <= {hidden_size}, or mode='covariance'."
@@ -122,5 +164,10 @@ class PatchConfig:
         self.layers = sorted({int(i) for i in given})
 
     def to_dict(self) -> dict:
-        """JSON-ready dict (what `config.merged_attn` holds)."""
-        return asdict(self)
+        """JSON-ready dict (what `config.merged_attn` holds): a per-block rank as {"block": r}; energy if used."""
+        record = asdict(self)
+        if isinstance(self.rank, dict):
+            record["rank"] = {str(i): r for i, r in sorted(self.rank.items())}
+        if self.energy is None:
+            del record["energy"]
+        return record

@@ -307,10 +307,14 @@ def check_merged_attn(record: dict | None, num_layers: int, hidden_size: int) ->
     mode, rank, layers = record.get("mode"), record.get("rank"), record.get("layers")
     if mode not in MODES:
         raise CorruptRecordError(f"merged_attn.mode={mode!r} is not one of {MODES}; the checkpoint is corrupted.")
-    if mode == "lowrank" and not (isinstance(rank, int) and 1 <= rank <= hidden_size):
+    ranks = list(rank.values()) if isinstance(rank, dict) else [rank]
+    per_block_ok = not isinstance(rank, dict) or sorted(rank) == sorted(str(i) for i in layers or [])
+    if mode == "lowrank" and not (
+        per_block_ok and all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= hidden_size for r in ranks)
+    ):
         raise CorruptRecordError(
-            f"merged_attn.rank={rank!r} must be an integer in 1..{hidden_size} for mode 'lowrank'; "
-            "the checkpoint is corrupted."
+            f"merged_attn.rank={rank!r} must be an integer in 1..{hidden_size}, or {{\"block\": rank}} for exactly "
+            f"the blocks in merged_attn.layers={layers!r}, for mode 'lowrank'; the checkpoint is corrupted."
         )
     if mode == "covariance" and rank is not None:
         raise CorruptRecordError(f"merged_attn.rank={rank!r} must be null for mode 'covariance'.")
@@ -332,8 +336,10 @@ def merge_attention_modules(model: nn.Module, record: dict) -> None:
                 if child.is_cross_attention or child.layer_idx not in record["layers"]:
                     continue
                 weight = child.c_attn.weight
+                rank = record["rank"]
+                rank = rank[str(child.layer_idx)] if isinstance(rank, dict) else rank
                 new = MergedGPT2Attention(
-                    child.config, record["mode"], record["rank"], child.layer_idx,
+                    child.config, record["mode"], rank, child.layer_idx,
                     c_proj=child.c_proj, device=weight.device, dtype=weight.dtype,
                 )
                 setattr(parent, name, new)
@@ -414,10 +420,18 @@ class MergedGPT2Mixin:
         counts = parameter_counts(self)
         base = record.get("base_model")
         where = repo_id or "path/to/this/folder"
+        rank = record["rank"]
+        if isinstance(rank, dict):
+            ranks = ", ".join(f"block {i}: {r}" for i, r in rank.items())
+            energy = record.get("energy")
+            energy = f", the smallest keeping {energy:.0%} of each head's spectral energy" if energy else ""
+            rank_text = f"ranks per block ({ranks}{energy})"
+        else:
+            rank_text = f"rank {rank}"
         what = (
             "as one d x d matrix per head (S_h = Wq_h·Wk_hᵀ, covariance mode)"
             if record["mode"] == "covariance"
-            else f"factored at rank {record['rank']} (S_h ≈ U_h·V_hᵀ, lowrank mode, seeded by "
+            else f"factored at {rank_text} (S_h ≈ U_h·V_hᵀ, lowrank mode, seeded by "
             f"{'activation-whitened SVD' if record.get('init') == 'whitened' else 'SVD'})"
         )
         front = ["---", "library_name: transformers", "tags: [hf_merged_attn, gpt2, merged-attention]"]
@@ -426,7 +440,8 @@ class MergedGPT2Mixin:
         lines = front + [
             "---",
             "",
-            f"# {type(self).__name__}: {record['mode']} attention" + (f", rank {record['rank']}" if record["rank"] else ""),
+            f"# {type(self).__name__}: {record['mode']} attention"
+            + ("" if not rank else ", ranks per block" if isinstance(rank, dict) else f", rank {rank}"),
             "",
             f"GPT-2{f' (`{base}`)' if base else ''} whose query–key product is held {what}, made with "
             f"hf_merged_attn. Patched blocks: {record['layers']}.",

@@ -20,6 +20,8 @@ from .seeding import (
     lowrank_from_qk,
     merge_gpt2_qkv,
     qk_from_homogeneous,
+    qk_singular_values,
+    rank_for_energy,
     split_gpt2_qkv,
     whitened_lowrank_from_qk,
 )
@@ -96,11 +98,17 @@ def seeded_attention(
     return new
 
 
+def _rank_for_energy(attn: GPT2Attention, energy: float, moment: torch.Tensor | None) -> int:
+    """The smallest rank at which every head of stock `attn` keeps `energy` of its (whitened) spectrum."""
+    parts = split_gpt2_qkv(attn.c_attn.weight.detach(), attn.c_attn.bias.detach(), attn.num_heads)
+    return rank_for_energy(qk_singular_values(parts["wq"], parts["bq"], parts["wk"], moment), energy)
+
+
 def patch_model(
     model: nn.Module,
     mode: str = "covariance",
     *,
-    rank: int | None = None,
+    rank: int | float | dict[int, int] | None = None,
     layers: list[int] | None = None,
     init: str = "svd",
     calibration=None,
@@ -116,7 +124,12 @@ def patch_model(
         model: a GPT-2 model (anything whose modules include `GPT2Attention`).
         mode: "covariance" — one d x d matrix S_h = Wq_h Wk_hᵀ per head (exact); or "lowrank" — S_h ≈ U_h V_hᵀ
             at rank r (exact for r = head size, best rank-r approximation below, extra capacity above).
-        rank: r, required for "lowrank" (1 <= r <= hidden size); must be None for "covariance".
+        rank: required for "lowrank", None for "covariance". An int r (1 <= r <= hidden size) for every block;
+            a dict {block index: r} for a rank per block (its keys are the patched blocks); or a float in (0, 1],
+            a spectral-energy target: each block gets the smallest rank at which every one of its heads keeps
+            that fraction of Σσ² of S̃_h (init="svd") or of the whitened L_qᵀ S̃_h L_k (init="whitened": the
+            energy of the score error), at most the head size (exact). The resolved ranks are recorded as
+            `config.merged_attn["rank"]` = {"block": r} with `"energy"`, so checkpoints reload.
         layers: block indices to patch (default: all).
         init: how "lowrank" factors below the head size are seeded. "svd" (default): best rank-r approximation
             of each head's S̃_h = [S_h; u_h] in Frobenius norm (weights only). "whitened": the rank-r factors
@@ -159,8 +172,16 @@ def patch_model(
     moments, calibration_tokens = {}, None
     if patch.init == "whitened":  # one pass of the STOCK model; raises on bad calibration before any swap
         moments, calibration_tokens = collect_attention_moments(model, calibration, patch.layers)
+    if patch.energy is not None:
+        patch.rank = {
+            old.layer_idx: _rank_for_energy(old, patch.energy, moments.get(old.layer_idx))
+            for _, _, old in found
+            if old.layer_idx in patch.layers
+        }
     seeded = [  # every new module is built before the first swap: a seeding error leaves the model untouched
-        (parent, name, old, seeded_attention(old, patch.mode, patch.rank, moment=moments.get(old.layer_idx)))
+        (parent, name, old, seeded_attention(
+            old, patch.mode, patch.rank_for(old.layer_idx), moment=moments.get(old.layer_idx)
+        ))
         for parent, name, old in found
         if old.layer_idx in patch.layers
     ]

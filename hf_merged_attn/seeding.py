@@ -92,6 +92,33 @@ def best_rank_factors(left: torch.Tensor, right: torch.Tensor, rank: int) -> tup
     return (qa @ w[..., :rank]) * root, (qb @ zh.mT[..., :rank]) * root
 
 
+def product_singular_values(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Singular values of M = left @ rightᵀ (batched, descending), from the same thin QR core as
+    `best_rank_factors`: (..., min(k, k')) float64 for left (..., m, k), right (..., n, k')."""
+    _, ra = torch.linalg.qr(left.to(_SEED_DTYPE))  # (..., k, k)
+    _, rb = torch.linalg.qr(right.to(_SEED_DTYPE))  # (..., k', k')
+    return torch.linalg.svdvals(ra @ rb.mT)
+
+
+def rank_for_energy(sigma: torch.Tensor, energy: float) -> int:
+    """The smallest r whose top-r singular values hold at least `energy` of Σσ² in EVERY matrix of the batch.
+
+    Args:
+        sigma: (..., k) singular values, descending (e.g. one row per head of a layer).
+        energy: fraction in (0, 1]; 1.0 asks for every non-zero direction.
+
+    Returns:
+        r in 1..k: one rank for the whole batch (a layer's heads share one rank), the largest needed by any.
+    """
+    power = sigma.to(_SEED_DTYPE).square()  # (..., k)
+    total = power.sum(-1, keepdim=True)  # (..., 1)
+    share = power.cumsum(-1) / total.clamp_min(torch.finfo(_SEED_DTYPE).tiny)  # (..., k)
+    kept = torch.where(total > 0, share, 1.0)  # a zero matrix needs rank 1 only
+    # round-off: a target of 1.0 must be reachable once every non-zero direction is kept
+    needed = (kept < energy - 1e-12).sum(-1) + 1  # (...,): first r with kept[r-1] >= energy
+    return int(needed.max().clamp(1, sigma.shape[-1]))
+
+
 def lowrank_from_qk(
     wq: torch.Tensor,
     bq: torch.Tensor,
@@ -283,6 +310,30 @@ def weighted_score_error(
     delta = (target.to(_SEED_DTYPE) - approx.to(_SEED_DTYPE))
     cq, ck = query_moment.to(_SEED_DTYPE), key_moment.to(_SEED_DTYPE)
     return ((cq @ delta) * (delta @ ck)).sum((-2, -1))  # tr(Δᵀ Cq Δ Ck) = Σ (Cq Δ) ∘ (Δ Ck)
+
+
+def qk_singular_values(
+    wq: torch.Tensor,
+    bq: torch.Tensor,
+    wk: torch.Tensor,
+    moment: torch.Tensor | None = None,
+    *,
+    damping: float = DEFAULT_DAMPING,
+) -> torch.Tensor:
+    """Per-head spectrum of what a rank-r seed truncates: (H, hd) singular values, descending, float64.
+
+    Without `moment`: of S̃_h = [Wq_h; bq_h] Wk_hᵀ (what `lowrank_from_qk` factors). With `moment` (E[x̃ᵀx̃] as
+    for `whitened_lowrank_from_qk`): of the whitened L_qᵀ S̃_h L_k, whose tail is the score error that the
+    activation-aware seed leaves. rank(S̃_h) <= hd, so hd values hold the whole spectrum.
+    """
+    num_heads, d, _ = wq.shape
+    homogeneous = torch.cat([wq, bq.unsqueeze(1)], dim=1).to(_SEED_DTYPE)  # (H, d+1, hd)
+    wk = wk.to(_SEED_DTYPE)
+    if moment is not None:
+        moment = moment.to(device=wq.device, dtype=_SEED_DTYPE)
+        homogeneous = damped_cholesky(moment, damping).mT @ homogeneous  # L_qᵀ [Wq; bq]
+        wk = damped_cholesky(moment[:d, :d], damping).mT @ wk  # L_kᵀ Wk
+    return product_singular_values(homogeneous, wk)
 
 
 def whitened_lowrank_from_qk(

@@ -93,6 +93,22 @@ def test_short_run_writes_results(assets, tmp_path):
     assert reloaded.config.merged_attn["mode"] == "covariance"
 
 
+def test_one_step_run_and_energy_ranks(assets, tmp_path):
+    """--max_train_steps 1 (its only step is the untimed warm-up: tokens/s is n/a) with a spectral-energy mode."""
+    out = tmp_path / "one"
+    args = tiny_args(assets, out, "--modes", "lowrank:0.9")
+    args[args.index("--max_train_steps") + 1] = "1"
+    finetune.main(args)
+    saved = json.loads((out / "results.json").read_text())
+    entry = saved["summary"]["lowrank-e0.9"]
+    assert entry["rank"] == 0.9 and entry["tokens_per_s"] is None and entry["train_tokens"] == 4 * 64
+    ranks = saved["runs"][0]["ranks_per_block"]
+    assert set(ranks) == {"0", "1"} and all(1 <= r <= 16 for r in ranks.values())  # head size 16
+    assert "| lowrank-e0.9 |" in (out / "results.md").read_text() and "| n/a |" in (out / "results.md").read_text()
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "lowrank-e0.9-seed0" / "model")
+    assert reloaded.config.merged_attn["rank"] == ranks and reloaded.config.merged_attn["energy"] == 0.9
+
+
 def test_two_processes(assets, tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -160,7 +176,8 @@ def _accelerator():
     "extra,error,match",
     [
         (["--modes", "stock,merged"], ValueError, r"--modes entry 'merged' is not a mode; allowed: stock, covariance, lowrank"),
-        (["--modes", "lowrank:x"], ValueError, r"lowrank:x.*must be an integer"),
+        (["--modes", "lowrank:x"], ValueError, r"lowrank:x.*give an integer rank \(lowrank:16\) or a spectral-energy"),
+        (["--modes", "lowrank:1.5"], ValueError, r"lowrank:1.5.*give an integer rank"),
         (["--modes", "lowrank:999"], ValueError, r"rank=999 exceeds the hidden size 64"),
         (["--train_file", "/nonexistent/train.txt"], FileNotFoundError, r"--train_file '/nonexistent/train.txt' does not exist"),
         (["--block_size", "128"], ValueError, r"--block_size 128 is larger than the model's context \(64 positions"),

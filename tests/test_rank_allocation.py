@@ -1,0 +1,159 @@
+"""Rank per block: explicit dicts, and spectral-energy targets (rank=0.9) resolved from each block's heads."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import HEAD_DIM, HEADS, HIDDEN, LAYERS, make_gpt2, max_diff
+from transformers import AutoModelForCausalLM
+
+import hf_merged_attn  # noqa: F401  (registers the merged classes with the Auto classes)
+from hf_merged_attn import patch_model, unpatch_model
+from hf_merged_attn.calibration import collect_attention_moments
+from hf_merged_attn.seeding import damped_cholesky, qk_singular_values, rank_for_energy, split_gpt2_qkv
+
+FP32_TOL = 1e-4  # as in test_patch_exact: fp32 round-off of reordered sums; structural errors are > 1e-2
+
+
+def explicit_head_spectra(attn, moment=None) -> torch.Tensor:
+    """(H, d) singular values of each head's explicit (d+1) x d matrix S̃_h = [Wq_h; bq_h] Wk_hᵀ (whitened by the
+    Cholesky factors of `moment` when given), straight from c_attn, with no factored shortcut."""
+    weight, bias = attn.c_attn.weight.double(), attn.c_attn.bias.double()
+    rows = torch.cat([weight, bias[None]], dim=0)  # (d+1, 3d): [x, 1] @ rows = [q, k, v]
+    spectra = []
+    for h in range(HEADS):
+        q = rows[:, h * HEAD_DIM : (h + 1) * HEAD_DIM]  # (d+1, hd): [Wq_h; bq_h]
+        k = weight[:, HIDDEN + h * HEAD_DIM : HIDDEN + (h + 1) * HEAD_DIM]  # (d, hd): Wk_h
+        full = q @ k.T  # (d+1, d)
+        if moment is not None:
+            full = damped_cholesky(moment).mT @ full @ damped_cholesky(moment[:HIDDEN, :HIDDEN])
+        spectra.append(torch.linalg.svdvals(full))
+    return torch.stack(spectra)
+
+
+def smallest_rank(spectra: torch.Tensor, energy: float) -> int:
+    """Reference: the first r at which every head's cumulative σ² share reaches `energy`, by a plain loop."""
+    needed = 1
+    for sigma in spectra:
+        power = sigma**2
+        total, kept, r = power.sum(), 0.0, 0
+        while kept < energy * total * (1 - 1e-12):
+            kept += power[r]
+            r += 1
+        needed = max(needed, r)
+    return needed
+
+
+def test_rank_for_energy_on_known_spectra():
+    sigma = torch.tensor([[3.0, 2.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])  # σ² shares: 9,4,1,0 of 14; 1,1,1,1 of 4
+    assert rank_for_energy(sigma[:1], 0.5) == 1  # 9/14 = 0.64
+    assert rank_for_energy(sigma[:1], 0.9) == 2  # 13/14 = 0.93
+    assert rank_for_energy(sigma[:1], 1.0) == 3  # the zero direction is never needed
+    assert rank_for_energy(sigma, 0.5) == 2  # the flat head needs 2 of 4: a block's heads share the largest
+    assert rank_for_energy(torch.zeros(1, 4), 0.9) == 1  # an all-zero block still gets a rank of 1
+
+
+@pytest.mark.parametrize("whitened", [False, True], ids=["svd", "whitened"])
+def test_qk_singular_values_match_the_explicit_matrices(whitened):
+    model = make_gpt2()
+    attn = model.transformer.h[0].attn
+    moment = None
+    if whitened:
+        x = torch.randn(500, HIDDEN) * torch.linspace(0.1, 3.0, HIDDEN)  # anisotropic inputs
+        xt = torch.cat([x, torch.ones(500, 1)], dim=1).double()
+        moment = xt.T @ xt / 500
+    parts = split_gpt2_qkv(attn.c_attn.weight.detach(), attn.c_attn.bias.detach(), HEADS)
+    got = qk_singular_values(parts["wq"], parts["bq"], parts["wk"], moment)  # (H, hd)
+    expected = explicit_head_spectra(attn, moment)  # (H, d): rank <= hd, the rest is round-off
+    assert got.shape == (HEADS, HEAD_DIM)
+    torch.testing.assert_close(got, expected[:, :HEAD_DIM], rtol=1e-9, atol=1e-9 * expected.max().item())
+    assert expected[:, HEAD_DIM:].max() < 1e-9 * expected.max()
+
+
+@pytest.mark.parametrize("energy", [0.5, 0.9, 0.99])
+def test_energy_target_picks_the_smallest_rank_per_block(energy):
+    stock = make_gpt2(n_layer=3)
+    with torch.no_grad():  # make the blocks differ: a block whose heads are nearly rank 2 needs a small rank
+        attn = stock.transformer.h[1].attn
+        attn.c_attn.weight[:, :HIDDEN] *= torch.cat([torch.ones(2), torch.full((HEAD_DIM - 2,), 0.05)]).repeat(HEADS)
+    expected = {i: smallest_rank(explicit_head_spectra(block.attn)[:, :HEAD_DIM], energy)
+                for i, block in enumerate(stock.transformer.h)}
+    model = patch_model(copy.deepcopy(stock), "lowrank", rank=energy)
+    got = {i: block.attn.rank for i, block in enumerate(model.transformer.h)}
+    assert got == expected
+    assert model.config.merged_attn["rank"] == {str(i): r for i, r in expected.items()}
+    assert model.config.merged_attn["energy"] == energy
+    if energy == 0.9:
+        assert got[1] < got[0]  # the near-rank-2 block gets less
+    # every head keeps at least `energy` of its energy, and one rank less would not do for some head
+    for i, block in enumerate(model.transformer.h):
+        spectra = explicit_head_spectra(stock.transformer.h[i].attn)
+        share = (spectra[:, : got[i]] ** 2).sum(1) / (spectra**2).sum(1)  # (H,)
+        assert share.min() >= energy - 1e-9
+        if got[i] > 1:
+            assert ((spectra[:, : got[i] - 1] ** 2).sum(1) / (spectra**2).sum(1)).min() < energy
+
+
+def test_full_energy_is_exact():
+    stock = make_gpt2()
+    model = patch_model(copy.deepcopy(stock), "lowrank", rank=1.0)
+    assert all(block.attn.rank <= HEAD_DIM for block in model.transformer.h)
+    ids = torch.randint(1, 100, (2, 12))
+    with torch.no_grad():
+        assert max_diff(model(ids).logits, stock(ids).logits) < FP32_TOL
+
+
+def test_energy_with_whitened_init_uses_the_whitened_spectrum():
+    stock = make_gpt2()
+    ids = torch.randint(1, 100, (6, 16))
+    moments, _ = collect_attention_moments(stock, ids.split(3))
+    model = patch_model(copy.deepcopy(stock), "lowrank", rank=0.9, init="whitened", calibration=ids.split(3))
+    for i, block in enumerate(model.transformer.h):
+        expected = smallest_rank(explicit_head_spectra(stock.transformer.h[i].attn, moments[i])[:, :HEAD_DIM], 0.9)
+        assert block.attn.rank == expected
+    assert model.config.merged_attn["init"] == "whitened"
+
+
+def test_rank_dict_per_block_and_exact_blocks():
+    stock = make_gpt2()
+    model = patch_model(copy.deepcopy(stock), "lowrank", rank={1: HEAD_DIM, 0: 2})
+    assert [block.attn.rank for block in model.transformer.h] == [2, HEAD_DIM]
+    assert model.config.merged_attn["rank"] == {"0": 2, "1": HEAD_DIM}
+    assert model.config.merged_attn["layers"] == [0, 1] and "energy" not in model.config.merged_attn
+    assert model.transformer.h[1].attn.q_proj.weight.shape == (HEADS * HEAD_DIM, HIDDEN)
+    assert model.transformer.h[0].attn.k_proj.weight.shape == (HEADS * 2, HIDDEN)
+    only_one = patch_model(copy.deepcopy(stock), "lowrank", rank={1: 3})
+    assert type(only_one.transformer.h[0].attn).__name__ == "GPT2Attention" and only_one.transformer.h[1].attn.rank == 3
+
+
+@pytest.mark.parametrize("rank", [0.9, {0: 3, 1: HEAD_DIM + 2}], ids=["energy", "dict"])
+def test_per_block_ranks_save_reload_and_export(rank, tmp_path):
+    model = patch_model(make_gpt2(), "lowrank", rank=rank)
+    model.save_pretrained(tmp_path)
+    record = json.loads((tmp_path / "config.json").read_text())["merged_attn"]
+    assert record["rank"] == model.config.merged_attn["rank"] and isinstance(record["rank"], dict)
+    assert "ranks per block" in (tmp_path / "README.md").read_text()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    assert [b.attn.rank for b in loaded.transformer.h] == [b.attn.rank for b in model.transformer.h]
+    state = model.state_dict()
+    assert all(torch.equal(t, state[n]) for n, t in loaded.state_dict().items())
+    ids = torch.randint(1, 100, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+        expected = model(ids).logits
+        _, errors = unpatch_model(loaded, return_errors=True)  # ranks <= hd, or padded with zero key columns
+        assert max(errors.values()) < 1e-5
+        assert max_diff(loaded(ids).logits, expected) < FP32_TOL
+
+
+def test_record_whose_rank_blocks_differ_from_layers_is_refused(tmp_path):
+    patch_model(make_gpt2(), "lowrank", rank={0: 2, 1: 3}).save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    config["merged_attn"]["rank"] = {"0": 2}  # block 1 is patched but has no rank
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"merged_attn.rank=\{'0': 2\} must be an integer .* for exactly the blocks"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("comparison")
     g.add_argument("--modes", default="stock,covariance,lowrank",
                    help="comma-separated: stock, covariance, lowrank (uses --rank), lowrank:R, or lowrank:E with "
-                        "E in (0, 1] (per block, the smallest rank keeping that share of the spectral energy)")
+                        "E in (0, 1) (per block, the smallest rank keeping that share of the spectral energy)")
     g.add_argument("--rank", type=int, default=None, help="lowrank rank (default: half the head size)")
     g.add_argument("--seeds", type=int, default=1, help="run every mode with seeds seed, seed+1, ...")
     g.add_argument("--init", default="svd", choices=("svd", "whitened"),
@@ -99,35 +99,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def parse_modes(text: str, default_rank: int) -> list[tuple[str, str, int | float | None]]:
-    """'stock,covariance,lowrank:16,lowrank:0.9' -> [(label, mode, rank)]; errors name the bad entry."""
+    """'stock,covariance,lowrank:16,lowrank:0.9' -> [(label, mode, rank)]; errors name the bad entry.
+
+    After "lowrank:", digits are a rank, and a number with a "." or an exponent is a spectral-energy target
+    (checked to lie in (0, 1) by PatchConfig in `validate`); the label keeps the text as typed.
+    """
     modes = []
     for item in [m.strip() for m in text.split(",") if m.strip()]:
         mode, _, rank_text = item.partition(":")
         if mode not in MODES or (rank_text and mode != "lowrank"):
             raise ValueError(
-                f"--modes entry {item!r} is not a mode; allowed: stock, covariance, lowrank or lowrank:R "
-                "(e.g. --modes stock,covariance,lowrank:16)."
+                f"--modes entry {item!r} is not a mode; allowed: stock, covariance, lowrank, lowrank:R (a rank) or "
+                "lowrank:E (an energy in (0, 1)), e.g. --modes stock,covariance,lowrank:16,lowrank:0.9."
             )
-        energy = rank_text.startswith("0.") or rank_text == "1.0"
-        if mode == "lowrank" and rank_text and not (rank_text.isdigit() or energy and _is_number(rank_text)):
-            raise ValueError(
-                f"--modes entry {item!r}: after ':' give an integer rank (lowrank:16) or a spectral-energy "
-                "fraction in (0, 1] (lowrank:0.9: the smallest rank per block keeping 90% of each head's energy)."
-            )
-        rank = None
-        if mode == "lowrank":
-            rank = float(rank_text) if energy else int(rank_text) if rank_text else default_rank
-        label = f"lowrank-e{rank:g}" if isinstance(rank, float) else f"lowrank-r{rank}"
-        modes.append((label if mode == "lowrank" else mode, mode, rank))
+        rank, label = None, mode
+        if mode == "lowrank" and rank_text.isdigit():
+            rank, label = int(rank_text), f"lowrank-r{int(rank_text)}"
+        elif mode == "lowrank" and rank_text:
+            try:
+                rank, label = float(rank_text), f"lowrank-e{rank_text}"
+            except ValueError:
+                raise ValueError(
+                    f"--modes entry {item!r}: after ':' give an integer rank (lowrank:16) or a spectral-energy "
+                    "fraction in (0, 1) (lowrank:0.9: the smallest rank per block keeping 90% of each head's energy)."
+                ) from None
+        elif mode == "lowrank":
+            rank, label = default_rank, f"lowrank-r{default_rank}"
+        modes.append((label, mode, rank))
+    labels = [label for label, _, _ in modes]
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"--modes {text!r} names a mode twice ({labels}); give each once.")
     if not modes:
         raise ValueError("--modes is empty; give at least one of stock, covariance, lowrank.")
     return modes
@@ -451,7 +453,8 @@ def summarize(records: list[dict], stock_before: float) -> dict:
     summary = {}
     for label in dict.fromkeys(r["label"] for r in records):
         runs = [r for r in records if r["label"] == label]
-        entry = {k: runs[0][k] for k in ("mode", "rank", "total_params", "trainable_params", "train_tokens")}
+        keys = ("mode", "rank", "ranks_per_block", "total_params", "trainable_params", "train_tokens")
+        entry = {k: runs[0][k] for k in keys}
         entry["perplexity_before"] = stock_before
         for key in ("perplexity_at_patch", "perplexity_after", "tokens_per_s", "peak_memory_mb", "train_time_s"):
             entry[key], entry[key + "_std"] = mean_std([r[key] for r in runs])
@@ -469,6 +472,8 @@ def markdown_table(summary: dict, args, world_size: int) -> str:
     ]
     for label, e in summary.items():
         after = f"{e['perplexity_after']:.2f}" + (f" ± {e['perplexity_after_std']:.2f}" if n > 1 else "")
+        if e.get("ranks_per_block"):  # an energy target: show the ranks it chose
+            label = f"{label} (ranks {'/'.join(str(r) for r in e['ranks_per_block'].values())})"
         lines.append(
             f"| {label} | {e['total_params'] / 1e6:.2f}M ({e['trainable_params'] / 1e6:.2f}M) | {e['perplexity_before']:.2f} "
             f"| {e['perplexity_at_patch']:.2f} | {after} | {e['train_tokens']:,} | {fmt(e['tokens_per_s'], '.0f')} | {e['peak_memory_mb']:.0f} |"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from numbers import Integral
+from numbers import Integral, Real
 
 MODES = ("covariance", "lowrank")
 INITS = ("svd", "whitened")  # how lowrank factors are seeded: plain SVD of the weights, or activation-aware
@@ -20,7 +20,7 @@ class PatchConfig:
         layers: indices of the patched blocks (sorted); None until resolved against a model.
         init: how "lowrank" factors are seeded — "svd" (best rank-r approximation of the weights) or
             "whitened" (least score error on calibration activations); None for "covariance" (exact).
-        energy: for "lowrank" given `rank=<float>`: the fraction in (0, 1] of each head's spectral energy that
+        energy: set from `rank=<float>` ("lowrank"): the fraction in (0, 1) of each head's spectral energy that
             the seed keeps; `patch_model` picks the smallest such rank per block.
     """
 
@@ -28,7 +28,7 @@ class PatchConfig:
     rank: int | dict[int, int] | None = None
     layers: list[int] | None = field(default=None)
     init: str | None = "svd"
-    energy: float | None = None
+    energy: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -42,29 +42,32 @@ class PatchConfig:
                 "Drop rank, or use mode='lowrank' to factor S_h at rank r."
             )
         if self.mode == "lowrank":
-            if self.rank is None and self.energy is None:
+            if self.rank is None:
                 raise ValueError(
                     "mode='lowrank' needs rank=r (an integer, e.g. the head size 64 for GPT-2, which is exact; a "
-                    "dict {block: r}; or a float in (0, 1], the spectral energy to keep). Pass rank=..., or use "
+                    "dict {block: r}; or a float in (0, 1), the spectral energy to keep). Pass rank=..., or use "
                     "mode='covariance'."
                 )
-            if isinstance(self.rank, float):  # an energy target, resolved per block by patch_model
-                if not 0.0 < self.rank <= 1.0:
+            if isinstance(self.rank, Real) and not isinstance(self.rank, Integral):  # an energy target
+                if not 0.0 < float(self.rank) < 1.0:
                     raise ValueError(
-                        f"rank={self.rank!r} is a float, i.e. a spectral-energy target, but not in (0, 1]; pass "
-                        "e.g. rank=0.9 to keep 90% of each head's energy, or an integer rank r >= 1."
+                        f"rank={self.rank!r} is a float, i.e. a spectral-energy target, but not in (0, 1); pass e.g. "
+                        "rank=0.9 to keep 90% of each head's energy, or an integer rank (rank=1 for rank one; the "
+                        "head size, e.g. 64, for exact)."
                     )
                 self.energy, self.rank = float(self.rank), None
             elif isinstance(self.rank, dict):
-                self.rank = {self._block(i): self._integer_rank(r, f"rank[{i!r}]") for i, r in self.rank.items()}
                 if not self.rank:
                     raise ValueError("rank={} names no block; pass {block index: r, ...} or an integer rank.")
-                if self.layers is not None and sorted(self.layers) != sorted(self.rank):
+                ranks = {self._block(i): self._integer_rank(r, f"rank[{i!r}]") for i, r in self.rank.items()}
+                if len(ranks) < len(self.rank):
+                    raise ValueError(f"rank={self.rank!r} names a block twice (as int and str); give each block once.")
+                if self.layers is not None:
                     raise ValueError(
-                        f"layers={list(self.layers)!r} and the blocks of rank={self.rank!r} differ; with a rank per "
-                        "block the dict's keys are the patched blocks. Drop layers, or make them equal."
+                        f"layers={self.layers!r} was given with a rank per block (rank={self.rank!r}), whose keys "
+                        "already are the patched blocks. Drop layers."
                     )
-                self.layers = sorted(self.rank)
+                self.rank, self.layers = ranks, sorted(ranks)
             elif self.rank is not None:
                 self.rank = self._integer_rank(self.rank, "rank")
         self._check_init()
@@ -75,7 +78,7 @@ class PatchConfig:
             raise ValueError(
                 f"{name}={rank!r} ({type(rank).__name__}) is not an integer; lowrank needs an integer rank r >= 1 "
                 "(r = head size is exact, smaller approximates, larger adds capacity), a dict {block: r}, or a "
-                "float in (0, 1] (the spectral energy to keep)."
+                "float in (0, 1) (the spectral energy to keep)."
             )
         if rank < 1:
             raise ValueError(f"{name}={rank} is below 1; lowrank needs an integer rank r >= 1.")
@@ -143,6 +146,11 @@ class PatchConfig:
         Raises:
             ValueError: rank above the hidden size, or a layer index out of range / not an integer.
         """
+        if isinstance(self.rank, dict) and not all(0 <= i < num_layers for i in self.rank):
+            raise ValueError(
+                f"rank={self.rank!r} names blocks outside this model's 0..{num_layers - 1}; key each rank by a block "
+                "index of the model."
+            )
         ranks = self.rank.values() if isinstance(self.rank, dict) else [self.rank]
         if any(r is not None and r > hidden_size for r in ranks):
             raise ValueError(

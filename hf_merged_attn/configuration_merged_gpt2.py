@@ -10,8 +10,10 @@ from transformers import GPT2Config
 class MergedGPT2Config(GPT2Config):
     """A `GPT2Config` plus `merged_attn`, the record of the patch.
 
-    `merged_attn` is a dict: `mode` ("covariance" | "lowrank"), `rank` (int or None), `layers` (patched
-    block indices), and `base_model` (what was patched, for the model card). Its own `model_type`
+    `merged_attn` is a dict: `mode` ("covariance" | "lowrank"), `rank` (an int, {"block": r} per block, or
+    None), `layers` (patched block indices), `init` (how lowrank factors were seeded), `energy` (only when the
+    per-block ranks came from a spectral-energy target) and `base_model` (what was patched, for the model
+    card). Its own `model_type`
     keeps transformers from ever loading such a checkpoint as a stock GPT-2 with missing attention weights.
     """
 

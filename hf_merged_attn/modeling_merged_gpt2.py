@@ -307,8 +307,13 @@ def check_merged_attn(record: dict | None, num_layers: int, hidden_size: int) ->
     mode, rank, layers = record.get("mode"), record.get("rank"), record.get("layers")
     if mode not in MODES:
         raise CorruptRecordError(f"merged_attn.mode={mode!r} is not one of {MODES}; the checkpoint is corrupted.")
+    if not (isinstance(layers, list) and layers and all(isinstance(i, int) and 0 <= i < num_layers for i in layers)):
+        raise CorruptRecordError(
+            f"merged_attn.layers={layers!r} must be a non-empty list of block indices in "
+            f"0..{num_layers - 1}; the checkpoint is corrupted."
+        )
     ranks = list(rank.values()) if isinstance(rank, dict) else [rank]
-    per_block_ok = not isinstance(rank, dict) or sorted(rank) == sorted(str(i) for i in layers or [])
+    per_block_ok = not isinstance(rank, dict) or sorted(rank) == sorted(str(i) for i in layers)
     if mode == "lowrank" and not (
         per_block_ok and all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= hidden_size for r in ranks)
     ):
@@ -318,10 +323,11 @@ def check_merged_attn(record: dict | None, num_layers: int, hidden_size: int) ->
         )
     if mode == "covariance" and rank is not None:
         raise CorruptRecordError(f"merged_attn.rank={rank!r} must be null for mode 'covariance'.")
-    if not (isinstance(layers, list) and layers and all(isinstance(i, int) and 0 <= i < num_layers for i in layers)):
+    energy = record.get("energy")
+    if energy is not None and not (isinstance(energy, float) and 0 < energy < 1 and isinstance(rank, dict)):
         raise CorruptRecordError(
-            f"merged_attn.layers={layers!r} must be a non-empty list of block indices in "
-            f"0..{num_layers - 1}; the checkpoint is corrupted."
+            f"merged_attn.energy={energy!r} must be absent or a number in (0, 1) next to a per-block rank; the "
+            "checkpoint is corrupted."
         )
 
 
@@ -424,7 +430,7 @@ class MergedGPT2Mixin:
         if isinstance(rank, dict):
             ranks = ", ".join(f"block {i}: {r}" for i, r in rank.items())
             energy = record.get("energy")
-            energy = f", the smallest keeping {energy:.0%} of each head's spectral energy" if energy else ""
+            energy = f", the smallest keeping a share {energy:g} of each head's spectral energy" if energy else ""
             rank_text = f"ranks per block ({ranks}{energy})"
         else:
             rank_text = f"rank {rank}"

@@ -98,10 +98,10 @@ def seeded_attention(
     return new
 
 
-def _rank_for_energy(attn: GPT2Attention, energy: float, moment: torch.Tensor | None) -> int:
-    """The smallest rank at which every head of stock `attn` keeps `energy` of its (whitened) spectrum."""
+def _rank_for_energy(attn: GPT2Attention, energy: float) -> int:
+    """The smallest rank at which every head of stock `attn` keeps `energy` of the spectrum of its S̃_h."""
     parts = split_gpt2_qkv(attn.c_attn.weight.detach(), attn.c_attn.bias.detach(), attn.num_heads)
-    return rank_for_energy(qk_singular_values(parts["wq"], parts["bq"], parts["wk"], moment), energy)
+    return rank_for_energy(qk_singular_values(parts["wq"], parts["bq"], parts["wk"]), energy)
 
 
 def patch_model(
@@ -125,10 +125,10 @@ def patch_model(
         mode: "covariance" — one d x d matrix S_h = Wq_h Wk_hᵀ per head (exact); or "lowrank" — S_h ≈ U_h V_hᵀ
             at rank r (exact for r = head size, best rank-r approximation below, extra capacity above).
         rank: required for "lowrank", None for "covariance". An int r (1 <= r <= hidden size) for every block;
-            a dict {block index: r} for a rank per block (its keys are the patched blocks); or a float in (0, 1],
+            a dict {block index: r} for a rank per block (its keys are the patched blocks); or a float in (0, 1),
             a spectral-energy target: each block gets the smallest rank at which every one of its heads keeps
-            that fraction of Σσ² of S̃_h (init="svd") or of the whitened L_qᵀ S̃_h L_k (init="whitened": the
-            energy of the score error), at most the head size (exact). The resolved ranks are recorded as
+            that fraction of Σσ² of its S̃_h, at most the head size. The ranks depend on the weights only;
+            `init` then chooses the factors at those ranks. The resolved ranks are recorded as
             `config.merged_attn["rank"]` = {"block": r} with `"energy"`, so checkpoints reload.
         layers: block indices to patch (default: all).
         init: how "lowrank" factors below the head size are seeded. "svd" (default): best rank-r approximation
@@ -173,11 +173,8 @@ def patch_model(
     if patch.init == "whitened":  # one pass of the STOCK model; raises on bad calibration before any swap
         moments, calibration_tokens = collect_attention_moments(model, calibration, patch.layers)
     if patch.energy is not None:
-        patch.rank = {
-            old.layer_idx: _rank_for_energy(old, patch.energy, moments.get(old.layer_idx))
-            for _, _, old in found
-            if old.layer_idx in patch.layers
-        }
+        blocks = [old for _, _, old in found if old.layer_idx in patch.layers]
+        patch.rank = {old.layer_idx: _rank_for_energy(old, patch.energy) for old in blocks}
     seeded = [  # every new module is built before the first swap: a seeding error leaves the model untouched
         (parent, name, old, seeded_attention(
             old, patch.mode, patch.rank_for(old.layer_idx), moment=moments.get(old.layer_idx)

@@ -100,16 +100,28 @@ def product_singular_values(left: torch.Tensor, right: torch.Tensor) -> torch.Te
     return torch.linalg.svdvals(ra @ rb.mT)
 
 
+def qk_singular_values(wq: torch.Tensor, bq: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
+    """Per-head spectrum of S̃_h = [Wq_h; bq_h] Wk_hᵀ: (H, hd) singular values, descending, float64.
+
+    rank(S̃_h) <= hd, so these hd values are the whole spectrum; computed from the thin factors.
+    """
+    homogeneous = torch.cat([wq, bq.unsqueeze(1)], dim=1)  # (H, d+1, hd)
+    return product_singular_values(homogeneous, wk)
+
+
 def rank_for_energy(sigma: torch.Tensor, energy: float) -> int:
     """The smallest r whose top-r singular values hold at least `energy` of Σσ² in EVERY matrix of the batch.
 
     Args:
         sigma: (..., k) singular values, descending (e.g. one row per head of a layer).
         energy: fraction in (0, 1]; 1.0 asks for every non-zero direction.
+        (patch_model takes energies in (0, 1) only, so that rank=1.0 is not mistaken for rank 1.)
 
     Returns:
         r in 1..k: one rank for the whole batch (a layer's heads share one rank), the largest needed by any.
     """
+    if not torch.isfinite(sigma).all():
+        raise ValueError("singular values with NaN/inf: the attention weights are not finite; check the checkpoint.")
     power = sigma.to(_SEED_DTYPE).square()  # (..., k)
     total = power.sum(-1, keepdim=True)  # (..., 1)
     share = power.cumsum(-1) / total.clamp_min(torch.finfo(_SEED_DTYPE).tiny)  # (..., k)
@@ -310,30 +322,6 @@ def weighted_score_error(
     delta = (target.to(_SEED_DTYPE) - approx.to(_SEED_DTYPE))
     cq, ck = query_moment.to(_SEED_DTYPE), key_moment.to(_SEED_DTYPE)
     return ((cq @ delta) * (delta @ ck)).sum((-2, -1))  # tr(Δᵀ Cq Δ Ck) = Σ (Cq Δ) ∘ (Δ Ck)
-
-
-def qk_singular_values(
-    wq: torch.Tensor,
-    bq: torch.Tensor,
-    wk: torch.Tensor,
-    moment: torch.Tensor | None = None,
-    *,
-    damping: float = DEFAULT_DAMPING,
-) -> torch.Tensor:
-    """Per-head spectrum of what a rank-r seed truncates: (H, hd) singular values, descending, float64.
-
-    Without `moment`: of S̃_h = [Wq_h; bq_h] Wk_hᵀ (what `lowrank_from_qk` factors). With `moment` (E[x̃ᵀx̃] as
-    for `whitened_lowrank_from_qk`): of the whitened L_qᵀ S̃_h L_k, whose tail is the score error that the
-    activation-aware seed leaves. rank(S̃_h) <= hd, so hd values hold the whole spectrum.
-    """
-    num_heads, d, _ = wq.shape
-    homogeneous = torch.cat([wq, bq.unsqueeze(1)], dim=1).to(_SEED_DTYPE)  # (H, d+1, hd)
-    wk = wk.to(_SEED_DTYPE)
-    if moment is not None:
-        moment = moment.to(device=wq.device, dtype=_SEED_DTYPE)
-        homogeneous = damped_cholesky(moment, damping).mT @ homogeneous  # L_qᵀ [Wq; bq]
-        wk = damped_cholesky(moment[:d, :d], damping).mT @ wk  # L_kᵀ Wk
-    return product_singular_values(homogeneous, wk)
 
 
 def whitened_lowrank_from_qk(

@@ -104,7 +104,9 @@ def test_one_step_run_and_energy_ranks(assets, tmp_path):
     assert entry["rank"] == 0.9 and entry["tokens_per_s"] is None and entry["train_tokens"] == 4 * 64
     ranks = saved["runs"][0]["ranks_per_block"]
     assert set(ranks) == {"0", "1"} and all(1 <= r <= 16 for r in ranks.values())  # head size 16
-    assert "| lowrank-e0.9 |" in (out / "results.md").read_text() and "| n/a |" in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert f"| lowrank-e0.9 (ranks {ranks['0']}/{ranks['1']}) |" in table and "| n/a |" in table
+    assert entry["ranks_per_block"] == ranks
     reloaded = AutoModelForCausalLM.from_pretrained(out / "lowrank-e0.9-seed0" / "model")
     assert reloaded.config.merged_attn["rank"] == ranks and reloaded.config.merged_attn["energy"] == 0.9
 
@@ -177,7 +179,9 @@ def _accelerator():
     [
         (["--modes", "stock,merged"], ValueError, r"--modes entry 'merged' is not a mode; allowed: stock, covariance, lowrank"),
         (["--modes", "lowrank:x"], ValueError, r"lowrank:x.*give an integer rank \(lowrank:16\) or a spectral-energy"),
-        (["--modes", "lowrank:1.5"], ValueError, r"lowrank:1.5.*give an integer rank"),
+        (["--modes", "lowrank:0.x"], ValueError, r"lowrank:0.x.*give an integer rank"),
+        (["--modes", "lowrank:1.0"], ValueError, r"rank=1.0 is a float, i.e. a spectral-energy target, but not in \(0, 1\)"),
+        (["--modes", "lowrank:16,lowrank:16"], ValueError, r"names a mode twice"),
         (["--modes", "lowrank:999"], ValueError, r"rank=999 exceeds the hidden size 64"),
         (["--train_file", "/nonexistent/train.txt"], FileNotFoundError, r"--train_file '/nonexistent/train.txt' does not exist"),
         (["--block_size", "128"], ValueError, r"--block_size 128 is larger than the model's context \(64 positions"),

@@ -5,32 +5,29 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np  # a dependency of transformers
 import pytest
 import torch
-from conftest import HEAD_DIM, HEADS, HIDDEN, LAYERS, make_gpt2, max_diff
+from conftest import HEAD_DIM, HEADS, HIDDEN, make_gpt2, max_diff
 from transformers import AutoModelForCausalLM
 
 import hf_merged_attn  # noqa: F401  (registers the merged classes with the Auto classes)
 from hf_merged_attn import patch_model, unpatch_model
-from hf_merged_attn.calibration import collect_attention_moments
-from hf_merged_attn.seeding import damped_cholesky, qk_singular_values, rank_for_energy, split_gpt2_qkv
+from hf_merged_attn.seeding import qk_singular_values, rank_for_energy, split_gpt2_qkv
 
 FP32_TOL = 1e-4  # as in test_patch_exact: fp32 round-off of reordered sums; structural errors are > 1e-2
 
 
-def explicit_head_spectra(attn, moment=None) -> torch.Tensor:
-    """(H, d) singular values of each head's explicit (d+1) x d matrix S̃_h = [Wq_h; bq_h] Wk_hᵀ (whitened by the
-    Cholesky factors of `moment` when given), straight from c_attn, with no factored shortcut."""
+def explicit_head_spectra(attn) -> torch.Tensor:
+    """(H, d) singular values of each head's explicit (d+1) x d matrix S̃_h = [Wq_h; bq_h] Wk_hᵀ, straight from
+    c_attn, with no factored shortcut."""
     weight, bias = attn.c_attn.weight.double(), attn.c_attn.bias.double()
     rows = torch.cat([weight, bias[None]], dim=0)  # (d+1, 3d): [x, 1] @ rows = [q, k, v]
     spectra = []
     for h in range(HEADS):
         q = rows[:, h * HEAD_DIM : (h + 1) * HEAD_DIM]  # (d+1, hd): [Wq_h; bq_h]
         k = weight[:, HIDDEN + h * HEAD_DIM : HIDDEN + (h + 1) * HEAD_DIM]  # (d, hd): Wk_h
-        full = q @ k.T  # (d+1, d)
-        if moment is not None:
-            full = damped_cholesky(moment).mT @ full @ damped_cholesky(moment[:HIDDEN, :HIDDEN])
-        spectra.append(torch.linalg.svdvals(full))
+        spectra.append(torch.linalg.svdvals(q @ k.T))  # of the (d+1, d) matrix
     return torch.stack(spectra)
 
 
@@ -56,18 +53,11 @@ def test_rank_for_energy_on_known_spectra():
     assert rank_for_energy(torch.zeros(1, 4), 0.9) == 1  # an all-zero block still gets a rank of 1
 
 
-@pytest.mark.parametrize("whitened", [False, True], ids=["svd", "whitened"])
-def test_qk_singular_values_match_the_explicit_matrices(whitened):
-    model = make_gpt2()
-    attn = model.transformer.h[0].attn
-    moment = None
-    if whitened:
-        x = torch.randn(500, HIDDEN) * torch.linspace(0.1, 3.0, HIDDEN)  # anisotropic inputs
-        xt = torch.cat([x, torch.ones(500, 1)], dim=1).double()
-        moment = xt.T @ xt / 500
+def test_qk_singular_values_match_the_explicit_matrices():
+    attn = make_gpt2().transformer.h[0].attn
     parts = split_gpt2_qkv(attn.c_attn.weight.detach(), attn.c_attn.bias.detach(), HEADS)
-    got = qk_singular_values(parts["wq"], parts["bq"], parts["wk"], moment)  # (H, hd)
-    expected = explicit_head_spectra(attn, moment)  # (H, d): rank <= hd, the rest is round-off
+    got = qk_singular_values(parts["wq"], parts["bq"], parts["wk"])  # (H, hd)
+    expected = explicit_head_spectra(attn)  # (H, d): rank <= hd, the rest is round-off
     assert got.shape == (HEADS, HEAD_DIM)
     torch.testing.assert_close(got, expected[:, :HEAD_DIM], rtol=1e-9, atol=1e-9 * expected.max().item())
     assert expected[:, HEAD_DIM:].max() < 1e-9 * expected.max()
@@ -97,24 +87,49 @@ def test_energy_target_picks_the_smallest_rank_per_block(energy):
             assert ((spectra[:, : got[i] - 1] ** 2).sum(1) / (spectra**2).sum(1)).min() < energy
 
 
-def test_full_energy_is_exact():
+def test_energy_near_one_keeps_every_direction_and_is_exact():
     stock = make_gpt2()
-    model = patch_model(copy.deepcopy(stock), "lowrank", rank=1.0)
-    assert all(block.attn.rank <= HEAD_DIM for block in model.transformer.h)
+    model = patch_model(copy.deepcopy(stock), "lowrank", rank=1 - 1e-9)  # random heads: every σ_i² > 1e-9 of Σσ²
+    assert all(block.attn.rank == HEAD_DIM for block in model.transformer.h)
     ids = torch.randint(1, 100, (2, 12))
     with torch.no_grad():
         assert max_diff(model(ids).logits, stock(ids).logits) < FP32_TOL
 
 
-def test_energy_with_whitened_init_uses_the_whitened_spectrum():
+def test_energy_ranks_do_not_depend_on_init_but_the_factors_do():
+    """The ranks come from the weights' spectrum; init="whitened" picks other factors at the same ranks."""
     stock = make_gpt2()
     ids = torch.randint(1, 100, (6, 16))
-    moments, _ = collect_attention_moments(stock, ids.split(3))
-    model = patch_model(copy.deepcopy(stock), "lowrank", rank=0.9, init="whitened", calibration=ids.split(3))
-    for i, block in enumerate(model.transformer.h):
-        expected = smallest_rank(explicit_head_spectra(stock.transformer.h[i].attn, moments[i])[:, :HEAD_DIM], 0.9)
-        assert block.attn.rank == expected
-    assert model.config.merged_attn["init"] == "whitened"
+    whitened = patch_model(copy.deepcopy(stock), "lowrank", rank=0.9, init="whitened", calibration=ids.split(3))
+    plain = patch_model(copy.deepcopy(stock), "lowrank", rank=0.9)
+    assert whitened.config.merged_attn["rank"] == plain.config.merged_attn["rank"]
+    assert whitened.config.merged_attn["init"] == "whitened" and whitened.config.merged_attn["energy"] == 0.9
+    assert all(block.attn.rank < HEAD_DIM for block in plain.transformer.h)  # so the two seeds can differ
+    assert max_diff(whitened.transformer.h[0].attn.k_proj.weight, plain.transformer.h[0].attn.k_proj.weight) > 1e-3
+
+
+def test_energy_on_some_blocks_numpy_scalars_and_string_keys():
+    stock = make_gpt2(n_layer=3)
+    model = patch_model(copy.deepcopy(stock), "lowrank", rank=np.float32(0.9), layers=[0, 2])
+    assert sorted(model.config.merged_attn["rank"]) == ["0", "2"] and model.config.merged_attn["layers"] == [0, 2]
+    assert type(model.transformer.h[1].attn).__name__ == "GPT2Attention"  # not patched
+    keyed = patch_model(copy.deepcopy(stock), "lowrank", rank={"2": np.int64(3), 0: 2})
+    assert [b.attn.rank for b in keyed.transformer.h if hasattr(b.attn, "rank")] == [2, 3]
+    assert keyed.config.merged_attn["rank"] == {"0": 2, "2": 3}
+    uniform = patch_model(copy.deepcopy(stock), "lowrank", rank=4)
+    assert uniform.config.merged_attn["rank"] == 4 and "energy" not in uniform.config.merged_attn  # as before
+
+
+def test_rank_dict_with_whitened_init_and_a_block_above_head_size():
+    stock = make_gpt2()
+    ids = torch.randint(1, 100, (6, 16))
+    model = patch_model(copy.deepcopy(stock), "lowrank", rank={0: 2, 1: HEAD_DIM + 3}, init="whitened",
+                        calibration=ids.split(3))
+    assert [b.attn.rank for b in model.transformer.h] == [2, HEAD_DIM + 3]
+    with torch.no_grad():  # block 1 is exact (padded); block 0 approximates
+        only_block_1 = patch_model(copy.deepcopy(stock), "lowrank", rank={1: HEAD_DIM + 3})
+        assert max_diff(only_block_1(ids).logits, stock(ids).logits) < FP32_TOL
+        assert max_diff(model(ids).logits, stock(ids).logits) > 1e-3
 
 
 def test_rank_dict_per_block_and_exact_blocks():

@@ -85,19 +85,22 @@ def best_rank_factors(left: torch.Tensor, right: torch.Tensor, rank: int) -> tup
     k = left.shape[-1]
     if not 1 <= rank <= min(k, left.shape[-2], right.shape[-2]):
         raise ValueError(f"rank={rank} must be between 1 and min(m, n, k) for M of inner size k={k}.")
-    qa, ra = torch.linalg.qr(left.to(_SEED_DTYPE))  # (..., m, k), (..., k, k)
-    qb, rb = torch.linalg.qr(right.to(_SEED_DTYPE))  # (..., n, k'), (..., k', k)
-    w, sigma, zh = torch.linalg.svd(ra @ rb.mT)  # core (..., k, k')
+    qa, qb, core = _thin_core(left, right)
+    w, sigma, zh = torch.linalg.svd(core)  # (..., k, k'): M = qa @ core @ qbᵀ
     root = sigma[..., :rank].sqrt().unsqueeze(-2)  # (..., 1, r)
     return (qa @ w[..., :rank]) * root, (qb @ zh.mT[..., :rank]) * root
 
 
+def _thin_core(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """M = left @ rightᵀ as qa @ core @ qbᵀ with orthonormal qa (..., m, k), qb (..., n, k'), core (..., k, k')."""
+    qa, ra = torch.linalg.qr(left.to(_SEED_DTYPE))  # (..., m, k), (..., k, k)
+    qb, rb = torch.linalg.qr(right.to(_SEED_DTYPE))  # (..., n, k'), (..., k', k')
+    return qa, qb, ra @ rb.mT
+
+
 def product_singular_values(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Singular values of M = left @ rightᵀ (batched, descending), from the same thin QR core as
-    `best_rank_factors`: (..., min(k, k')) float64 for left (..., m, k), right (..., n, k')."""
-    _, ra = torch.linalg.qr(left.to(_SEED_DTYPE))  # (..., k, k)
-    _, rb = torch.linalg.qr(right.to(_SEED_DTYPE))  # (..., k', k')
-    return torch.linalg.svdvals(ra @ rb.mT)
+    """Singular values of M = left @ rightᵀ (batched, descending): (..., min(k, k')) float64, from the thin core."""
+    return torch.linalg.svdvals(_thin_core(left, right)[2])
 
 
 def qk_singular_values(wq: torch.Tensor, bq: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:

@@ -1,20 +1,28 @@
-"""hf_merged_attn: GPT-2 attention with the query–key product merged into one matrix per head.
+"""hf_merged_attn: self-attention with the query–key product merged into one matrix per head.
 
     from hf_merged_attn import patch_model
     patch_model(model, mode="covariance")          # S_h = Wq_h Wk_hᵀ, exact
     patch_model(model, mode="lowrank", rank=32)    # S_h ≈ U_h V_hᵀ
 
-Importing the package registers the merged config and model classes with transformers' Auto classes,
-so saved checkpoints load with `AutoModelForCausalLM.from_pretrained(folder)` without remote code.
+Families: GPT-2, OPT, BLOOM (ALiBi), BERT and RoBERTa encoders (`registry.SPECS`); rotary models are refused.
+Importing the package registers the merged config and model classes with transformers' Auto classes, so saved
+checkpoints load with `AutoModelForCausalLM.from_pretrained(folder)` (or `AutoModel`) without remote code.
 """
 
 import transformers
 
-from .config import PatchConfig
-from .configuration_merged_gpt2 import MergedGPT2Config
+from .merged_attention import ArchitectureSpec, MergedAttention, PatchConfig
+from .modeling_merged_bert import (
+    MergedBertConfig,
+    MergedBertModel,
+    MergedBertSelfAttention,
+    MergedRobertaConfig,
+    MergedRobertaModel,
+)
+from .modeling_merged_bloom import MergedBloomAttention, MergedBloomConfig, MergedBloomForCausalLM, MergedBloomModel
 from .modeling_merged_gpt2 import (
-    MERGED_CLASSES,
     MergedGPT2Attention,
+    MergedGPT2Config,
     MergedGPT2DoubleHeadsModel,
     MergedGPT2ForQuestionAnswering,
     MergedGPT2ForSequenceClassification,
@@ -22,14 +30,28 @@ from .modeling_merged_gpt2 import (
     MergedGPT2LMHeadModel,
     MergedGPT2Model,
 )
+from .modeling_merged_opt import MergedOPTAttention, MergedOPTConfig, MergedOPTForCausalLM, MergedOPTModel
 from .patching import patch_model, unpatch_model
+from .registry import REGISTRY, SPECS
 
-transformers.AutoConfig.register(MergedGPT2Config.model_type, MergedGPT2Config, exist_ok=True)
-for _merged, _auto_name in MERGED_CLASSES.values():
-    if _auto_name is not None:
-        getattr(transformers, _auto_name).register(MergedGPT2Config, _merged, exist_ok=True)
+for _spec in SPECS:
+    transformers.AutoConfig.register(_spec.config_class.model_type, _spec.config_class, exist_ok=True)
+    for _merged, _auto_name in _spec.model_classes.values():
+        if _auto_name is not None:
+            getattr(transformers, _auto_name).register(_spec.config_class, _merged, exist_ok=True)
 
 __all__ = [
+    "REGISTRY",
+    "SPECS",
+    "ArchitectureSpec",
+    "MergedAttention",
+    "MergedBertConfig",
+    "MergedBertModel",
+    "MergedBertSelfAttention",
+    "MergedBloomAttention",
+    "MergedBloomConfig",
+    "MergedBloomForCausalLM",
+    "MergedBloomModel",
     "MergedGPT2Attention",
     "MergedGPT2Config",
     "MergedGPT2DoubleHeadsModel",
@@ -38,8 +60,14 @@ __all__ = [
     "MergedGPT2ForTokenClassification",
     "MergedGPT2LMHeadModel",
     "MergedGPT2Model",
+    "MergedOPTAttention",
+    "MergedOPTConfig",
+    "MergedOPTForCausalLM",
+    "MergedOPTModel",
+    "MergedRobertaConfig",
+    "MergedRobertaModel",
     "PatchConfig",
     "patch_model",
     "unpatch_model",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

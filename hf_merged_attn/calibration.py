@@ -1,14 +1,14 @@
 """Calibration data for activation-aware seeding: validate batches of token ids, collect attention-input moments.
 
 `collect_attention_moments` runs the STOCK model once over the calibration batches (eval mode, no
-gradients) with forward pre-hooks on its `GPT2Attention` modules, and accumulates, per layer, the second
-moment of the homogeneous attention input x̃ = [x, 1] (x = the input of the attention, i.e. after ln_1):
+gradients) with forward pre-hooks on its stock self-attention modules (found through the registry), and accumulates, per layer, the second
+moment of the homogeneous attention input x̃ = [x, 1] (x = the input of the attention: after ln_1 in GPT-2):
 
     E[x̃ᵀx̃] = [[E[xᵀx], E[xᵀ]],     ((d+1) x (d+1), float64; the top-left d x d block is the key side E[xᵀx])
               [E[x],   1    ]]
 
 averaged over every non-padding token. Hooks are removed and the train/eval mode restored even on error,
-and every batch is checked (integer dtype, ids in [0, vocab_size), length <= n_positions) before it is run,
+and every batch is checked (integer dtype, ids in [0, vocab_size), length <= max_position_embeddings) before it is run,
 so bad calibration input fails before any weight is touched.
 """
 
@@ -18,7 +18,8 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
-from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+
+from .registry import spec_for_model
 
 ACCEPTED = (
     "an iterable of batches of token ids — LongTensors of shape (B, T) or (T,), lists of ids, or dicts with "
@@ -123,7 +124,7 @@ def calibration_batches(
         if max_length is not None and ids.shape[1] > max_length:
             raise ValueError(
                 f"calibration batch {index} has sequences of {ids.shape[1]} tokens, more than the model's "
-                f"n_positions={max_length}. Cut them into blocks of at most {max_length} tokens."
+                f"max_position_embeddings={max_length}. Cut them into blocks of at most {max_length} tokens."
             )
         count = int(ids.numel() if mask is None else mask.sum())
         tokens += count
@@ -164,12 +165,12 @@ class _MomentAccumulator:
 def collect_attention_moments(
     model: nn.Module, calibration, layers: list[int] | None = None
 ) -> tuple[dict[int, torch.Tensor], int]:
-    """Second moments E[x̃ᵀx̃] of the attention inputs x̃ = [x, 1] of a stock GPT-2, over calibration tokens.
+    """Second moments E[x̃ᵀx̃] of the attention inputs x̃ = [x, 1] of a stock model, over calibration tokens.
 
     One pass, eval mode (no dropout), no gradients; padding tokens (attention_mask 0) are left out.
 
     Args:
-        model: a stock GPT-2 model (its `GPT2Attention` modules are hooked; already merged ones are not).
+        model: a stock model of a registered family (its self-attention modules are hooked).
         calibration: see `calibration_batches`.
         layers: block indices to collect (default: all).
 
@@ -177,42 +178,39 @@ def collect_attention_moments(
         ({layer index: (d+1, d+1) float64 moment on the CPU}, number of calibration tokens).
 
     Raises:
-        ValueError: bad calibration input (see `calibration_batches`), or no GPT2Attention to hook.
+        ValueError: bad calibration input (see `calibration_batches`), or no stock attention to hook.
     """
-    modules = [
-        m for m in model.modules()
-        if type(m) is GPT2Attention and not m.is_cross_attention and (layers is None or m.layer_idx in layers)
-    ]
+    spec = spec_for_model(model)
+    modules = [m for _, _, m in spec.stock_attentions(model) if layers is None or m.layer_idx in layers]
     if not modules:
-        raise ValueError(f"{type(model).__name__} has no stock GPT2Attention in layers={layers} to calibrate.")
-    weight = modules[0].c_attn.weight
-    device = weight.device
+        raise ValueError(
+            f"{type(model).__name__} has no stock {spec.attention_class.__name__} in layers={layers} to calibrate."
+        )
+    device = next(modules[0].parameters()).device
     acc_device = device if device.type in ("cpu", "cuda") else torch.device("cpu")  # float64 support
-    accumulators = {m.layer_idx: _MomentAccumulator(m.embed_dim, acc_device) for m in modules}
+    accumulators = {m.layer_idx: _MomentAccumulator(model.config.hidden_size, acc_device) for m in modules}
     current_mask: list[torch.Tensor | None] = [None]
 
     def make_hook(layer_idx: int):
         def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, d), after ln_1
+            hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, d): the attention input
             mask = current_mask[0]
             rows = hidden.reshape(-1, hidden.shape[-1]) if mask is None else hidden[mask.bool()]
             accumulators[layer_idx].add(rows)
 
         return hook
 
-    runner = getattr(model, "base_model", model)  # the GPT2Model: skips the LM / classification head
+    runner = getattr(model, "base_model", model)  # the body (e.g. GPT2Model): skips the LM / classification head
     config = model.config
     was_training = model.training
     handles = [m.register_forward_pre_hook(make_hook(m.layer_idx), with_kwargs=True) for m in modules]
     try:
         model.eval()
-        for ids, mask in calibration_batches(calibration, config.vocab_size, getattr(config, "n_positions", None)):
+        cache = {"use_cache": False} if spec.has_cache else {}
+        max_length = getattr(config, "max_position_embeddings", None)  # None for ALiBi (BLOOM)
+        for ids, mask in calibration_batches(calibration, config.vocab_size, max_length):
             current_mask[0] = None if mask is None else mask.to(device)
-            runner(
-                input_ids=ids.to(device),
-                attention_mask=None if mask is None else mask.to(device),
-                use_cache=False,
-            )
+            runner(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device), **cache)
     finally:
         for handle in handles:
             handle.remove()

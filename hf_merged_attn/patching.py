@@ -1,4 +1,4 @@
-"""Patch a GPT-2 model in place (seeded from its own weights), and export it back to stock GPT-2."""
+"""Patch a model of any registered family in place (seeded from its own weights), and export it back to stock."""
 
 from __future__ import annotations
 
@@ -6,23 +6,16 @@ import logging
 
 import torch
 from torch import nn
-from transformers import GPT2Config
-from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
 from .calibration import collect_attention_moments
-from .config import PatchConfig
-from .configuration_merged_gpt2 import MergedGPT2Config
-from .modeling_merged_gpt2 import MERGED_CLASSES, MergedGPT2Attention
+from .merged_attention import ArchitectureSpec, MergedAttention, PatchConfig, heads_to_linear, linear_to_heads
+from .registry import SPECS, spec_for_model
 from .seeding import (
     covariance_from_qk,
-    heads_to_linear,
-    linear_to_heads,
     lowrank_from_qk,
-    merge_gpt2_qkv,
     qk_from_homogeneous,
     qk_singular_values,
     rank_for_energy,
-    split_gpt2_qkv,
     whitened_lowrank_from_qk,
 )
 
@@ -43,16 +36,6 @@ _HOOK_DICTS = (
 EXACT_EXPORT_TOL = 1e-5
 
 
-def _attentions(model: nn.Module, kind: type) -> list[tuple[nn.Module, str, nn.Module]]:
-    """(parent, attribute name, module) for every module of type `kind` in `model`, in module order."""
-    return [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, kind)
-    ]
-
-
 def _swap(parent: nn.Module, name: str, old: nn.Module, new: nn.Module) -> None:
     for hooks in _HOOK_DICTS:
         getattr(new, hooks).update(getattr(old, hooks))
@@ -61,9 +44,15 @@ def _swap(parent: nn.Module, name: str, old: nn.Module, new: nn.Module) -> None:
 
 
 def seeded_attention(
-    attn: GPT2Attention, mode: str, rank: int | None = None, *, moment: torch.Tensor | None = None
-) -> MergedGPT2Attention:
-    """A MergedGPT2Attention computing the same scores as stock `attn` (shares its c_proj and dropouts).
+    spec: ArchitectureSpec,
+    attn: nn.Module,
+    config,
+    mode: str,
+    rank: int | None = None,
+    *,
+    moment: torch.Tensor | None = None,
+) -> MergedAttention:
+    """A merged module computing the same scores as the stock `attn` of family `spec` (shares its output projection).
 
     With `moment` (lowrank only) — E[x̃ᵀx̃] ((d+1) x (d+1)) of this layer's input x̃ = [x, 1], from
     `collect_attention_moments` — factors below the head size are the activation-aware ("whitened") ones,
@@ -71,36 +60,33 @@ def seeded_attention(
     """
     if moment is not None and mode != "lowrank":
         raise ValueError(f"moment (activation-aware seeding) applies to mode='lowrank' only; got mode={mode!r}.")
-    weight = attn.c_attn.weight
-    new = MergedGPT2Attention(
-        attn.config, mode, rank, attn.layer_idx, c_proj=attn.c_proj, device=weight.device, dtype=weight.dtype
-    )
-    new.attn_dropout, new.resid_dropout = attn.attn_dropout, attn.resid_dropout
-    parts = split_gpt2_qkv(weight.detach(), attn.c_attn.bias.detach(), attn.num_heads)
+    new = spec.merged_attention_class.like(attn, config, mode, rank)
+    init_std = getattr(config, "initializer_range", getattr(config, "init_std", 0.02))  # OPT calls it init_std
+    parts = spec.read_weights(attn)  # per head: wq, wk, wv (H, d, hd); bq, bk, bv (H, hd)
     if mode == "covariance":
         query_weight, query_bias = covariance_from_qk(parts["wq"], parts["bq"], parts["wk"])  # (H,d,d), (H,d)
         key_weight = None
     elif moment is not None:
         query_weight, query_bias, key_weight = whitened_lowrank_from_qk(
-            parts["wq"], parts["bq"], parts["wk"], rank, moment, init_std=attn.config.initializer_range
+            parts["wq"], parts["bq"], parts["wk"], rank, moment, init_std=init_std
         )  # (H,d,r), (H,r), (H,d,r)
     else:
         query_weight, query_bias, key_weight = lowrank_from_qk(
-            parts["wq"], parts["bq"], parts["wk"], rank, init_std=attn.config.initializer_range
+            parts["wq"], parts["bq"], parts["wk"], rank, init_std=init_std
         )  # (H,d,r), (H,r), (H,d,r)
     with torch.no_grad():
         new.q_proj.weight.copy_(heads_to_linear(query_weight))
         new.q_proj.bias.copy_(query_bias.reshape(-1))  # (H, qk) -> (H*qk,)
         if key_weight is not None:
             new.k_proj.weight.copy_(heads_to_linear(key_weight))
-        new.v_proj.weight.copy_(parts["wv"].mT)  # Conv1D (in, out) -> Linear (out, in)
-        new.v_proj.bias.copy_(parts["bv"])
+        new.v_proj.weight.copy_(heads_to_linear(parts["wv"]))
+        new.v_proj.bias.copy_(parts["bv"].reshape(-1))
     return new
 
 
-def _rank_for_energy(attn: GPT2Attention, energy: float) -> int:
+def _rank_for_energy(spec: ArchitectureSpec, attn: nn.Module, energy: float) -> int:
     """The smallest rank at which every head of stock `attn` keeps `energy` of the spectrum of its S̃_h."""
-    parts = split_gpt2_qkv(attn.c_attn.weight.detach(), attn.c_attn.bias.detach(), attn.num_heads)
+    parts = spec.read_weights(attn)
     return rank_for_energy(qk_singular_values(parts["wq"], parts["bq"], parts["wk"]), energy)
 
 
@@ -113,15 +99,16 @@ def patch_model(
     init: str = "svd",
     calibration=None,
 ) -> nn.Module:
-    """Replace GPT-2 self-attention with merged query–key attention, seeded to compute exactly what it did.
+    """Replace a model's self-attention with merged query–key attention, seeded to compute exactly what it did.
 
-    Works on every GPT-2 class of transformers (GPT2Model, GPT2LMHeadModel, GPT2DoubleHeadsModel,
-    GPT2For...). The model is changed in place and returned: its attention modules are swapped, its class
-    becomes the matching `MergedGPT2*` subclass and its config a `MergedGPT2Config` recording the patch in
-    `config.merged_attn`, so `save_pretrained` / `push_to_hub` write a checkpoint that loads back.
+    Works on every model class of a registered family (GPT-2, OPT, BLOOM, BERT, RoBERTa: see
+    `registry.SPECS`), found from `model.config.model_type`. The model is changed in place and returned: its
+    self-attention modules are swapped, its class becomes the matching `Merged*` subclass and its config the
+    merged config recording the patch in `config.merged_attn`, so `save_pretrained` / `push_to_hub` write a
+    checkpoint that loads back.
 
     Args:
-        model: a GPT-2 model (anything whose modules include `GPT2Attention`).
+        model: a stock transformers model of a registered family.
         mode: "covariance" — one d x d matrix S_h = Wq_h Wk_hᵀ per head (exact); or "lowrank" — S_h ≈ U_h V_hᵀ
             at rank r (exact for r = head size, best rank-r approximation below, extra capacity above).
         rank: required for "lowrank", None for "covariance". An int r (1 <= r <= hidden size) for every block;
@@ -145,39 +132,39 @@ def patch_model(
         The same `model` object, patched.
 
     Raises:
-        ValueError: bad mode / rank / layers / init / calibration (all before any weight is changed), a model
-            that is already patched, or one with no GPT2Attention.
-        NotImplementedError: GPT-2 with cross-attention (`add_cross_attention=True`).
+        ValueError: bad mode / rank / layers / init / calibration (all before any weight is changed), or a model
+            that is already patched.
+        NotImplementedError: an unsupported family (rotary ones with the reason), or an unsupported variant of
+            a supported one (GPT-2 with cross-attention, a BERT decoder, ...).
     """
     patch = PatchConfig(mode, rank, layers, init)
     patch.check_calibration(calibration)
-    found = _attentions(model, GPT2Attention)
-    if any(isinstance(module, MergedGPT2Attention) for _, _, module in found):
+    if any(isinstance(module, MergedAttention) for module in model.modules()):
         raise ValueError(
             f"{type(model).__name__} is already patched (config.merged_attn="
             f"{getattr(model.config, 'merged_attn', None)}); patching twice would seed from merged weights. "
             "Patch a fresh copy of the stock model, or call unpatch_model(model) first."
         )
+    spec = spec_for_model(model)
+    config = model.config
+    spec.check_model(config)
+    found = spec.stock_attentions(model)
     if not found:
         raise ValueError(
-            f"{type(model).__name__} has no GPT2Attention module; patch_model supports GPT-2 models "
-            "(GPT2Model, GPT2LMHeadModel, GPT2For...). Load a GPT-2 checkpoint, e.g. AutoModelForCausalLM('gpt2')."
+            f"{type(model).__name__} (model_type {config.model_type!r}) has no {spec.attention_class.__name__} "
+            "module to patch. Pass the transformers model itself (e.g. AutoModel.from_pretrained(...)), not a part "
+            "of it."
         )
-    if any(module.is_cross_attention for _, _, module in found):
-        raise NotImplementedError(
-            "GPT-2 with add_cross_attention=True (an encoder-decoder setup) is not supported: only decoder "
-            "self-attention is merged. Use a decoder-only GPT-2 (add_cross_attention=False)."
-        )
-    patch.check_against(found[0][2].embed_dim, len(found))
+    patch.check_against(config.hidden_size, len(found))
     moments, calibration_tokens = {}, None
     if patch.init == "whitened":  # one pass of the STOCK model; raises on bad calibration before any swap
         moments, calibration_tokens = collect_attention_moments(model, calibration, patch.layers)
     if patch.energy is not None:
         blocks = [old for _, _, old in found if old.layer_idx in patch.layers]
-        patch.rank = {old.layer_idx: _rank_for_energy(old, patch.energy) for old in blocks}
+        patch.rank = {old.layer_idx: _rank_for_energy(spec, old, patch.energy) for old in blocks}
     seeded = [  # every new module is built before the first swap: a seeding error leaves the model untouched
         (parent, name, old, seeded_attention(
-            old, patch.mode, patch.rank_for(old.layer_idx), moment=moments.get(old.layer_idx)
+            spec, old, config, patch.mode, patch.rank_for(old.layer_idx), moment=moments.get(old.layer_idx)
         ))
         for parent, name, old in found
         if old.layer_idx in patch.layers
@@ -185,24 +172,23 @@ def patch_model(
     for parent, name, old, new in seeded:
         _swap(parent, name, old, new)
 
-    config = model.config
-    if type(config) is GPT2Config:
-        config.__class__ = MergedGPT2Config  # same fields plus merged_attn; model_type "merged_gpt2"
+    if type(config) is spec.config_class.__base__:  # the stock config class: same fields plus merged_attn
+        config.__class__ = spec.config_class  # model_type "merged_<family>"
     config.merged_attn = {**patch.to_dict(), "base_model": config._name_or_path or None}
     if calibration_tokens is not None:
         config.merged_attn["calibration_tokens"] = calibration_tokens
-    merged = MERGED_CLASSES.get(type(model))
+    merged = spec.model_classes.get(type(model))
     if merged is not None:
         model.__class__ = merged[0]  # a subclass of the stock class: isinstance checks still hold
     else:
         logger.warning(
-            "%s is not a stock GPT-2 class: it is patched, but save_pretrained will not write a checkpoint "
-            "that reloads as a merged model.", type(model).__name__,
+            "%s is not a stock %s class: it is patched, but save_pretrained will not write a checkpoint "
+            "that reloads as a merged model.", type(model).__name__, spec.family,
         )
     return model
 
 
-def homogeneous_factors(attn: MergedGPT2Attention) -> tuple[torch.Tensor, torch.Tensor]:
+def homogeneous_factors(attn: MergedAttention) -> tuple[torch.Tensor, torch.Tensor]:
     """The merged score matrix of `attn` as factors: S̃_h = [S_h; u_h] = left_h @ right_hᵀ ((d+1) x d).
 
     Returns:
@@ -219,27 +205,27 @@ def homogeneous_factors(attn: MergedGPT2Attention) -> tuple[torch.Tensor, torch.
     return left, right
 
 
-def stock_attention(attn: MergedGPT2Attention) -> tuple[GPT2Attention, float]:
-    """A stock GPT2Attention with the best rank-hd approximation of `attn`'s scores (bk = 0).
+def stock_attention(spec: ArchitectureSpec, attn: MergedAttention, config) -> tuple[nn.Module, float]:
+    """A stock attention module of family `spec` with the best rank-hd approximation of `attn`'s scores (bk = 0).
 
     Returns:
         The module and the largest per-head relative error ‖S̃ − Ŝ‖_F / ‖S̃‖_F (0 up to round-off when exact).
     """
     weight = attn.q_proj.weight
-    stock = GPT2Attention(attn.config, layer_idx=attn.layer_idx).to(device=weight.device, dtype=weight.dtype)
-    stock.c_proj, stock.attn_dropout, stock.resid_dropout = attn.c_proj, attn.attn_dropout, attn.resid_dropout
+    stock = spec.new_stock_attention(config, attn.layer_idx).to(device=weight.device, dtype=weight.dtype)
+    if attn.output_name is not None:
+        setattr(stock, attn.output_name, getattr(attn, attn.output_name))  # shared, as at patch time
     wq, bq, wk, rel_error = qk_from_homogeneous(*homogeneous_factors(attn), attn.head_dim)  # (H,d,hd), (H,hd), ..
-    weight, bias = merge_gpt2_qkv(
-        wq, bq, wk, torch.zeros_like(bq), attn.v_proj.weight.detach().mT, attn.v_proj.bias.detach()
-    )  # Conv1D (in, out) = (d, 3d); bk = 0
-    with torch.no_grad():
-        stock.c_attn.weight.copy_(weight)
-        stock.c_attn.bias.copy_(bias)
+    spec.write_weights(stock, {
+        "wq": wq, "bq": bq, "wk": wk, "bk": torch.zeros_like(bq),
+        "wv": linear_to_heads(attn.v_proj.weight.detach(), attn.num_heads),  # (H, d, hd)
+        "bv": attn.v_proj.bias.detach().view(attn.num_heads, -1),  # (H, hd)
+    })
     return stock, rel_error.max().item()
 
 
 def unpatch_model(model: nn.Module, *, strict: bool = False, return_errors: bool = False):
-    """Turn a patched model back into a stock GPT-2 (GPT2Attention modules, GPT2Config), in place.
+    """Turn a patched model back into the stock model of its family (stock attention and config), in place.
 
     Each head's S̃_h = [S_h; u_h] is factored by SVD and its best rank-hd part written to Wq_h, bq_h, Wk_h (bk = 0).
     That is exact whenever rank(S̃_h) <= hd: lowrank r <= hd, or covariance before S_h has learned extra
@@ -256,27 +242,33 @@ def unpatch_model(model: nn.Module, *, strict: bool = False, return_errors: bool
     Raises:
         ValueError: the model is not patched, or `strict` and some layer's error exceeds round-off.
     """
-    found = _attentions(model, MergedGPT2Attention)
+    found = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, MergedAttention)
+    ]
     if not found:
-        raise ValueError(f"{type(model).__name__} is not patched (no MergedGPT2Attention); nothing to unpatch.")
-    exported = [(parent, name, old, *stock_attention(old)) for parent, name, old in found]
+        raise ValueError(f"{type(model).__name__} is not patched (no merged attention module); nothing to unpatch.")
+    spec = next(s for s in SPECS if type(found[0][2]) is s.merged_attention_class)
+    config = model.config
+    exported = [(parent, name, old, *stock_attention(spec, old, config)) for parent, name, old in found]
     errors = {old.layer_idx: error for _, _, old, _, error in exported}
     inexact = {i: e for i, e in errors.items() if e > EXACT_EXPORT_TOL}
     if inexact and strict:
         raise ValueError(
             f"unpatch_model(strict=True): layers {sorted(inexact)} hold S_h of rank > head size "
-            f"{found[0][2].head_dim}; a stock GPT-2 would lose relative error {inexact}. Pass strict=False to "
-            "truncate (and check perplexity), or keep the patched model."
+            f"{found[0][2].head_dim}; a stock {spec.family} would lose relative error {inexact}. Pass strict=False "
+            "to truncate (and check perplexity), or keep the patched model."
         )
     for parent, name, old, new, _ in exported:
         _swap(parent, name, old, new)
     if inexact:
         logger.warning("unpatch_model truncated S_h to rank %d; per-layer relative error: %s", found[0][2].head_dim, inexact)
-    config = model.config
     del config.merged_attn
-    if type(config) is MergedGPT2Config:
-        config.__class__ = GPT2Config
-    for stock_cls, (merged_cls, _) in MERGED_CLASSES.items():
+    if type(config) is spec.config_class:
+        config.__class__ = spec.config_class.__base__  # the stock config class
+    for stock_cls, (merged_cls, _) in spec.model_classes.items():
         if type(model) is merged_cls:
             model.__class__ = stock_cls
     return (model, errors) if return_errors else model

@@ -1,54 +1,19 @@
-"""Pure tensor functions that seed merged / low-rank query–key weights from stock GPT-2 weights.
+"""Pure tensor functions that seed merged / low-rank query–key weights from stock per-head weights.
 
-No `nn.Module` in here, so every formula can be tested on its own. Notation follows
-`shared/MATH.md`: hidden size `d`, `H` heads, head size `hd = d / H`, rank `r`.
-
-GPT-2's `c_attn` is a `transformers.pytorch_utils.Conv1D`, whose weight is stored (in, out) =
-(d, 3d) and computes `y = x @ W + b` — the transpose of `nn.Linear`'s (out, in) layout.
+No `nn.Module` and no model family in here, so every formula can be tested on its own. Inputs are in the
+canonical per-head layout every adapter's `read_weights` returns: wq, wk of shape (H, d, hd) acting as
+`x @ W_h`, and bq of shape (H, hd). Notation follows docs/MATH.md: hidden size `d`, `H` heads, head size
+`hd = d / H`, rank `r`.
 """
 
 from __future__ import annotations
 
 import torch
 
+
 # SVDs and QRs run in float64: they are small (per head, at most (d+1) x d) and this keeps the
 # seeded weights exact to fp32 round-off whatever the model's dtype; results are cast back by callers.
 _SEED_DTYPE = torch.float64
-
-
-def split_gpt2_qkv(c_attn_weight: torch.Tensor, c_attn_bias: torch.Tensor, num_heads: int) -> dict[str, torch.Tensor]:
-    """Split a GPT-2 `c_attn` Conv1D into per-head query, key and value weights.
-
-    Args:
-        c_attn_weight: Conv1D weight, shape (d, 3d) — (in, out), NOT nn.Linear's (out, in).
-        c_attn_bias: Conv1D bias, shape (3d,).
-        num_heads: H.
-
-    Returns:
-        dict with `wq`, `wk` of shape (H, d, hd), `bq`, `bk` of shape (H, hd), and the value block
-        `wv` (d, d) / `bv` (d,) in Conv1D layout.
-    """
-    d = c_attn_weight.shape[0]
-    if c_attn_weight.shape != (d, 3 * d) or c_attn_bias.shape != (3 * d,) or d % num_heads:
-        raise ValueError(
-            f"c_attn weight/bias have shapes {tuple(c_attn_weight.shape)}/{tuple(c_attn_bias.shape)} with "
-            f"num_heads={num_heads}; expected (d, 3d)/(3d,) with d divisible by num_heads."
-        )
-    hd = d // num_heads
-    wq, wk, wv = c_attn_weight.split(d, dim=1)  # each (d, d); column h*hd + j is head h, channel j
-    bq, bk, bv = c_attn_bias.split(d, dim=0)  # each (d,)
-
-    def per_head(w: torch.Tensor) -> torch.Tensor:
-        return w.reshape(d, num_heads, hd).permute(1, 0, 2)  # (d, d) -> (d, H, hd) -> (H, d, hd)
-
-    return {
-        "wq": per_head(wq),
-        "wk": per_head(wk),
-        "bq": bq.reshape(num_heads, hd),  # (H, hd)
-        "bk": bk.reshape(num_heads, hd),  # (H, hd)
-        "wv": wv,
-        "bv": bv,
-    }
 
 
 def covariance_from_qk(wq: torch.Tensor, bq: torch.Tensor, wk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +150,7 @@ def qk_from_homogeneous(
     Args:
         left: (H, d+1, k) — rows 0..d-1 act on x, row d on the homogeneous 1 (the bias).
         right: (H, d, k).
-        head_dim: hd, the number of components stock GPT-2 can hold.
+        head_dim: hd, the number of components a stock attention head can hold.
 
     Returns:
         wq (H, d, hd), bq (H, hd), wk (H, d, hd), rel_error (H,), float64. If rank(S̃) < hd the spare
@@ -202,18 +167,6 @@ def qk_from_homogeneous(
     norm = torch.linalg.matrix_norm(full).clamp_min(torch.finfo(_SEED_DTYPE).tiny)
     rel_error = torch.linalg.matrix_norm(full - approx) / norm
     return new_left[:, : d_plus_1 - 1], new_left[:, d_plus_1 - 1], new_right, rel_error
-
-
-def heads_to_linear(per_head: torch.Tensor) -> torch.Tensor:
-    """(H, d, k) per-head maps x -> x @ W_h as one nn.Linear weight (H*k, d)."""
-    heads, d, k = per_head.shape
-    return per_head.mT.reshape(heads * k, d)  # (H, k, d) -> (H*k, d)
-
-
-def linear_to_heads(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Inverse of `heads_to_linear`: an nn.Linear weight (H*k, d) -> per-head maps (H, d, k)."""
-    _, d = weight.shape
-    return weight.reshape(num_heads, -1, d).mT  # (H*k, d) -> (H, k, d) -> (H, d, k)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -394,18 +347,3 @@ def whitened_lowrank_from_qk(
         homogeneous, wk, rank, query_chol.expand(num_heads, d + 1, d + 1), key_chol.expand(num_heads, d, d)
     )  # (H, d+1, r), (H, d, r)
     return left[:, :d].contiguous(), left[:, d].contiguous(), right
-
-
-def merge_gpt2_qkv(
-    wq: torch.Tensor, bq: torch.Tensor, wk: torch.Tensor, bk: torch.Tensor, wv: torch.Tensor, bv: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of `split_gpt2_qkv`: per-head wq, wk (H, d, hd), bq, bk (H, hd) and the value block wv (d, d),
-    bv (d,) in Conv1D layout -> a GPT-2 `c_attn` Conv1D weight (d, 3d) and bias (3d,)."""
-    num_heads, d, hd = wq.shape
-
-    def columns(w: torch.Tensor) -> torch.Tensor:
-        return w.permute(1, 0, 2).reshape(d, num_heads * hd)  # (H, d, hd) -> (d, H, hd) -> (d, d)
-
-    weight = torch.cat([columns(wq), columns(wk), wv.to(wq.dtype)], dim=1)  # (d, 3d)
-    bias = torch.cat([bq.reshape(-1), bk.reshape(-1), bv.to(bq.dtype)])  # (3d,)
-    return weight, bias

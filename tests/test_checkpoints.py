@@ -58,7 +58,7 @@ def test_save_and_load_with_the_package(tmp_path, ids, mode, rank):
     model.save_pretrained(tmp_path)
     files = sorted(os.listdir(tmp_path))
     assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
-    assert {"configuration_merged_gpt2.py", "modeling_merged_gpt2.py", "README.md"} <= set(files)
+    assert {"modeling_merged_gpt2.py", "merged_attention.py", "merged_models.py", "README.md"} <= set(files)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "merged_gpt2"
     assert config["merged_attn"]["mode"] == mode and config["merged_attn"]["rank"] == rank
@@ -130,12 +130,13 @@ def test_load_with_remote_code_where_the_package_is_not_importable(tmp_path, ids
     model = trained(patch_model(make_gpt2(), "lowrank", rank=3))
     folder = tmp_path / "ckpt"
     model.save_pretrained(folder)
-    for name in ("configuration_merged_gpt2.py", "modeling_merged_gpt2.py"):
+    for name in ("modeling_merged_gpt2.py", "merged_attention.py", "merged_models.py"):
         source = (folder / name).read_text()
         imports = {line.split()[1] for line in source.splitlines() if line.startswith(("import ", "from "))}
-        assert imports <= {"__future__", "os", "tempfile", "contextlib", "torch", "transformers", ".configuration_merged_gpt2"} | {
+        assert imports <= {"__future__", "os", "math", "tempfile", "contextlib", "dataclasses", "numbers", "typing",
+                           "torch", "transformers", ".merged_attention", ".merged_models"} | {
             i for i in imports if i.startswith(("torch.", "transformers."))
-        }, imports  # self-contained: torch / transformers / the sibling config file only
+        }, imports  # self-contained: torch / transformers / the core files beside it only
     result = run_without_package(folder, True, ids, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
@@ -174,7 +175,7 @@ def test_push_to_hub_uploads_the_checkpoint_and_a_card(tmp_path, monkeypatch):
     model = patch_model(make_gpt2(), "lowrank", rank=3)
     model.push_to_hub("someone/tiny-merged", results={"validation perplexity": "12.34"})
 
-    assert {"config.json", "model.safetensors", "modeling_merged_gpt2.py", "configuration_merged_gpt2.py", "README.md"} <= set(committed)
+    assert {"config.json", "model.safetensors", "modeling_merged_gpt2.py", "merged_attention.py", "README.md"} <= set(committed)
     assert not any(name.endswith((".bin", ".pt")) for name in committed)
     card = committed["README.md"].decode()
     assert "lowrank" in card and "rank 3" in card and "seeded by SVD" in card and "validation perplexity | 12.34" in card
@@ -269,7 +270,10 @@ def test_checkpoint_with_missing_weight(tmp_path):
 
 @pytest.mark.parametrize(
     "field,match",
-    [({"mode": "merged"}, r"config.json: merged_attn.mode='merged'"), ({"layers": [7]}, r"config.json: merged_attn.layers=\[7\]")],
+    [
+        ({"mode": "merged"}, r"config.json: merged_attn: mode='merged' is not a patch mode.*the checkpoint is corrupted"),
+        ({"layers": [7]}, r"config.json: merged_attn.layers=\[7\] must be .*the checkpoint is corrupted"),
+    ],
 )
 def test_checkpoint_with_corrupt_record(tmp_path, field, match):
     folder = _saved(tmp_path, "covariance", None)

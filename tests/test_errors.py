@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import HIDDEN, LAYERS, make_gpt2
-from transformers import BertConfig, BertModel, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from hf_merged_attn import patch_model
 
@@ -55,10 +55,17 @@ def test_patching_twice():
         patch_model(model, "lowrank", rank=4)
 
 
-def test_model_without_gpt2_attention():
-    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64))
-    with pytest.raises(ValueError, match=r"BertModel has no GPT2Attention module; patch_model supports GPT-2"):
-        patch_model(bert)
+def test_something_that_is_not_a_transformers_model():
+    with pytest.raises(ValueError, match=r"Linear has no `config`; patch_model takes a transformers model .*GPT-2 \(gpt2\)"):
+        patch_model(torch.nn.Linear(4, 4))
+
+
+def test_a_part_of_a_model_is_refused():
+    block = make_gpt2().transformer.h[0]
+    block.config = make_gpt2().config  # looks like a GPT-2 but holds no GPT2Attention at the top level
+    del block.attn
+    with pytest.raises(ValueError, match=r"GPT2Block \(model_type 'gpt2'\) has no GPT2Attention module to patch"):
+        patch_model(block)
 
 
 def test_cross_attention_is_refused():

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 
 import hf_merged_attn  # noqa: F401  (registers the merged classes with the Auto classes)
 from hf_merged_attn import patch_model, unpatch_model
-from hf_merged_attn.seeding import qk_singular_values, rank_for_energy, split_gpt2_qkv
+from hf_merged_attn.modeling_merged_gpt2 import read_weights
+from hf_merged_attn.seeding import qk_singular_values, rank_for_energy
 
 FP32_TOL = 1e-4  # as in test_patch_exact: fp32 round-off of reordered sums; structural errors are > 1e-2
 
@@ -55,7 +56,7 @@ def test_rank_for_energy_on_known_spectra():
 
 def test_qk_singular_values_match_the_explicit_matrices():
     attn = make_gpt2().transformer.h[0].attn
-    parts = split_gpt2_qkv(attn.c_attn.weight.detach(), attn.c_attn.bias.detach(), HEADS)
+    parts = read_weights(attn)
     got = qk_singular_values(parts["wq"], parts["bq"], parts["wk"])  # (H, hd)
     expected = explicit_head_spectra(attn)  # (H, d): rank <= hd, the rest is round-off
     assert got.shape == (HEADS, HEAD_DIM)
@@ -170,5 +171,5 @@ def test_record_whose_rank_blocks_differ_from_layers_is_refused(tmp_path):
     config = json.loads(path.read_text())
     config["merged_attn"]["rank"] = {"0": 2}  # block 1 is patched but has no rank
     path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"merged_attn.rank=\{'0': 2\} must be an integer .* for exactly the blocks"):
+    with pytest.raises(ValueError, match=r"merged_attn.rank=\{'0': 2\} must name exactly the blocks in merged_attn.layers"):
         AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -8,9 +8,7 @@ from hf_merged_attn.seeding import (
     best_rank_factors,
     covariance_from_qk,
     lowrank_from_qk,
-    merge_gpt2_qkv,
     qk_from_homogeneous,
-    split_gpt2_qkv,
 )
 
 H, D, HD = 3, 12, 4
@@ -20,7 +18,9 @@ TOL = 1e-10  # float64 round-off on matrices of size ~12
 def random_qk():
     weight = torch.randn(D, 3 * D, dtype=torch.float64)
     bias = torch.randn(3 * D, dtype=torch.float64)
-    return weight, bias, split_gpt2_qkv(weight, bias, H)
+    per_head = weight.view(D, 3, H, HD).permute(1, 2, 0, 3)  # GPT-2's Conv1D column j*d + h*hd + c -> (3, H, d, hd)
+    b = bias.view(3, H, HD)
+    return weight, bias, {"wq": per_head[0], "wk": per_head[1], "bq": b[0], "bk": b[1]}
 
 
 def stock_scores(weight, bias, x):
@@ -80,9 +80,3 @@ def test_export_round_trip():
     # a full-rank S cannot be held at rank hd: the error is reported, not hidden
     _, _, _, err = qk_from_homogeneous(torch.randn(H, D + 1, D, dtype=torch.float64), eye, HD)
     assert (err > 0.1).all()
-
-
-def test_merge_is_the_inverse_of_split():
-    weight, bias, parts = random_qk()
-    merged_weight, merged_bias = merge_gpt2_qkv(parts["wq"], parts["bq"], parts["wk"], parts["bk"], parts["wv"], parts["bv"])
-    assert torch.equal(merged_weight, weight) and torch.equal(merged_bias, bias)

@@ -217,8 +217,13 @@ def test_padding_is_left_out_and_formats_agree():
     for name, source in sources.items():
         moments, count = collect_attention_moments(model, source)
         assert count == tokens, name
+        # Block 0's input is embeddings + LayerNorm, row by row: the same float ops with or without padding (1e-12).
+        # Later blocks see attention outputs, whose fp32 sums over a padded (longer) row may be blocked differently
+        # by BLAS: fp32 round-off (~1e-7 relative) on activations of order 1, so 1e-6 relative; a padding token
+        # counted in the moment would move it by ~1/48 of its size (one token in 48).
         for layer in reference:
-            assert torch.allclose(moments[layer], reference[layer], atol=1e-12), (name, layer)
+            tol = {"atol": 1e-12} if layer == 0 else {"rtol": 1e-6, "atol": 1e-6 * reference[layer].abs().max().item()}
+            assert torch.allclose(moments[layer], reference[layer], **tol), (name, layer)
 
 
 def layer0_score_error(stock, patched, ids) -> float:
@@ -317,7 +322,7 @@ def exploding_batches():
         ({"mode": "lowrank", "rank": 2, "init": "whitened", "calibration": [[[1, 2], [3]]]},
          r"calibration batch 0 .* cannot be read as a tensor of token ids"),
         ({"mode": "lowrank", "rank": 2, "init": "whitened", "calibration": [torch.ones(1, 65, dtype=torch.long)]},
-         r"calibration batch 0 has sequences of 65 tokens, more than the model's n_positions=64"),
+         r"calibration batch 0 has sequences of 65 tokens, more than the model's max_position_embeddings=64"),
         ({"mode": "lowrank", "rank": 2, "init": "whitened",
           "calibration": [{"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 3)}]},
          r"attention_mask has shape \(2, 3\) but input_ids \(2, 4\)"),

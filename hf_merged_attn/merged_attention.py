@@ -1,0 +1,624 @@
+"""The architecture-free core: the patch record and its validation, and the merged attention math.
+
+Self-contained (imports only torch and transformers): this file travels next to every saved checkpoint,
+like the adapter (`modeling_merged_<family>.py`) that imports it, so `from_pretrained(...,
+trust_remote_code=True)` works where hf_merged_attn is not installed. No model family is named here:
+each family's adapter subclasses its stock attention class together with `MergedAttention`, builds the
+projections with `_build_merged`, and calls `attend` from a `forward` with the family's own signature.
+
+Shapes: batch B, query length T (Tk with the cache), hidden d, heads H, head size hd, rank r.
+
+- covariance: q_h = x S_h + u_h (B, H, T, d); the key is x itself, ONE head shared by all: (B, 1, T, d).
+- lowrank:    q_h = x U_h + a_h (B, H, T, r); k_h = x V_h (B, H, T, r).
+Values and the output projection are the stock model's. Scores use the stock scaling (hd^-½ and the family's
+own rules), plus any additive score bias the family has (ALiBi), so the softmax equals stock's.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from numbers import Integral, Real
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, EncoderDecoderCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+MODES = ("covariance", "lowrank")
+INITS = ("svd", "whitened")  # how lowrank factors are seeded: plain SVD of the weights, or activation-aware
+SUPPORTED_ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The record of a patch: what `patch_model` was asked, and what a checkpoint's config.json says
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class CorruptRecordError(ValueError):
+    """A `merged_attn` record in a checkpoint's config that cannot describe a patch."""
+
+
+@dataclass
+class PatchConfig:
+    """The settings of one `patch_model` call, recorded on the model as `config.merged_attn`.
+
+    The one place where mode, rank, layers and init are validated: `patch_model` builds it from the user's
+    arguments, and `check_record` rebuilds it from a checkpoint's `merged_attn`.
+
+    Attributes:
+        mode: "covariance" (one d x d matrix S_h = Wq_h Wk_hᵀ per head) or "lowrank" (S_h ≈ U_h V_hᵀ).
+        rank: for "lowrank", r (1 <= r <= hidden size) for every patched block, or {block index: r} per block;
+            None for "covariance". An energy target is resolved to the per-block dict by `patch_model`.
+        layers: indices of the patched blocks (sorted); None until resolved against a model.
+        init: how "lowrank" factors are seeded — "svd" (best rank-r approximation of the weights) or
+            "whitened" (least score error on calibration activations); None for "covariance" (exact).
+        energy: set from `rank=<float>` ("lowrank"): the fraction in (0, 1) of each head's spectral energy that
+            the seed keeps; `patch_model` picks the smallest such rank per block.
+    """
+
+    mode: str
+    rank: int | dict[int, int] | None = None
+    layers: list[int] | None = field(default=None)
+    init: str | None = "svd"
+    energy: float | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mode, str) or self.mode not in MODES:
+            raise ValueError(
+                f"mode={self.mode!r} is not a patch mode; allowed: {', '.join(repr(m) for m in MODES)}. "
+                "Use mode='covariance' for the exact merged S_h, or mode='lowrank' with rank=r."
+            )
+        if self.mode == "covariance" and self.rank is not None:
+            raise ValueError(
+                f"rank={self.rank!r} was given with mode='covariance', which has no rank (S_h is d x d). "
+                "Drop rank, or use mode='lowrank' to factor S_h at rank r."
+            )
+        if self.mode == "lowrank":
+            if self.rank is None:
+                raise ValueError(
+                    "mode='lowrank' needs rank=r (an integer, e.g. the head size 64 for GPT-2, which is exact; a "
+                    "dict {block: r}; or a float in (0, 1), the spectral energy to keep). Pass rank=..., or use "
+                    "mode='covariance'."
+                )
+            if isinstance(self.rank, Real) and not isinstance(self.rank, Integral):  # an energy target
+                if not 0.0 < float(self.rank) < 1.0:
+                    raise ValueError(
+                        f"rank={self.rank!r} is a float, i.e. a spectral-energy target, but not in (0, 1); pass e.g. "
+                        "rank=0.9 to keep 90% of each head's energy, or an integer rank (rank=1 for rank one; the "
+                        "head size, e.g. 64, for exact)."
+                    )
+                self.energy, self.rank = float(self.rank), None
+            elif isinstance(self.rank, dict):
+                if not self.rank:
+                    raise ValueError("rank={} names no block; pass {block index: r, ...} or an integer rank.")
+                ranks = {self._block(i): self._integer_rank(r, f"rank[{i!r}]") for i, r in self.rank.items()}
+                if len(ranks) < len(self.rank):
+                    raise ValueError(f"rank={self.rank!r} names a block twice (as int and str); give each block once.")
+                if self.layers is not None:
+                    raise ValueError(
+                        f"layers={self.layers!r} was given with a rank per block (rank={self.rank!r}), whose keys "
+                        "already are the patched blocks. Drop layers."
+                    )
+                self.rank, self.layers = ranks, sorted(ranks)
+            elif self.rank is not None:
+                self.rank = self._integer_rank(self.rank, "rank")
+        self._check_init()
+
+    @staticmethod
+    def _integer_rank(rank, name: str) -> int:
+        if isinstance(rank, bool) or not isinstance(rank, Integral):
+            raise ValueError(
+                f"{name}={rank!r} ({type(rank).__name__}) is not an integer; lowrank needs an integer rank r >= 1 "
+                "(r = head size is exact, smaller approximates, larger adds capacity), a dict {block: r}, or a "
+                "float in (0, 1) (the spectral energy to keep)."
+            )
+        if rank < 1:
+            raise ValueError(f"{name}={rank} is below 1; lowrank needs an integer rank r >= 1.")
+        return int(rank)
+
+    @staticmethod
+    def _block(index) -> int:
+        """A block index from a rank dict (ints, or digit strings as JSON writes dict keys)."""
+        if isinstance(index, str) and index.isdigit():
+            return int(index)
+        if isinstance(index, bool) or not isinstance(index, Integral):
+            raise ValueError(f"rank dict key {index!r} is not a block index; pass {{0: 32, 1: 16, ...}}.")
+        return int(index)
+
+    def rank_for(self, layer: int) -> int | None:
+        """The rank of block `layer` (None for covariance)."""
+        return self.rank[layer] if isinstance(self.rank, dict) else self.rank
+
+    def _check_init(self) -> None:
+        if self.init is not None and (not isinstance(self.init, str) or self.init not in INITS):
+            raise ValueError(
+                f"init={self.init!r} is not a seeding method; allowed: {', '.join(repr(i) for i in INITS)}. "
+                "Use init='svd' (best rank-r factors of the weights, no data) or init='whitened' with "
+                "calibration=... (least score error on real activations)."
+            )
+        if self.mode == "covariance":
+            if self.init == "whitened":
+                raise ValueError(
+                    "init='whitened' was given with mode='covariance', which is exact (S_h = Wq_h Wk_hᵀ is held "
+                    "whole, nothing is approximated, so there is nothing to fit to activations). Drop init, or "
+                    "use mode='lowrank' with rank=r and init='whitened'."
+                )
+            self.init = None
+        elif self.init is None:
+            self.init = "svd"
+
+    def check_calibration(self, calibration) -> None:
+        """Check that calibration data is given exactly when the seeding uses it (init='whitened').
+
+        Raises:
+            ValueError: init='whitened' without calibration, or calibration with init='svd' / covariance.
+        """
+        given = calibration is not None
+        what = f"calibration (a {type(calibration).__name__})"
+        if self.mode == "covariance" and given:
+            raise ValueError(
+                f"{what} was given with mode='covariance', which is exact and uses no data. Drop calibration, "
+                "or use mode='lowrank', rank=r, init='whitened' to fit low-rank factors to it."
+            )
+        if self.init == "svd" and given:
+            raise ValueError(
+                f"{what} was given with init='svd', which factors the weights alone and ignores data. Pass "
+                "init='whitened' to use the calibration activations, or drop calibration."
+            )
+        if self.init == "whitened" and not given:
+            raise ValueError(
+                "init='whitened' needs calibration=...: an iterable of batches of token ids (LongTensors (B, T), "
+                "lists of ids, or dicts with 'input_ids', e.g. a DataLoader or a tokenized dataset) to measure "
+                "the attention inputs on. Pass e.g. 16 blocks of 256 tokens of training text, or use init='svd'."
+            )
+
+    def check_against(self, hidden_size: int, num_layers: int) -> None:
+        """Check rank and layers against a model's sizes and resolve `layers` (None -> all blocks).
+
+        Raises:
+            ValueError: rank above the hidden size, or a layer index out of range / not an integer.
+        """
+        if isinstance(self.rank, dict) and not all(0 <= i < num_layers for i in self.rank):
+            raise ValueError(
+                f"rank={self.rank!r} names blocks outside this model's 0..{num_layers - 1}; key each rank by a block "
+                "index of the model."
+            )
+        ranks = self.rank.values() if isinstance(self.rank, dict) else [self.rank]
+        if any(r is not None and r > hidden_size for r in ranks):
+            raise ValueError(
+                f"rank={self.rank} exceeds the hidden size {hidden_size}: S_h is {hidden_size} x {hidden_size}, so "
+                f"a rank above {hidden_size} adds nothing. Use 1 <= rank <= {hidden_size}, or mode='covariance'."
+            )
+        if self.layers is None:
+            self.layers = list(range(num_layers))
+            return
+        given = self.layers
+        if isinstance(given, (str, bytes)) or not hasattr(given, "__iter__"):
+            raise ValueError(f"layers={given!r} is not a list of block indices; pass e.g. layers=[0, 1] or None (all).")
+        bad = [i for i in given if isinstance(i, bool) or not isinstance(i, Integral) or not 0 <= i < num_layers]
+        if bad or not given:
+            raise ValueError(
+                f"layers={list(given)!r} has indices out of range {bad!r}; this model has {num_layers} blocks, so "
+                f"allowed indices are 0..{num_layers - 1}. Pass a non-empty list of those, or None for all."
+            )
+        self.layers = sorted({int(i) for i in given})
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (what `config.merged_attn` holds): a per-block rank as {"block": r}; energy if used."""
+        record = asdict(self)
+        if isinstance(self.rank, dict):
+            record["rank"] = {str(i): r for i, r in sorted(self.rank.items())}
+        if self.energy is None:
+            del record["energy"]
+        return record
+
+
+def check_record(record, num_layers: int, hidden_size: int) -> PatchConfig:
+    """Rebuild and check the `PatchConfig` of a checkpoint's `merged_attn` record against the model's sizes.
+
+    The same validation as `patch_model` (through `PatchConfig`), plus what only a saved record can get wrong:
+    layers must be a list (with a per-block rank, exactly its keys), the energy must sit next to a per-block rank.
+
+    Raises:
+        CorruptRecordError: naming the bad field and saying that the checkpoint is corrupted.
+    """
+
+    def corrupt(text: str) -> CorruptRecordError:
+        return CorruptRecordError(
+            f"{text}; the checkpoint is corrupted. Re-save it from the patched model with save_pretrained."
+        )
+
+    if not isinstance(record, dict):
+        raise corrupt(
+            f"merged_attn={record!r} is not a patch record (a dict with mode, rank and layers as written by "
+            "save_pretrained on a patched model)"
+        )
+    mode, rank, layers, energy = record.get("mode"), record.get("rank"), record.get("layers"), record.get("energy")
+    if not (isinstance(layers, list) and layers and all(type(i) is int and 0 <= i < num_layers for i in layers)):
+        raise corrupt(f"merged_attn.layers={layers!r} must be a non-empty list of block indices in 0..{num_layers - 1}")
+    if isinstance(rank, dict) and sorted(rank) != sorted(str(i) for i in layers):
+        raise corrupt(f"merged_attn.rank={rank!r} must name exactly the blocks in merged_attn.layers={layers!r}")
+    if energy is not None and not (isinstance(energy, float) and 0 < energy < 1 and isinstance(rank, dict)):
+        raise corrupt(f"merged_attn.energy={energy!r} must be absent or a number in (0, 1) next to a per-block rank")
+    try:
+        patch = PatchConfig(mode, rank, None if isinstance(rank, dict) else layers, record.get("init"))
+        patch.check_against(hidden_size, num_layers)
+    except ValueError as error:
+        raise corrupt(f"merged_attn: {error}".rstrip(".")) from error
+    patch.energy = energy
+    return patch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a family adapter tells the package (the registry entry)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ArchitectureSpec:
+    """One model family: how to find, read, rebuild and save its self-attention. The registry entry.
+
+    Checklist for a new family (an adapter file `modeling_merged_<family>.py` beside the GPT-2 one):
+      1. Check that merging is exact: positions must not act between the query and key projections (learned
+         absolute positions, or a bias added to the scores as ALiBi is). Rotary families cannot be merged.
+      2. `MergedXConfig(XConfig)` with `model_type = "merged_<x>"` and `merged_attn: dict | None = None`,
+         then `MergedXConfig.register_for_auto_class()`.
+      3. `MergedXAttention(MergedAttention, XAttention)`: `__init__(config, mode, rank, layer_idx, *, output,
+         device, dtype)` calls `self._build_merged(...)` with the family's scaling rule and causality and keeps
+         the stock output projection (`output`, shared by reference; its attribute name is the class attribute
+         `output_name`, None where it lives outside the self-attention module, as in BERT); `forward` keeps the stock signature and
+         return value and calls `self.attend(...)`, passing any additive score bias (ALiBi) as `score_bias`.
+      4. `read_weights(stock_attention)` -> the canonical per-head dict {wq, wk, wv: (H, d, hd); bq, bk, bv:
+         (H, hd)} and `write_weights(stock_attention, parts)`, its inverse (for export back to stock).
+      5. `merged_class(StockClass, spec, auto_name)` for each model class of the family, assigned to a module
+         name (`MergedXForCausalLM = ...`), so checkpoints load through the Auto classes and remote code.
+      6. One entry in `registry.REGISTRY`, one row in the families table of `tests/families.py` and README.md.
+
+    Attributes:
+        family: display name ("GPT-2").
+        model_types: the stock `config.model_type` values this entry patches.
+        attention_class: the stock self-attention class (found with isinstance).
+        merged_attention_class: the adapter's subclass of it and of `MergedAttention`.
+        config_class: the merged config class (its `model_type` is "merged_<x>").
+        block_class: the transformer block (for FSDP wrapping).
+        causal: decoder (causal) or encoder (bidirectional) attention.
+        has_cache: whether the family keeps a KV cache when generating.
+        read_weights, write_weights: stock module <-> canonical per-head weights (see the checklist).
+        new_stock_attention: (config, layer_idx) -> an empty stock attention module, for export.
+        check_model: raises NotImplementedError for variants of the family that are not supported.
+        model_classes: stock model class -> (merged class, Auto class name or None), filled by `merged_class`.
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    attention_class: type
+    merged_attention_class: type
+    config_class: type
+    block_class: type
+    causal: bool
+    has_cache: bool
+    read_weights: Callable[[nn.Module], dict]
+    write_weights: Callable[[nn.Module, dict], None]
+    new_stock_attention: Callable[..., nn.Module]
+    check_model: Callable[[object], None] = lambda config: None
+    model_classes: dict = field(default_factory=dict)
+
+    def stock_attentions(self, model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+        """(parent, attribute, module) for each stock (not yet merged) self-attention of `model`, in order."""
+        return [
+            (parent, name, child)
+            for parent in model.modules()
+            for name, child in parent.named_children()
+            if isinstance(child, self.attention_class) and not isinstance(child, MergedAttention)
+            and not getattr(child, "is_cross_attention", False)
+        ]
+
+
+def heads_to_linear(per_head: torch.Tensor) -> torch.Tensor:
+    """(H, d, k) per-head maps x -> x @ W_h as one nn.Linear weight (H*k, d)."""
+    heads, d, k = per_head.shape
+    return per_head.mT.reshape(heads * k, d)  # (H, k, d) -> (H*k, d)
+
+
+def linear_to_heads(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Inverse of `heads_to_linear`: an nn.Linear weight (H*k, d) -> per-head maps (H, d, k)."""
+    _, d = weight.shape
+    return weight.reshape(num_heads, -1, d).mT  # (H*k, d) -> (H, k, d) -> (H, d, k)
+
+
+def read_linear_qkv(query: nn.Linear, key: nn.Linear, value: nn.Linear, num_heads: int) -> dict[str, torch.Tensor]:
+    """The canonical per-head weights of separate q/k/v `nn.Linear` projections with biases (detached views)."""
+    parts = {}
+    for name, linear in (("q", query), ("k", key), ("v", value)):
+        parts[f"w{name}"] = linear_to_heads(linear.weight.detach(), num_heads)  # (H, d, hd)
+        parts[f"b{name}"] = linear.bias.detach().view(num_heads, -1)  # (H, hd)
+    return parts
+
+
+@torch.no_grad()
+def write_linear_qkv(query: nn.Linear, key: nn.Linear, value: nn.Linear, parts: dict[str, torch.Tensor]) -> None:
+    """Inverse of `read_linear_qkv`: write canonical per-head weights into q/k/v `nn.Linear` projections."""
+    for name, linear in (("q", query), ("k", key), ("v", value)):
+        linear.weight.copy_(heads_to_linear(parts[f"w{name}"]))
+        linear.bias.copy_(parts[f"b{name}"].reshape(-1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The attention math
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class MergedAttention:
+    """Mixin holding the merged projections and computing attention from them; no family is named here.
+
+    Parameters (all ordinary, named for LoRA targeting and checkpoints):
+        q_proj: nn.Linear(d, H*qk) with qk = d (covariance) or r (lowrank). Rows h*qk .. (h+1)*qk-1 of its
+            weight are S_hᵀ (resp. U_hᵀ); its bias holds u_h (resp. a_h).
+        k_proj: lowrank only, nn.Linear(d, H*r, bias=False); rows h*r .. are V_hᵀ. None for covariance.
+        v_proj: nn.Linear(d, d), the stock value weights (head h: rows h*hd .. (h+1)*hd-1).
+    The stock output projection, where the self-attention module owns one, keeps its stock attribute name
+    `output_name` and is shared with the stock module it replaces (not copied).
+    """
+
+    output_name: str | None = None
+
+    @classmethod
+    def like(cls, stock: nn.Module, config, mode: str, rank: int | None):
+        """An unseeded merged module for the place of `stock` (same layer, device and dtype, its output projection)."""
+        weight = next(stock.parameters())
+        output = getattr(stock, cls.output_name) if cls.output_name else None
+        return cls(config, mode, rank, stock.layer_idx, output=output, device=weight.device, dtype=weight.dtype)
+
+    def _build_merged(
+        self,
+        config,
+        *,
+        mode: str,
+        rank: int | None,
+        layer_idx: int | None,
+        hidden_size: int,
+        num_heads: int,
+        scaling: float,
+        is_causal: bool,
+        dropout: float,
+        upcast: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Set up the module: call from the adapter's `__init__` instead of the stock class's (which builds the
+        q/k/v projections being replaced).
+
+        Args:
+            scaling: the stock score scaling (hd^-½ and the family's rules), NOT qk^-½: scores equal stock's.
+            is_causal: decoder attention (masked to earlier keys when no mask is given).
+            dropout: attention-probability dropout.
+            upcast: compute q·k in float32 under autocast (GPT-2's reorder_and_upcast_attn).
+        """
+        nn.Module.__init__(self)
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not one of {MODES}.")
+        self.config = config
+        self.mode = mode
+        self.rank = rank
+        self.layer_idx = layer_idx
+        self.embed_dim = hidden_size
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.qk_head_dim = hidden_size if mode == "covariance" else rank
+        self.scaling = scaling
+        self.is_causal = is_causal
+        self.upcast_scores = upcast
+        factory = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(hidden_size, num_heads * self.qk_head_dim, bias=True, **factory)
+        self.k_proj = nn.Linear(hidden_size, num_heads * rank, bias=False, **factory) if mode == "lowrank" else None
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=True, **factory)
+        self.attn_dropout = nn.Dropout(dropout)
+
+    def extra_repr(self) -> str:
+        rank = f", rank={self.rank}" if self.rank is not None else ""
+        return f"mode={self.mode!r}{rank}, layer_idx={self.layer_idx}"
+
+    def attend(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        score_bias: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Merged self-attention of `hidden_states` (B, T, d), before any output projection.
+
+        Args:
+            attention_mask: as the family's model passes it — additive float (eager) or boolean, True = attend
+                (sdpa) — broadcastable to (B, H, T, Tk), or None (no padding; causal if the module is).
+            cache: the transformers cache; this layer's keys and values are appended to it.
+            score_bias: an additive bias on the scores (B, H, 1 or T, Tk), e.g. ALiBi; added after scaling.
+            kwargs: passed on to the attention function (as stock does), and to the cache update.
+
+        Returns:
+            The attention output (B, T, d) and the weights (B, H, T, Tk), or None where none are computed (sdpa).
+        """
+        implementation = self.config._attn_implementation or "eager"
+        if implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
+            raise NotImplementedError(
+                f"attn_implementation={implementation!r} is not supported by the {self.mode} patch (query/key head "
+                f"size {self.qk_head_dim}, value head size {self.head_dim}); supported: "
+                f"{', '.join(SUPPORTED_ATTN_IMPLEMENTATIONS)}. Call model.set_attn_implementation('sdpa')."
+            )
+        lead = hidden_states.shape[:-1]  # (B, T)
+        query = self.q_proj(hidden_states).view(*lead, self.num_heads, -1).transpose(1, 2)  # (B, H, T, qk)
+        if self.k_proj is None:
+            key = hidden_states.unsqueeze(1)  # (B, 1, T, d): the shared key, cached once per layer
+        else:
+            key = self.k_proj(hidden_states).view(*lead, self.num_heads, -1).transpose(1, 2)  # (B, H, T, r)
+        value = self.v_proj(hidden_states).view(*lead, self.num_heads, -1).transpose(1, 2)  # (B, H, T, hd)
+
+        if cache is not None:
+            layer_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+            key, value = layer_cache.update(key, value, self.layer_idx, kwargs=kwargs)  # (B, Hk, Tk, qk), (B, H, Tk, hd)
+        if score_bias is not None:
+            attention_mask = _bias_mask(score_bias, attention_mask, query.shape[2], key.shape[2], self.is_causal)
+
+        shared_key = key.shape[1] == 1 and self.num_heads > 1
+        unequal = query.shape[-1] != value.shape[-1]  # q/k head size != v head size: SDPA has no fused kernel
+        if implementation == "eager":
+            attn_output, attn_weights = self._eager_attention(query, key, value, attention_mask)
+        elif shared_key or (unequal and query.shape[2] == 1):
+            # Covariance, and lowrank r != hd decoding one token: SDPA would take its math fallback, which (for the
+            # shared key) copies the key to every head and computes all T x Tk scores, and (for one token) scales a
+            # copy of the whole K cache. _eager_attention does one GEMM per block of queries against the shared key,
+            # skips the keys above the diagonal when sdpa would be causal (no mask, T > 1), and gives the same
+            # results as SDPA, including a zero output for a query whose mask hides every key. No weights, like SDPA.
+            causal = attention_mask is None and query.shape[2] > 1 and kwargs.get("is_causal", self.is_causal)
+            attn_output, attn_weights = self._eager_attention(
+                query, key, value, attention_mask, causal=bool(causal), need_weights=False
+            )
+        else:
+            if unequal and query.shape[-1] < value.shape[-1]:
+                # lowrank r < hd over T > 1 tokens: zero-pad q and k to hd (q·k is unchanged, the cache keeps r) so
+                # that SDPA can use a fused kernel (CPU flash attention needs equal q/k and v head sizes) instead of
+                # its math fallback, which materialises the T x Tk scores.
+                pad = value.shape[-1] - query.shape[-1]
+                query, key = nn.functional.pad(query, (0, pad)), nn.functional.pad(key, (0, pad))
+            attn_output, attn_weights = ALL_ATTENTION_FUNCTIONS[implementation](
+                self,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=self.attn_dropout.p if self.training else 0.0,
+                scaling=self.scaling,
+                **kwargs,
+            )
+        return attn_output.reshape(*lead, -1).contiguous(), attn_weights  # (B, T, H, hd) -> (B, T, d)
+
+    def _eager_attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        causal: bool = False,
+        need_weights: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stock eager attention (incl. GPT-2's `reorder_and_upcast_attn`) for a per-head or a shared key.
+
+        Args:
+            query: (B, H, T, qk); key: (B, H, Tk, qk) or the shared (B, 1, Tk, qk); value: (B, H, Tk, hd).
+            attention_mask: additive float (eager's format) or boolean, True = attend (sdpa's format),
+                broadcastable to (B, H, T, Tk).
+            causal: sdpa's `is_causal` (no mask): query i sees keys 0..i (of the first T keys).
+            need_weights: False for sdpa, which returns no weights; with a shared key and autograd on, the weights
+                are then recomputed in the backward pass instead of being kept.
+
+        Returns:
+            The output (B, T, H, hd) and the weights (B, H, T, Tk); None instead of the weights when `causal` or
+            not `need_weights`.
+
+        The softmax always runs in float32: covariance scores can be larger than stock's per-head ones. With a
+        shared key, the scores of all heads come from one GEMM (B, T*H, d) @ (B, d, Tk) on the query projection as
+        it is laid out, with no copy of the key or the query, and the scaling is applied to the smaller operand
+        rather than to the scores. When `causal`, the queries go in blocks of 64 and each block only multiplies
+        the keys it can see: about half the score and attn·V work of a dense product for long sequences.
+        """
+        upcast = self.upcast_scores
+        batch, heads, length, _ = query.shape
+        kv_length = length if causal else key.shape[2]  # sdpa's is_causal uses the first T keys
+        no_autocast = torch.autocast(query.device.type, enabled=False) if upcast else nullcontext()
+        if key.shape[1] == 1 and heads > 1:
+            rows = query.transpose(1, 2).reshape(batch, length * heads, -1)  # (B, T*H, qk), row t*H + h: a view
+            shared = key[:, 0, :kv_length]  # (B, Tk, qk)
+            mask = None if attention_mask is None else attention_mask.transpose(1, 2)  # (B, T, H or 1, Tk)
+            with no_autocast:
+                if upcast:
+                    rows, shared = rows.float(), shared.float()
+                if self.scaling != 1.0:  # scale the smaller operand, never the T x Tk scores
+                    if rows.shape[1] <= shared.shape[1]:
+                        rows = rows * self.scaling
+                    else:
+                        shared = shared * self.scaling
+            dropout = self.training and self.attn_dropout.p > 0
+
+            def attend(left, right, values, part, start):
+                """Queries `left` (rows t*H + h) against keys `right`: (B, Tc, H, hd) and the weights (B, H, Tc, Tk')."""
+                with no_autocast:
+                    scores = torch.bmm(left, right.mT)  # (B, Tc*H, Tk')
+                scores = scores.view(batch, -1, heads, right.shape[1])  # (B, Tc, H, Tk')
+                if causal:  # query start + i sees keys 0 .. start + i: only the diagonal block has hidden keys
+                    tc = scores.shape[1]
+                    above = torch.ones(tc, tc, dtype=torch.bool, device=scores.device).triu_(1)  # (Tc, Tc)
+                    scores[..., start:].masked_fill_(above[:, None], torch.finfo(scores.dtype).min)  # in place: bmm keeps no output
+                weights = _masked_softmax(scores, part, values.dtype).transpose(1, 2)  # (B, H, Tc, Tk'), a view
+                if dropout:  # draw the dropout mask in stock's (B, H, T, Tk) order
+                    weights = self.attn_dropout(weights.contiguous())
+                return (weights @ values).transpose(1, 2), weights  # (B, Tc, H, hd)
+
+            # Without weights to return (sdpa), keep none of the T x Tk weights for backward, as SDPA's fused kernels
+            # do: each block's scores are recomputed in the backward pass (a third more score work, O(T) memory).
+            recompute = not need_weights and torch.is_grad_enabled() and (rows.requires_grad or value.requires_grad)
+            block = 64 if causal else length
+            outputs, weights = [], None
+            # split, not slices: the backward pass then concatenates the blocks' query gradients once instead of
+            # zero-filling a (B, T*H, qk) gradient for every block
+            for start, left in zip(range(0, length, block), rows.split(block * heads, dim=1)):
+                stop = min(start + block, length)
+                keys = stop if causal else kv_length
+                part = None if mask is None else mask[:, start:stop]
+                inputs = (left, shared[:, :keys], value[:, :, :keys], part, start)
+                if recompute:
+                    out = torch.utils.checkpoint.checkpoint(
+                        lambda *args: attend(*args)[0], *inputs, use_reentrant=False, preserve_rng_state=dropout
+                    )
+                else:
+                    out, weights = attend(*inputs)
+                outputs.append(out)
+            attn_output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # (B, T, H, hd)
+            return attn_output, weights if need_weights and not causal else None
+
+        if causal:  # as a boolean mask, True = attend (the forward never asks for this: per-head keys over T > 1 use SDPA)
+            attention_mask = torch.ones(length, kv_length, dtype=torch.bool, device=query.device).tril_()
+        with no_autocast:
+            if upcast:
+                query, key = query.float(), key.float()
+            scores = (query @ key[:, :, :kv_length].mT) * self.scaling  # (B, H, T, Tk)
+        weights = self.attn_dropout(_masked_softmax(scores, attention_mask, value.dtype))
+        attn_output = (weights @ value[:, :, :kv_length]).transpose(1, 2)  # (B, H, T, hd) -> (B, T, H, hd)
+        return attn_output, weights
+
+
+def _bias_mask(
+    bias: torch.Tensor, mask: torch.Tensor | None, length: int, kv_length: int, causal: bool
+) -> torch.Tensor:
+    """An additive score bias (ALiBi) and the attention mask as ONE additive float mask (B, H, T, Tk).
+
+    The merged scores then get exactly stock's `bias + scaling·q·k (+ mask)` through the ordinary masked path.
+    A missing mask means no padding: causal over the last T of the Tk keys for decoders (a cache holds the first
+    Tk - T), nothing hidden for encoders.
+    """
+    low = torch.finfo(bias.dtype).min
+    if mask is None and causal and length > 1:
+        mask = torch.ones(length, kv_length, dtype=torch.bool, device=bias.device).tril_(kv_length - length)
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        mask = torch.zeros((), dtype=bias.dtype, device=bias.device).masked_fill(~mask, low)
+    return (bias + mask).clamp_min(low)  # (B, H, T, Tk); clamped: min + a negative bias must not reach -inf
+
+
+def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Softmax over keys (the last dim) in float32, cast to `dtype`, under an eager or an SDPA-style mask.
+
+    `mask` broadcasts to `scores`: additive float (eager's format, added) or boolean, True = attend (sdpa's format;
+    a query whose mask hides every key gets weights 0, as SDPA gives). `scores` must be a fresh tensor: a boolean
+    mask is applied to it in place.
+    """
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+    elif mask is not None:
+        scores = scores + mask  # not in place: a float32 mask promotes half scores, as in stock
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+    if mask is not None and mask.dtype == torch.bool:
+        weights = weights.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+    return weights

@@ -1,0 +1,220 @@
+"""The checkpoint side of the core: merged model classes that build, check, save, describe and push themselves.
+
+Self-contained (torch, transformers and the core beside it) and family-free: it travels with every checkpoint.
+An adapter makes each of its family's model classes with `merged_class(StockClass, spec, auto_name)`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from torch import nn
+from transformers.utils.hub import CommitOperationAdd, hf_api
+
+from .merged_attention import ArchitectureSpec, CorruptRecordError, MergedAttention, check_record
+
+
+def num_layers_of(config) -> int:
+    """The number of transformer blocks (every supported config maps its own name to num_hidden_layers)."""
+    return config.num_hidden_layers
+
+
+def merge_attention_modules(model: nn.Module, spec: ArchitectureSpec, record: dict) -> None:
+    """Swap the recorded blocks' stock self-attention for unseeded merged modules of the same device and dtype.
+
+    Used when building a model from a merged config, whose weights then come from a checkpoint.
+    """
+    patch = check_record(record, num_layers_of(model.config), model.config.hidden_size)
+    for parent, name, child in spec.stock_attentions(model):
+        if child.layer_idx in patch.layers:
+            setattr(parent, name, spec.merged_attention_class.like(
+                child, model.config, patch.mode, patch.rank_for(child.layer_idx)
+            ))
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Total parameters of a patched model and of the stock model it came from (query and key: 2d² + 2d)."""
+    total = sum(p.numel() for p in model.parameters())
+    stock = total
+    for module in model.modules():
+        if isinstance(module, MergedAttention):
+            d = module.embed_dim
+            stock += 2 * d * d + 2 * d - module.q_proj.weight.numel() - module.q_proj.bias.numel()
+            if module.k_proj is not None:
+                stock -= module.k_proj.weight.numel()
+    return {"total": total, "stock": stock}
+
+
+class MergedModelMixin:
+    """What every merged model class adds to its stock transformers class: build, check, save, card, push.
+
+    `merged_spec` (the family's `ArchitectureSpec`) is set on each class by `merged_class`.
+    """
+
+    merged_spec: ArchitectureSpec
+
+    def __init__(self, config, *args, **kwargs):
+        check_record(config.merged_attn, num_layers_of(config), config.hidden_size)
+        self.merged_spec.check_model(config)
+        super().__init__(config, *args, **kwargs)
+        merge_attention_modules(self, self.merged_spec, config.merged_attn)
+        self.post_init()
+
+    def _merged_attention_names(self) -> list[str]:
+        prefix = getattr(self, "base_model_prefix", "")
+        names = [n for n, m in self.named_modules() if isinstance(m, MergedAttention)]
+        return names + [n[len(prefix) + 1 :] for n in names if prefix and n.startswith(prefix + ".")]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing checkpoints whose weights do not fit the recorded patch.
+
+        A missing, unexpected or mis-shaped attention weight raises instead of being randomly initialised.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except CorruptRecordError as error:
+            raise ValueError(f"{pretrained_model_name_or_path}/config.json: {error}") from error
+        except RuntimeError as error:  # transformers' size-mismatch report
+            if "mismatch" not in str(error):
+                raise
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: the weights in model.safetensors do not have the shapes that "
+                f"config.json's merged_attn describes ({error}). The checkpoint's config and weights disagree; "
+                "re-save it from the patched model with save_pretrained."
+            ) from error
+        attention = tuple(name + "." for name in model._merged_attention_names())
+        problems = {
+            kind: sorted(k for k in info.get(kind, []) if k.startswith(attention))
+            for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+        }
+        problems = {kind: keys for kind, keys in problems.items() if keys}
+        if problems:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: the attention weights in model.safetensors do not match "
+                f"config.json's merged_attn={model.config.merged_attn} ({problems}). Refusing to load a model with "
+                "missing or randomly initialised attention; re-save it from the patched model with save_pretrained."
+            )
+        return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory, *args, model_card_results: dict | None = None, **kwargs):
+        """`PreTrainedModel.save_pretrained` (safetensors only) plus a README.md model card if none is there."""
+        kwargs.pop("safe_serialization", None)  # only safetensors are ever written
+        super().save_pretrained(save_directory, *args, **kwargs)
+        card = os.path.join(save_directory, "README.md")
+        if kwargs.get("is_main_process", True) and (model_card_results is not None or not os.path.exists(card)):
+            with open(card, "w", encoding="utf-8") as f:
+                f.write(self.create_model_card(results=model_card_results))
+
+    def create_model_card(self, results: dict | None = None, repo_id: str | None = None) -> str:
+        """A README.md: base model, mode, rank, parameter counts vs stock, how to load, optional results."""
+        spec, record = self.merged_spec, self.config.merged_attn
+        counts = parameter_counts(self)
+        base = record.get("base_model")
+        where = repo_id or "path/to/this/folder"
+        rank = record["rank"]
+        if isinstance(rank, dict):
+            ranks = ", ".join(f"block {i}: {r}" for i, r in rank.items())
+            energy = record.get("energy")
+            energy = f", the smallest keeping a share {energy:g} of each head's spectral energy" if energy else ""
+            rank_text = f"ranks per block ({ranks}{energy})"
+        else:
+            rank_text = f"rank {rank}"
+        what = (
+            "as one d x d matrix per head (S_h = Wq_h·Wk_hᵀ, covariance mode)"
+            if record["mode"] == "covariance"
+            else f"factored at {rank_text} (S_h ≈ U_h·V_hᵀ, lowrank mode, seeded by "
+            f"{'activation-whitened SVD' if record.get('init') == 'whitened' else 'SVD'})"
+        )
+        auto = next((a for m, a in spec.model_classes.values() if m is type(self) and a), "AutoModel")
+        stock_type = spec.model_types[0]
+        front = ["---", "library_name: transformers", f"tags: [hf_merged_attn, {stock_type}, merged-attention]"]
+        if base and not os.path.isdir(str(base)):  # a hub id, not a local folder
+            front.append(f"base_model: {base}")
+        lines = front + [
+            "---",
+            "",
+            f"# {type(self).__name__}: {record['mode']} attention"
+            + ("" if not rank else ", ranks per block" if isinstance(rank, dict) else f", rank {rank}"),
+            "",
+            f"{spec.family}{f' (`{base}`)' if base else ''} whose query–key product is held {what}, made with "
+            f"hf_merged_attn. Patched blocks: {record['layers']}.",
+            "",
+            "| | parameters |",
+            "|---|---|",
+            f"| this model | {counts['total']:,} |",
+            f"| stock {spec.family} of the same shape | {counts['stock']:,} |",
+            "",
+            "## Load",
+            "",
+            "```python",
+            f"from transformers import {auto}",
+            f'model = {auto}.from_pretrained("{where}", trust_remote_code=True)',
+            "# or, with `pip install hf_merged_attn`: import hf_merged_attn, then from_pretrained without trust_remote_code",
+            f"# back to a stock {spec.family}: hf_merged_attn.unpatch_model(model)",
+            "```",
+        ]
+        if results:
+            lines += ["", "## Results", "", "| metric | value |", "|---|---|"]
+            lines += [f"| {k} | {v} |" for k, v in results.items()]
+        return "\n".join(lines) + "\n"
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str = "5GB",
+        results: dict | None = None,
+    ):
+        """Upload weights, config, remote code and a model card (with `results`, if given) to the Hub.
+
+        Returns:
+            The `huggingface_hub.CommitInfo` of the upload.
+        """
+        api = hf_api()
+        repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp_dir:
+            self.save_pretrained(tmp_dir, max_shard_size=max_shard_size)
+            with open(os.path.join(tmp_dir, "README.md"), "w", encoding="utf-8") as f:
+                f.write(self.create_model_card(results=results, repo_id=repo_id))
+            operations = [
+                CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(tmp_dir, name))
+                for name in sorted(os.listdir(tmp_dir))
+            ]
+            return api.create_commit(
+                repo_id=repo_id,
+                operations=operations,
+                commit_message=commit_message or f"Upload {type(self).__name__} ({self.config.merged_attn['mode']})",
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+            )
+
+
+def merged_class(stock_class: type, spec: ArchitectureSpec, auto_name: str | None) -> type:
+    """`Merged<StockClass>`: the stock model class with `MergedModelMixin`, defined in the adapter's module.
+
+    Records it in `spec.model_classes` and registers it for `auto_name` (the Auto class written to config.json's
+    auto_map for remote code; None where transformers has no Auto class for it). Assign the result to a
+    module-level name equal to its `__name__`, so remote code can find it.
+    """
+    name = f"Merged{stock_class.__name__}"
+    cls = type(
+        name,
+        (MergedModelMixin, stock_class),
+        {"config_class": spec.config_class, "merged_spec": spec, "__module__": spec.merged_attention_class.__module__},
+    )
+    cls.__qualname__ = name
+    spec.model_classes[stock_class] = (cls, auto_name)
+    if auto_name is not None:
+        cls.register_for_auto_class(auto_name)
+    return cls

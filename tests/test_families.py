@@ -1,0 +1,260 @@
+"""The same checks over every registered family (tests/families.py): exact at patch, padding, cache layout,
+cache == no cache, greedy generate, save -> load with and without the package, export back to stock, errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from families import DECODERS, FAMILIES, FAMILY_IDS, HEAD_DIM, HEADS, HIDDEN, LAYERS, VOCAB, inputs
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    BertConfig,
+    BertLMHeadModel,
+    GPTJConfig,
+    GPTJForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    T5Config,
+    T5Model,
+)
+
+from hf_merged_attn import MergedAttention, patch_model, unpatch_model
+
+# fp32: the patched model sums the same products in another order (S_h = Wq_h Wk_hᵀ is formed in float64 and
+# rounded once; scores are d-long instead of hd-long dot products), which moves outputs by ~1e-7 here. 1e-4 is
+# the bound the project promises; anything structural (a dropped bias, a wrong scaling, a wrong head split or a
+# lost ALiBi) moves them by > 1e-2 on these models (see test_a_wrong_seed_is_caught).
+FP32_TOL = 1e-4
+# Same weights and float ops after a save/load round trip: equal to the last bit in practice; 1e-6 only allows a
+# different BLAS blocking choice in another process.
+RELOAD_TOL = 1e-6
+EXACT = [("covariance", None), ("lowrank", HEAD_DIM)]
+EXACT_IDS = ["covariance", "lowrank_r=hd"]
+
+
+def patched(family, mode, rank, impl="eager", **kwargs):
+    """(stock, patched copy) of a fresh tiny model of `family`."""
+    stock = family.make(impl)
+    return stock, patch_model(copy.deepcopy(stock), mode, rank=rank, **kwargs)
+
+
+def diff_on_real_tokens(a, b, mask):
+    """Max |a - b| over positions whose token is real (padding rows see only padding: compared nowhere)."""
+    return (a - b).abs()[mask.bool()].max().item()
+
+
+def implementations(family):
+    return ["eager", "sdpa"] if family.sdpa else ["eager"]
+
+
+CASES = [(f, impl) for f in FAMILIES for impl in implementations(f)]
+
+
+@pytest.mark.parametrize("family,impl", CASES, ids=[f"{f.model_type}-{i}" for f, i in CASES])
+@pytest.mark.parametrize("mode,rank", EXACT, ids=EXACT_IDS)
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
+def test_patch_is_exact(family, impl, mode, rank, padded):
+    stock, model = patched(family, mode, rank, impl)
+    ids, mask = inputs(family)
+    if not padded:
+        mask = torch.ones_like(mask)
+    assert sum(isinstance(m, MergedAttention) for m in model.modules()) == LAYERS
+    assert not family.spec.stock_attentions(model)  # every stock self-attention was swapped
+    assert type(model).__name__ == f"Merged{family.model_class.__name__}"
+    with torch.no_grad():
+        expected, got = family.output(stock, ids, mask), family.output(model, ids, mask)
+    assert diff_on_real_tokens(got, expected, mask) < FP32_TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
+def test_a_wrong_seed_is_caught(family):
+    """The exactness tests can fail: a seed that drops the query bias term u_h moves the outputs far beyond 1e-4."""
+    stock, model = patched(family, "covariance", None)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, MergedAttention):
+                module.q_proj.bias.zero_()
+        ids, mask = inputs(family)
+        assert diff_on_real_tokens(family.output(model, ids, mask), family.output(stock, ids, mask), mask) > 1e-2
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
+def test_read_and_write_weights_are_inverse(family):
+    stock = family.make()
+    spec = family.spec
+    _, _, attn = spec.stock_attentions(stock)[1]
+    parts = spec.read_weights(attn)
+    assert {k: tuple(v.shape) for k, v in parts.items()} == {
+        **{f"w{n}": (HEADS, HIDDEN, HEAD_DIM) for n in "qkv"}, **{f"b{n}": (HEADS, HEAD_DIM) for n in "qkv"}
+    }
+    fresh = spec.new_stock_attention(stock.config, 1)
+    spec.write_weights(fresh, parts)
+    original = dict(attn.named_parameters())
+    for name, param in fresh.named_parameters():
+        if name.split(".")[0] not in ("c_proj", "out_proj", "dense"):  # the output projection is not q/k/v
+            assert torch.equal(param, original[name]), name
+
+
+@pytest.mark.parametrize("family", DECODERS, ids=[f.model_type for f in DECODERS])
+@pytest.mark.parametrize("mode,rank", [*EXACT, ("lowrank", 3)], ids=[*EXACT_IDS, "lowrank_r=3"])
+def test_cache_layout_and_cache_equals_no_cache(family, mode, rank):
+    _, model = patched(family, mode, rank)
+    ids, mask = inputs(family, length=10)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits  # (B, 10, V)
+        prefix = model(input_ids=ids[:, :7], attention_mask=mask[:, :7], use_cache=True)
+        keys = prefix.past_key_values.layers[0].keys
+        assert tuple(keys.shape) == ((3, 1, 7, HIDDEN) if mode == "covariance" else (3, HEADS, 7, rank))
+        cache, steps = prefix.past_key_values, []
+        for t in range(7, 10):  # one token at a time through the cache
+            out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits)
+    assert diff_on_real_tokens(torch.cat(steps, dim=1), full[:, 7:], mask[:, 7:]) < FP32_TOL
+
+
+@pytest.mark.parametrize("family", DECODERS, ids=[f.model_type for f in DECODERS])
+@pytest.mark.parametrize("mode,rank", EXACT, ids=EXACT_IDS)
+def test_greedy_generate_is_token_identical(family, mode, rank):
+    stock, model = patched(family, mode, rank)
+    ids, mask = inputs(family, length=6)
+    settings = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=family.config.pad_token_id)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **settings), stock.generate(ids, **settings))
+
+
+REMOTE_LOAD = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "hf_merged_attn":
+                raise ImportError("hf_merged_attn is blocked in this test")
+    sys.meta_path.insert(0, Block())
+    import torch, transformers
+    folder, auto, causal = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    model = getattr(transformers, auto).from_pretrained(folder, trust_remote_code=True, attn_implementation="eager")
+    assert "hf_merged_attn" not in sys.modules
+    ids = torch.tensor(json.loads(sys.argv[4]))
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    print(json.dumps({"type": type(model).__name__, "out": (out.logits if causal else out.last_hidden_state).tolist()}))
+    """
+)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
+def test_save_and_load_with_and_without_the_package(family, tmp_path):
+    _, model = patched(family, "lowrank", 3)
+    with torch.no_grad():  # move every attention weight away from its seed: a loader that re-seeds must fail
+        for module in model.modules():
+            if isinstance(module, MergedAttention):
+                for param in (module.q_proj.weight, module.k_proj.weight, module.v_proj.bias):
+                    param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    module_file = f"modeling_merged_{family.spec.merged_attention_class.__module__.rsplit('_', 1)[-1]}.py"
+    assert {"model.safetensors", "config.json", "README.md", module_file, "merged_attention.py", "merged_models.py"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == f"merged_{family.model_type}" and config["merged_attn"]["rank"] == 3
+    assert config["auto_map"][family.auto] == f"{module_file[:-3]}.{type(model).__name__}"
+
+    ids = torch.randint(2, VOCAB, (2, 9))
+    loaded = getattr(__import__("transformers"), family.auto).from_pretrained(tmp_path, attn_implementation="eager")
+    assert type(loaded) is type(model)
+    state = model.state_dict()
+    assert all(torch.equal(t, state[n]) for n, t in loaded.state_dict().items())
+    with torch.no_grad():
+        expected = family.output(model, ids)
+        assert (family.output(loaded, ids) - expected).abs().max() < RELOAD_TOL
+
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    script = [sys.executable, "-c", REMOTE_LOAD, str(tmp_path), family.auto, "1" if family.causal else "0", json.dumps(ids.tolist())]
+    result = subprocess.run(script, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["type"] == type(model).__name__
+    assert (torch.tensor(out["out"]) - expected).abs().max() < RELOAD_TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
+def test_model_card_names_the_family(family):
+    _, model = patched(family, "lowrank", 3)
+    card = model.create_model_card(repo_id="someone/tiny")
+    assert f"{family.spec.family} whose query–key product is held factored at rank 3" in card
+    assert f'{family.auto}.from_pretrained("someone/tiny", trust_remote_code=True)' in card
+    assert f"tags: [hf_merged_attn, {family.model_type}, merged-attention]" in card
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
+@pytest.mark.parametrize("mode,rank", [*EXACT, ("lowrank", 3)], ids=[*EXACT_IDS, "lowrank_r=3"])
+def test_export_back_to_stock_is_exact(family, mode, rank):
+    stock, model = patched(family, mode, rank)
+    ids, mask = inputs(family)
+    with torch.no_grad():
+        expected = family.output(model, ids, mask)  # = stock's for exact modes; the rank-3 model's otherwise
+    exported, errors = unpatch_model(model, strict=True, return_errors=True)
+    assert type(exported) is family.model_class and type(exported.config) is type(stock.config)
+    assert not hasattr(exported.config, "merged_attn") and exported.config.model_type == family.model_type
+    assert not any(isinstance(m, MergedAttention) for m in exported.modules())
+    assert max(errors.values()) < 1e-5  # rank(S̃_h) <= hd: the SVD export loses only round-off
+    with torch.no_grad():
+        assert diff_on_real_tokens(family.output(exported, ids, mask), expected, mask) < FP32_TOL
+
+
+def _tiny(config_class, **sizes):
+    return config_class(vocab_size=VOCAB, **sizes)
+
+
+@pytest.mark.parametrize(
+    "model,match",
+    [
+        (lambda: LlamaForCausalLM(_tiny(LlamaConfig, hidden_size=HIDDEN, num_attention_heads=HEADS, num_hidden_layers=1,
+                                        intermediate_size=64)),
+         r"LlamaForCausalLM \(model_type 'llama'\) uses rotary position embeddings .* between Wq and Wk.*Supported "
+         r"families .*GPT-2 \(gpt2\), OPT \(opt\), BLOOM \(bloom\), BERT \(bert\), RoBERTa \(roberta\)"),
+        (lambda: GPTNeoXForCausalLM(_tiny(GPTNeoXConfig, hidden_size=HIDDEN, num_attention_heads=HEADS,
+                                          num_hidden_layers=1, intermediate_size=64)),
+         r"model_type 'gpt_neox'\) uses rotary position embeddings"),
+        (lambda: GPTJForCausalLM(_tiny(GPTJConfig, n_embd=HIDDEN, n_head=HEADS, n_layer=1, rotary_dim=4)),
+         r"model_type 'gptj'\) uses rotary position embeddings"),
+        (lambda: T5Model(_tiny(T5Config, d_model=HIDDEN, num_heads=HEADS, num_layers=1, d_kv=HEAD_DIM, d_ff=64)),
+         r"T5Model \(model_type 't5'\) is not a supported family; supported: GPT-2 \(gpt2\), .*one adapter file"),
+        (lambda: OPTForCausalLM(_tiny(OPTConfig, hidden_size=HIDDEN, num_attention_heads=HEADS, num_hidden_layers=1,
+                                      ffn_dim=64, word_embed_proj_dim=HIDDEN, enable_bias=False)),
+         r"OPT with enable_bias=False is not supported"),
+        (lambda: BertLMHeadModel(_tiny(BertConfig, hidden_size=HIDDEN, num_attention_heads=HEADS, num_hidden_layers=1,
+                                       intermediate_size=64, is_decoder=True)),
+         r"BertConfig with is_decoder=True .* is not supported: only bidirectional encoder self-attention"),
+    ],
+    ids=["llama", "gpt_neox", "gptj", "t5", "opt_without_bias", "bert_decoder"],
+)
+def test_unsupported_models_are_refused_untouched(model, match):
+    model = model()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(NotImplementedError, match=match):
+        patch_model(model, "covariance")
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    assert not hasattr(model.config, "merged_attn")
+
+
+def test_patching_a_loaded_merged_checkpoint_again_is_refused(tmp_path):
+    family = FAMILIES[2]  # BLOOM
+    patched(family, "covariance", None)[1].save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"MergedBloomForCausalLM is already patched"):
+        patch_model(loaded, "lowrank", rank=2)
+    assert AutoModel.from_pretrained(tmp_path).config.merged_attn["mode"] == "covariance"

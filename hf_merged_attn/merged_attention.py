@@ -3,8 +3,9 @@
 Self-contained (imports only torch and transformers): this file travels next to every saved checkpoint,
 like the adapter (`modeling_merged_<family>.py`) that imports it, so `from_pretrained(...,
 trust_remote_code=True)` works where hf_merged_attn is not installed. No model family is named here:
-each family's adapter subclasses its stock attention class together with `MergedAttention`, builds the
-projections with `_build_merged`, and calls `attend` from a `forward` with the family's own signature.
+each family's adapter subclasses its stock attention class together with `MergedAttention`, says how its
+config gives sizes and scaling (`stock_settings`), and calls `attend` from a `forward` with the family's own
+signature.
 
 Shapes: batch B, query length T (Tk with the cache), hidden d, heads H, head size hd, rank r.
 
@@ -263,17 +264,17 @@ class ArchitectureSpec:
     Checklist for a new family (an adapter file `modeling_merged_<family>.py` beside the GPT-2 one):
       1. Check that merging is exact: positions must not act between the query and key projections (learned
          absolute positions, or a bias added to the scores as ALiBi is). Rotary families cannot be merged.
-      2. `MergedXConfig(XConfig)` with `model_type = "merged_<x>"` and `merged_attn: dict | None = None`,
-         then `MergedXConfig.register_for_auto_class()`.
-      3. `MergedXAttention(MergedAttention, XAttention)`: `__init__(config, mode, rank, layer_idx, *, output,
-         device, dtype)` calls `self._build_merged(...)` with the family's scaling rule and causality and keeps
-         the stock output projection (`output`, shared by reference; its attribute name is the class attribute
-         `output_name`, None where it lives outside the self-attention module, as in BERT); `forward` keeps the stock signature and
-         return value and calls `self.attend(...)`, passing any additive score bias (ALiBi) as `score_bias`.
+      2. `MergedXConfig(XConfig)` with `model_type = "merged_<x>"` and `merged_attn: dict | None = None`.
+      3. `MergedXAttention(MergedAttention, XAttention)`: `stock_settings(config, layer_idx)` gives the sizes, the
+         family's scaling rule, causality and dropout (its default reads the common config names; override it
+         where the family differs, e.g. GPT-2's layer-dependent scaling); `output_name` names the stock output projection the merged
+         module keeps (shared by reference; None where it lives outside the self-attention module, as in BERT);
+         `forward` keeps the stock signature and return value and calls `self.attend(...)`, passing any additive
+         score bias (ALiBi) as `score_bias`.
       4. `read_weights(stock_attention)` -> the canonical per-head dict {wq, wk, wv: (H, d, hd); bq, bk, bv:
          (H, hd)} and `write_weights(stock_attention, parts)`, its inverse (for export back to stock).
-      5. `merged_class(StockClass, spec, auto_name)` for each model class of the family, assigned to a module
-         name (`MergedXForCausalLM = ...`), so checkpoints load through the Auto classes and remote code.
+      5. `merged_classes(spec, (StockClass, auto_name), ...)` for the family's model classes, each assigned to a
+         module-level name (`MergedXForCausalLM`), so checkpoints load through the Auto classes and remote code.
       6. One entry in `registry.REGISTRY`, one row in the families table of `tests/families.py` and README.md.
 
     Attributes:
@@ -297,11 +298,11 @@ class ArchitectureSpec:
     merged_attention_class: type
     config_class: type
     block_class: type
-    causal: bool
-    has_cache: bool
     read_weights: Callable[[nn.Module], dict]
     write_weights: Callable[[nn.Module, dict], None]
     new_stock_attention: Callable[..., nn.Module]
+    causal: bool = True
+    has_cache: bool = True
     check_model: Callable[[object], None] = lambda config: None
     model_classes: dict = field(default_factory=dict)
 
@@ -362,7 +363,9 @@ class MergedAttention:
     `output_name` and is shared with the stock module it replaces (not copied).
     """
 
-    output_name: str | None = None
+    output_name: str | None = None  # the stock output projection kept by the module (None: it has none)
+    causal: bool = True  # decoder (causal) or encoder (bidirectional) attention, for `stock_settings`
+    dropout_name: str = "attention_dropout"  # the config field of the attention-probability dropout
 
     @classmethod
     def like(cls, stock: nn.Module, config, mode: str, rank: int | None):
@@ -371,34 +374,31 @@ class MergedAttention:
         output = getattr(stock, cls.output_name) if cls.output_name else None
         return cls(config, mode, rank, stock.layer_idx, output=output, device=weight.device, dtype=weight.dtype)
 
-    def _build_merged(
+    def __init__(
         self,
         config,
-        *,
         mode: str,
-        rank: int | None,
-        layer_idx: int | None,
-        hidden_size: int,
-        num_heads: int,
-        scaling: float,
-        is_causal: bool,
-        dropout: float,
-        upcast: bool = False,
+        rank: int | None = None,
+        layer_idx: int | None = None,
+        *,
+        output: nn.Module | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-    ) -> None:
-        """Set up the module: call from the adapter's `__init__` instead of the stock class's (which builds the
-        q/k/v projections being replaced).
+    ):
+        """Build the merged projections in place of the stock ones (the stock class's `__init__` is not run).
 
         Args:
-            scaling: the stock score scaling (hd^-½ and the family's rules), NOT qk^-½: scores equal stock's.
-            is_causal: decoder attention (masked to earlier keys when no mask is given).
-            dropout: attention-probability dropout.
-            upcast: compute q·k in float32 under autocast (GPT-2's reorder_and_upcast_attn).
+            config: the model's config; the family's `stock_settings` reads its sizes and scaling rules from it.
+            mode, rank: the patch ("covariance", or "lowrank" at rank r).
+            layer_idx: the block index (cache slot, layer-dependent scaling).
+            output: the stock output projection to share, where the module has one (`output_name`); a fresh
+                one of the family's type (`new_output`) when None, as when loading a checkpoint.
         """
         nn.Module.__init__(self)
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {MODES}.")
+        settings = {"upcast": False, **self.stock_settings(config, layer_idx)}
+        hidden_size, num_heads = settings["hidden_size"], settings["num_heads"]
         self.config = config
         self.mode = mode
         self.rank = rank
@@ -407,14 +407,40 @@ class MergedAttention:
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.qk_head_dim = hidden_size if mode == "covariance" else rank
-        self.scaling = scaling
-        self.is_causal = is_causal
-        self.upcast_scores = upcast
+        self.scaling = settings["scaling"]  # the stock scaling (hd^-½ and the family's rules), NOT qk^-½
+        self.is_causal = settings["is_causal"]
+        self.upcast_scores = settings["upcast"]  # q·k in float32 under autocast (GPT-2's reorder_and_upcast_attn)
         factory = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(hidden_size, num_heads * self.qk_head_dim, bias=True, **factory)
         self.k_proj = nn.Linear(hidden_size, num_heads * rank, bias=False, **factory) if mode == "lowrank" else None
         self.v_proj = nn.Linear(hidden_size, hidden_size, bias=True, **factory)
-        self.attn_dropout = nn.Dropout(dropout)
+        self.attn_dropout = nn.Dropout(settings["dropout"])
+        if self.output_name is not None:
+            setattr(self, self.output_name, output if output is not None else self.new_output(config).to(**factory))
+        elif output is not None:
+            raise ValueError(f"{type(self).__name__} has no output projection of its own; got output={output!r}.")
+
+    @classmethod
+    def stock_settings(cls, config, layer_idx: int | None) -> dict:
+        """The family's attention settings, read from its config; an adapter overrides what differs.
+
+        Returns:
+            {"hidden_size", "num_heads", "scaling" (the stock score scaling), "is_causal", "dropout" (on the
+            attention probabilities), and optionally "upcast" (GPT-2's reorder_and_upcast_attn)}. The defaults:
+            config.hidden_size and num_attention_heads, scaling hd^-½, the class's `causal`, and the dropout
+            probability in the config field the class's `dropout_name` names.
+        """
+        return {
+            "hidden_size": config.hidden_size,
+            "num_heads": config.num_attention_heads,
+            "scaling": (config.hidden_size // config.num_attention_heads) ** -0.5,
+            "is_causal": cls.causal,
+            "dropout": getattr(config, cls.dropout_name),
+        }
+
+    def new_output(self, config) -> nn.Module:
+        """A fresh output projection (d -> d) of the family's type, for `output_name`."""
+        return nn.Linear(self.embed_dim, self.embed_dim)
 
     def extra_repr(self) -> str:
         rank = f", rank={self.rank}" if self.rank is not None else ""

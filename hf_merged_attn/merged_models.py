@@ -218,3 +218,9 @@ def merged_class(stock_class: type, spec: ArchitectureSpec, auto_name: str | Non
     if auto_name is not None:
         cls.register_for_auto_class(auto_name)
     return cls
+
+
+def merged_classes(spec: ArchitectureSpec, *stock_and_auto: tuple[type, str | None]) -> tuple[type, ...]:
+    """`merged_class` for each (stock class, Auto class name or None) pair, in order; registers the config too."""
+    spec.config_class.register_for_auto_class()  # config.json's auto_map gets "AutoConfig" for remote code
+    return tuple(merged_class(stock, spec, auto) for stock, auto in stock_and_auto)

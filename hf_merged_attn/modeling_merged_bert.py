@@ -36,7 +36,7 @@ from transformers.models.roberta.modeling_roberta import (
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .merged_attention import ArchitectureSpec, MergedAttention, read_linear_qkv, write_linear_qkv
-from .merged_models import merged_class
+from .merged_models import merged_classes
 
 
 class MergedBertConfig(BertConfig):
@@ -53,35 +53,11 @@ class MergedRobertaConfig(RobertaConfig):
     merged_attn: dict | None = None
 
 
-MergedBertConfig.register_for_auto_class()
-MergedRobertaConfig.register_for_auto_class()
-
-
 class MergedBertSelfAttention(MergedAttention, BertSelfAttention):
     """Drop-in replacement for an encoder's `BertSelfAttention` (same call signature and returns)."""
 
-    def __init__(
-        self,
-        config: BertConfig,
-        mode: str,
-        rank: int | None = None,
-        layer_idx: int | None = None,
-        *,
-        output: nn.Module | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ):
-        if output is not None:
-            raise ValueError("BERT's self-attention has no output projection of its own (it is BertSelfOutput.dense).")
-        head_dim = config.hidden_size // config.num_attention_heads
-        self._build_merged(
-            config, mode=mode, rank=rank, layer_idx=layer_idx, hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads, scaling=head_dim**-0.5, is_causal=False,
-            dropout=config.attention_probs_dropout_prob, device=device, dtype=dtype,
-        )
-        self.is_decoder = False
-        self.num_attention_heads, self.attention_head_size = self.num_heads, self.head_dim
-        self.all_head_size = self.embed_dim
+    causal = False
+    dropout_name = "attention_probs_dropout_prob"
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -121,33 +97,34 @@ def check_model(config: BertConfig | RobertaConfig) -> None:
 
 def _spec(family, model_type, attention, merged, config_class, block) -> ArchitectureSpec:
     return ArchitectureSpec(
-        family=family,
-        model_types=(model_type,),
-        attention_class=attention,
-        merged_attention_class=merged,
-        config_class=config_class,
-        block_class=block,
-        causal=False,
-        has_cache=False,
-        read_weights=read_weights,
-        write_weights=write_weights,
+        family, (model_type,), attention, merged, config_class, block, read_weights, write_weights,
         new_stock_attention=lambda config, layer_idx: attention(config, is_causal=False, layer_idx=layer_idx),
-        check_model=check_model,
+        causal=False, has_cache=False, check_model=check_model,
     )
 
 
 SPEC = _spec("BERT", "bert", BertSelfAttention, MergedBertSelfAttention, MergedBertConfig, BertLayer)
 ROBERTA_SPEC = _spec("RoBERTa", "roberta", RobertaSelfAttention, MergedRobertaSelfAttention, MergedRobertaConfig, RobertaLayer)
 
-MergedBertModel = merged_class(BertModel, SPEC, "AutoModel")
-MergedBertForMaskedLM = merged_class(BertForMaskedLM, SPEC, "AutoModelForMaskedLM")
-MergedBertForSequenceClassification = merged_class(BertForSequenceClassification, SPEC, "AutoModelForSequenceClassification")
-MergedBertForTokenClassification = merged_class(BertForTokenClassification, SPEC, "AutoModelForTokenClassification")
-MergedBertForQuestionAnswering = merged_class(BertForQuestionAnswering, SPEC, "AutoModelForQuestionAnswering")
-MergedBertForMultipleChoice = merged_class(BertForMultipleChoice, SPEC, "AutoModelForMultipleChoice")
-MergedRobertaModel = merged_class(RobertaModel, ROBERTA_SPEC, "AutoModel")
-MergedRobertaForMaskedLM = merged_class(RobertaForMaskedLM, ROBERTA_SPEC, "AutoModelForMaskedLM")
-MergedRobertaForSequenceClassification = merged_class(RobertaForSequenceClassification, ROBERTA_SPEC, "AutoModelForSequenceClassification")
-MergedRobertaForTokenClassification = merged_class(RobertaForTokenClassification, ROBERTA_SPEC, "AutoModelForTokenClassification")
-MergedRobertaForQuestionAnswering = merged_class(RobertaForQuestionAnswering, ROBERTA_SPEC, "AutoModelForQuestionAnswering")
-MergedRobertaForMultipleChoice = merged_class(RobertaForMultipleChoice, ROBERTA_SPEC, "AutoModelForMultipleChoice")
+# The Auto class of each head, in the order of the class lists below (the same heads for BERT and RoBERTa).
+_AUTO = ("AutoModel", "AutoModelForMaskedLM", "AutoModelForSequenceClassification", "AutoModelForTokenClassification",
+         "AutoModelForQuestionAnswering", "AutoModelForMultipleChoice")
+(
+    MergedBertModel,
+    MergedBertForMaskedLM,
+    MergedBertForSequenceClassification,
+    MergedBertForTokenClassification,
+    MergedBertForQuestionAnswering,
+    MergedBertForMultipleChoice,
+) = merged_classes(SPEC, *zip((BertModel, BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification,
+                                BertForQuestionAnswering, BertForMultipleChoice), _AUTO))
+(
+    MergedRobertaModel,
+    MergedRobertaForMaskedLM,
+    MergedRobertaForSequenceClassification,
+    MergedRobertaForTokenClassification,
+    MergedRobertaForQuestionAnswering,
+    MergedRobertaForMultipleChoice,
+) = merged_classes(ROBERTA_SPEC, *zip((RobertaModel, RobertaForMaskedLM, RobertaForSequenceClassification,
+                                        RobertaForTokenClassification, RobertaForQuestionAnswering,
+                                        RobertaForMultipleChoice), _AUTO))

@@ -3,13 +3,11 @@
 Self-contained with the core files beside it (torch and transformers only): copied next to saved checkpoints.
 BLOOM's fused `query_key_value` `nn.Linear(d, 3d)` is laid out per head: output feature h*3*hd + j*hd + c is
 channel c of head h's query (j = 0), key (1) or value (2). Positions are ALiBi, a bias added to the scores AFTER
-the q·k product (alibi + hd^-½ q·k), so the merge is exact and ALiBi is passed on unchanged. Causal, KV cache,
+the q·k product (alibi + hd^-½ q·k; stock writes the scale as 1 / sqrt(hd), equal up to one rounding), so the merge is exact and ALiBi is passed on unchanged. Causal, KV cache,
 eager attention only (as stock BLOOM).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -27,7 +25,7 @@ from transformers.models.bloom.modeling_bloom import (
 )
 
 from .merged_attention import ArchitectureSpec, MergedAttention, heads_to_linear, linear_to_heads
-from .merged_models import merged_class
+from .merged_models import merged_classes
 
 
 class MergedBloomConfig(BloomConfig):
@@ -37,34 +35,14 @@ class MergedBloomConfig(BloomConfig):
     merged_attn: dict | None = None
 
 
-MergedBloomConfig.register_for_auto_class()
-
-
 class MergedBloomAttention(MergedAttention, BloomAttention):
     """Drop-in replacement for `BloomAttention` (same call signature and returns); keeps the stock `dense`."""
 
     output_name = "dense"
 
-    def __init__(
-        self,
-        config: BloomConfig,
-        mode: str,
-        rank: int | None = None,
-        layer_idx: int | None = None,
-        *,
-        output: nn.Linear | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ):
-        head_dim = config.hidden_size // config.n_head
-        self._build_merged(
-            config, mode=mode, rank=rank, layer_idx=layer_idx, hidden_size=config.hidden_size,
-            num_heads=config.n_head, scaling=1.0 / math.sqrt(head_dim), is_causal=True,
-            dropout=config.attention_dropout, device=device, dtype=dtype,
-        )
-        self.hidden_size = self.embed_dim
+    def __init__(self, config: BloomConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
         self.hidden_dropout = config.hidden_dropout
-        self.dense = output if output is not None else nn.Linear(self.embed_dim, self.embed_dim, device=device, dtype=dtype)
 
     def forward(
         self,
@@ -108,21 +86,21 @@ def write_weights(attn: BloomAttention, parts: dict[str, torch.Tensor]) -> None:
 
 
 SPEC = ArchitectureSpec(
-    family="BLOOM",
-    model_types=("bloom",),
-    attention_class=BloomAttention,
-    merged_attention_class=MergedBloomAttention,
-    config_class=MergedBloomConfig,
-    block_class=BloomBlock,
-    causal=True,
-    has_cache=True,
-    read_weights=read_weights,
-    write_weights=write_weights,
-    new_stock_attention=lambda config, layer_idx: BloomAttention(config, layer_idx=layer_idx),
+    "BLOOM", ("bloom",), BloomAttention, MergedBloomAttention, MergedBloomConfig, BloomBlock, read_weights,
+    write_weights, new_stock_attention=lambda config, layer_idx: BloomAttention(config, layer_idx=layer_idx),
 )
 
-MergedBloomModel = merged_class(BloomModel, SPEC, "AutoModel")
-MergedBloomForCausalLM = merged_class(BloomForCausalLM, SPEC, "AutoModelForCausalLM")
-MergedBloomForSequenceClassification = merged_class(BloomForSequenceClassification, SPEC, "AutoModelForSequenceClassification")
-MergedBloomForTokenClassification = merged_class(BloomForTokenClassification, SPEC, "AutoModelForTokenClassification")
-MergedBloomForQuestionAnswering = merged_class(BloomForQuestionAnswering, SPEC, "AutoModelForQuestionAnswering")
+(
+    MergedBloomModel,
+    MergedBloomForCausalLM,
+    MergedBloomForSequenceClassification,
+    MergedBloomForTokenClassification,
+    MergedBloomForQuestionAnswering,
+) = merged_classes(
+    SPEC,
+    (BloomModel, "AutoModel"),
+    (BloomForCausalLM, "AutoModelForCausalLM"),
+    (BloomForSequenceClassification, "AutoModelForSequenceClassification"),
+    (BloomForTokenClassification, "AutoModelForTokenClassification"),
+    (BloomForQuestionAnswering, "AutoModelForQuestionAnswering"),
+)

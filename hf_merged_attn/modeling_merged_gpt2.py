@@ -28,7 +28,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .merged_attention import ArchitectureSpec, MergedAttention
-from .merged_models import merged_class
+from .merged_models import merged_classes
 
 
 class MergedGPT2Config(GPT2Config):
@@ -42,7 +42,13 @@ class MergedGPT2Config(GPT2Config):
     merged_attn: dict | None = None
 
 
-MergedGPT2Config.register_for_auto_class()
+def check_model(config: GPT2Config) -> None:
+    """Refuse GPT-2 variants whose attention is not merged here."""
+    if getattr(config, "add_cross_attention", False):
+        raise NotImplementedError(
+            "GPT-2 with add_cross_attention=True (an encoder-decoder setup) is not supported: only decoder "
+            "self-attention is merged. Use a decoder-only GPT-2 (add_cross_attention=False)."
+        )
 
 
 class MergedGPT2Attention(MergedAttention, GPT2Attention):
@@ -54,33 +60,23 @@ class MergedGPT2Attention(MergedAttention, GPT2Attention):
 
     output_name = "c_proj"
 
-    def __init__(
-        self,
-        config: GPT2Config,
-        mode: str,
-        rank: int | None = None,
-        layer_idx: int | None = None,
-        *,
-        output: Conv1D | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ):
-        head_dim = config.hidden_size // config.num_attention_heads
-        scaling = head_dim**-0.5 if config.scale_attn_weights else 1.0
+    @classmethod
+    def stock_settings(cls, config: GPT2Config, layer_idx: int | None) -> dict:
+        scaling = (config.hidden_size // config.num_attention_heads) ** -0.5 if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
             scaling /= float(layer_idx + 1)
-        self._build_merged(
-            config, mode=mode, rank=rank, layer_idx=layer_idx, hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads, scaling=scaling, is_causal=True, dropout=config.attn_pdrop,
-            upcast=config.reorder_and_upcast_attn, device=device, dtype=dtype,
-        )
-        self.split_size = self.embed_dim
+        return {
+            "hidden_size": config.hidden_size, "num_heads": config.num_attention_heads, "scaling": scaling,
+            "is_causal": True, "dropout": config.attn_pdrop, "upcast": config.reorder_and_upcast_attn,
+        }
+
+    def __init__(self, config: GPT2Config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
         self.is_cross_attention = False
-        self.scale_attn_weights = config.scale_attn_weights
-        self.scale_attn_by_inverse_layer_idx = config.scale_attn_by_inverse_layer_idx
-        self.reorder_and_upcast_attn = config.reorder_and_upcast_attn
-        self.c_proj = output if output is not None else Conv1D(self.embed_dim, self.embed_dim).to(device, dtype)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def new_output(self, config: GPT2Config) -> Conv1D:
+        return Conv1D(self.embed_dim, self.embed_dim)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -120,33 +116,24 @@ def write_weights(attn: GPT2Attention, parts: dict[str, torch.Tensor]) -> None:
     attn.c_attn.bias.copy_(torch.stack([parts["bq"], parts["bk"], parts["bv"]]).reshape(-1))  # (3, H, hd) -> (3d,)
 
 
-def check_model(config: GPT2Config) -> None:
-    """Refuse GPT-2 variants whose attention is not merged here."""
-    if getattr(config, "add_cross_attention", False):
-        raise NotImplementedError(
-            "GPT-2 with add_cross_attention=True (an encoder-decoder setup) is not supported: only decoder "
-            "self-attention is merged. Use a decoder-only GPT-2 (add_cross_attention=False)."
-        )
-
-
 SPEC = ArchitectureSpec(
-    family="GPT-2",
-    model_types=("gpt2",),
-    attention_class=GPT2Attention,
-    merged_attention_class=MergedGPT2Attention,
-    config_class=MergedGPT2Config,
-    block_class=GPT2Block,
-    causal=True,
-    has_cache=True,
-    read_weights=read_weights,
-    write_weights=write_weights,
-    new_stock_attention=lambda config, layer_idx: GPT2Attention(config, layer_idx=layer_idx),
-    check_model=check_model,
+    "GPT-2", ("gpt2",), GPT2Attention, MergedGPT2Attention, MergedGPT2Config, GPT2Block, read_weights, write_weights,
+    new_stock_attention=lambda config, layer_idx: GPT2Attention(config, layer_idx=layer_idx), check_model=check_model,
 )
 
-MergedGPT2Model = merged_class(GPT2Model, SPEC, "AutoModel")
-MergedGPT2LMHeadModel = merged_class(GPT2LMHeadModel, SPEC, "AutoModelForCausalLM")
-MergedGPT2DoubleHeadsModel = merged_class(GPT2DoubleHeadsModel, SPEC, None)  # transformers has no Auto class for it
-MergedGPT2ForSequenceClassification = merged_class(GPT2ForSequenceClassification, SPEC, "AutoModelForSequenceClassification")
-MergedGPT2ForTokenClassification = merged_class(GPT2ForTokenClassification, SPEC, "AutoModelForTokenClassification")
-MergedGPT2ForQuestionAnswering = merged_class(GPT2ForQuestionAnswering, SPEC, "AutoModelForQuestionAnswering")
+(
+    MergedGPT2Model,
+    MergedGPT2LMHeadModel,
+    MergedGPT2DoubleHeadsModel,
+    MergedGPT2ForSequenceClassification,
+    MergedGPT2ForTokenClassification,
+    MergedGPT2ForQuestionAnswering,
+) = merged_classes(
+    SPEC,
+    (GPT2Model, "AutoModel"),
+    (GPT2LMHeadModel, "AutoModelForCausalLM"),
+    (GPT2DoubleHeadsModel, None),  # transformers has no Auto class for it
+    (GPT2ForSequenceClassification, "AutoModelForSequenceClassification"),
+    (GPT2ForTokenClassification, "AutoModelForTokenClassification"),
+    (GPT2ForQuestionAnswering, "AutoModelForQuestionAnswering"),
+)

@@ -22,7 +22,7 @@ from transformers.models.opt.modeling_opt import (
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .merged_attention import ArchitectureSpec, MergedAttention, read_linear_qkv, write_linear_qkv
-from .merged_models import merged_class
+from .merged_models import merged_classes
 
 
 class MergedOPTConfig(OPTConfig):
@@ -32,7 +32,13 @@ class MergedOPTConfig(OPTConfig):
     merged_attn: dict | None = None
 
 
-MergedOPTConfig.register_for_auto_class()
+def check_model(config: OPTConfig) -> None:
+    """Refuse OPT variants whose attention is not merged here."""
+    if not config.enable_bias:
+        raise NotImplementedError(
+            "OPT with enable_bias=False is not supported: the merged query bias u_h = bq_h Wk_hᵀ has no place in a "
+            "bias-free stock OPT on export. Use an OPT with enable_bias=True (every released OPT checkpoint)."
+        )
 
 
 class MergedOPTAttention(MergedAttention, OPTAttention):
@@ -40,35 +46,10 @@ class MergedOPTAttention(MergedAttention, OPTAttention):
 
     output_name = "out_proj"
 
-    def __init__(
-        self,
-        config: OPTConfig,
-        mode: str,
-        rank: int | None = None,
-        layer_idx: int | None = None,
-        *,
-        output: nn.Linear | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ):
-        head_dim = config.hidden_size // config.num_attention_heads
-        self._build_merged(
-            config, mode=mode, rank=rank, layer_idx=layer_idx, hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads, scaling=head_dim**-0.5, is_causal=True,
-            dropout=config.attention_dropout, device=device, dtype=dtype,
-        )
-        self.dropout = config.attention_dropout
-        self.enable_bias = config.enable_bias
-        self.out_proj = output if output is not None else nn.Linear(self.embed_dim, self.embed_dim, device=device, dtype=dtype)
-
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
-        self,
-        hidden_states: torch.Tensor,
-        cache: Cache | None = None,
-        attention_mask: torch.Tensor | None = None,
-        output_attentions: bool = False,
-        **kwargs,
+        self, hidden_states: torch.Tensor, cache: Cache | None = None, attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False, **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Same contract as `OPTAttention.forward`: returns (attn_output, attn_weights)."""
         attn_output, attn_weights = self.attend(hidden_states, attention_mask, cache, **kwargs)
@@ -85,31 +66,15 @@ def write_weights(attn: OPTAttention, parts: dict[str, torch.Tensor]) -> None:
     write_linear_qkv(attn.q_proj, attn.k_proj, attn.v_proj, parts)
 
 
-def check_model(config: OPTConfig) -> None:
-    """Refuse OPT variants whose attention is not merged here."""
-    if not config.enable_bias:
-        raise NotImplementedError(
-            "OPT with enable_bias=False is not supported: the merged query bias u_h = bq_h Wk_hᵀ has no place in a "
-            "bias-free stock OPT on export. Use an OPT with enable_bias=True (every released OPT checkpoint)."
-        )
-
-
 SPEC = ArchitectureSpec(
-    family="OPT",
-    model_types=("opt",),
-    attention_class=OPTAttention,
-    merged_attention_class=MergedOPTAttention,
-    config_class=MergedOPTConfig,
-    block_class=OPTDecoderLayer,
-    causal=True,
-    has_cache=True,
-    read_weights=read_weights,
-    write_weights=write_weights,
-    new_stock_attention=lambda config, layer_idx: OPTAttention(config, layer_idx=layer_idx),
-    check_model=check_model,
+    "OPT", ("opt",), OPTAttention, MergedOPTAttention, MergedOPTConfig, OPTDecoderLayer, read_weights, write_weights,
+    new_stock_attention=lambda config, layer_idx: OPTAttention(config, layer_idx=layer_idx), check_model=check_model,
 )
 
-MergedOPTModel = merged_class(OPTModel, SPEC, "AutoModel")
-MergedOPTForCausalLM = merged_class(OPTForCausalLM, SPEC, "AutoModelForCausalLM")
-MergedOPTForSequenceClassification = merged_class(OPTForSequenceClassification, SPEC, "AutoModelForSequenceClassification")
-MergedOPTForQuestionAnswering = merged_class(OPTForQuestionAnswering, SPEC, "AutoModelForQuestionAnswering")
+MergedOPTModel, MergedOPTForCausalLM, MergedOPTForSequenceClassification, MergedOPTForQuestionAnswering = merged_classes(
+    SPEC,
+    (OPTModel, "AutoModel"),
+    (OPTForCausalLM, "AutoModelForCausalLM"),
+    (OPTForSequenceClassification, "AutoModelForSequenceClassification"),
+    (OPTForQuestionAnswering, "AutoModelForQuestionAnswering"),
+)

@@ -288,6 +288,8 @@ class ArchitectureSpec:
         has_cache: whether the family keeps a KV cache when generating.
         read_weights, write_weights: stock module <-> canonical per-head weights (see the checklist).
         new_stock_attention: (config, layer_idx) -> an empty stock attention module, for export.
+        qkv_names: the stock attention's query/key/value submodules (what `read_weights` reads; like-for-like LoRA
+            targets on a stock model).
         check_model: raises NotImplementedError for variants of the family that are not supported.
         model_classes: stock model class -> (merged class, Auto class name or None), filled by `merged_class`.
     """
@@ -301,6 +303,7 @@ class ArchitectureSpec:
     read_weights: Callable[[nn.Module], dict]
     write_weights: Callable[[nn.Module, dict], None]
     new_stock_attention: Callable[..., nn.Module]
+    qkv_names: tuple[str, ...] = ()
     causal: bool = True
     has_cache: bool = True
     check_model: Callable[[object], None] = lambda config: None

@@ -99,7 +99,7 @@ def _spec(family, model_type, attention, merged, config_class, block) -> Archite
     return ArchitectureSpec(
         family, (model_type,), attention, merged, config_class, block, read_weights, write_weights,
         new_stock_attention=lambda config, layer_idx: attention(config, is_causal=False, layer_idx=layer_idx),
-        causal=False, has_cache=False, check_model=check_model,
+        qkv_names=("query", "key", "value"), causal=False, has_cache=False, check_model=check_model,
     )
 
 

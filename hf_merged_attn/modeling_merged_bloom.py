@@ -88,6 +88,7 @@ def write_weights(attn: BloomAttention, parts: dict[str, torch.Tensor]) -> None:
 SPEC = ArchitectureSpec(
     "BLOOM", ("bloom",), BloomAttention, MergedBloomAttention, MergedBloomConfig, BloomBlock, read_weights,
     write_weights, new_stock_attention=lambda config, layer_idx: BloomAttention(config, layer_idx=layer_idx),
+    qkv_names=("query_key_value",),
 )
 
 (

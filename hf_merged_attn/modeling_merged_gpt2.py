@@ -119,6 +119,7 @@ def write_weights(attn: GPT2Attention, parts: dict[str, torch.Tensor]) -> None:
 SPEC = ArchitectureSpec(
     "GPT-2", ("gpt2",), GPT2Attention, MergedGPT2Attention, MergedGPT2Config, GPT2Block, read_weights, write_weights,
     new_stock_attention=lambda config, layer_idx: GPT2Attention(config, layer_idx=layer_idx), check_model=check_model,
+    qkv_names=("c_attn",),
 )
 
 (

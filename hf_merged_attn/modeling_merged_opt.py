@@ -69,6 +69,7 @@ def write_weights(attn: OPTAttention, parts: dict[str, torch.Tensor]) -> None:
 SPEC = ArchitectureSpec(
     "OPT", ("opt",), OPTAttention, MergedOPTAttention, MergedOPTConfig, OPTDecoderLayer, read_weights, write_weights,
     new_stock_attention=lambda config, layer_idx: OPTAttention(config, layer_idx=layer_idx), check_model=check_model,
+    qkv_names=("q_proj", "k_proj", "v_proj"),
 )
 
 MergedOPTModel, MergedOPTForCausalLM, MergedOPTForSequenceClassification, MergedOPTForQuestionAnswering = merged_classes(

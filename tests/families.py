@@ -28,7 +28,6 @@ from hf_merged_attn.registry import REGISTRY
 
 HIDDEN, HEADS, LAYERS, VOCAB = 32, 4, 2, 101
 HEAD_DIM = HIDDEN // HEADS
-QKV_NAMES = ("c_attn", "q_proj", "k_proj", "v_proj", "query_key_value", "query", "key", "value")
 
 
 @dataclass
@@ -53,7 +52,7 @@ class Family:
         with torch.no_grad():
             for _, _, attn in self.spec.stock_attentions(model):
                 for name, param in attn.named_parameters():
-                    if name.split(".")[0] in QKV_NAMES:
+                    if name.split(".")[0] in self.spec.qkv_names:
                         param.normal_(0.0, 0.25 if name.endswith("weight") else 0.5)
         return model
 

@@ -11,6 +11,10 @@ Shapes: batch B, query length T (Tk with the cache), hidden d, heads H, head siz
 
 - covariance: q_h = x S_h + u_h (B, H, T, d); the key is x itself, ONE head shared by all: (B, 1, T, d).
 - lowrank:    q_h = x U_h + a_h (B, H, T, r); k_h = x V_h (B, H, T, r).
+- latent:     q_h stock; ONE latent c = x W_c (B, 1, T, r_c) per layer, cached for keys and values alike;
+              k_h = c Bk_h, v_h = c Bv_h + bv_h. Training and prefill expand c (SDPA's fused kernels); decoding
+              with cached tokens uses the absorbed order (q_h Bk_hᵀ against c, then (A c) Bv_h) and never
+              re-expands the cache.
 Values and the output projection are the stock model's. Scores use the stock scaling (hd^-½ and the family's
 own rules), plus any additive score bias the family has (ALiBi), so the softmax equals stock's.
 """
@@ -27,7 +31,8 @@ from torch import nn
 from transformers.cache_utils import Cache, EncoderDecoderCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-MODES = ("covariance", "lowrank")
+MODES = ("covariance", "lowrank", "latent")
+RANKED_MODES = ("lowrank", "latent")  # the modes that take rank=...
 INITS = ("svd", "whitened")  # how lowrank factors are seeded: plain SVD of the weights, or activation-aware
 SUPPORTED_ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -49,14 +54,17 @@ class PatchConfig:
     arguments, and `check_record` rebuilds it from a checkpoint's `merged_attn`.
 
     Attributes:
-        mode: "covariance" (one d x d matrix S_h = Wq_h Wk_hᵀ per head) or "lowrank" (S_h ≈ U_h V_hᵀ).
-        rank: for "lowrank", r (1 <= r <= hidden size) for every patched block, or {block index: r} per block;
-            None for "covariance". An energy target is resolved to the per-block dict by `patch_model`.
+        mode: "covariance" (one d x d matrix S_h = Wq_h Wk_hᵀ per head), "lowrank" (S_h ≈ U_h V_hᵀ) or "latent"
+            (one cached latent c = x W_c per layer for keys and values).
+        rank: for "lowrank" r, for "latent" r_c (1 <= rank <= hidden size) for every patched block, or
+            {block index: rank} per block; None for "covariance". An energy target is resolved to the per-block
+            dict by `patch_model`.
         layers: indices of the patched blocks (sorted); None until resolved against a model.
-        init: how "lowrank" factors are seeded — "svd" (best rank-r approximation of the weights) or
-            "whitened" (least score error on calibration activations); None for "covariance" (exact).
-        energy: set from `rank=<float>` ("lowrank"): the fraction in (0, 1) of each head's spectral energy that
-            the seed keeps; `patch_model` picks the smallest such rank per block.
+        init: how "lowrank" / "latent" factors are seeded — "svd" (best approximation of the weights) or
+            "whitened" (least error on calibration activations); None for "covariance" (exact).
+        energy: set from `rank=<float>`: the fraction in (0, 1) of the spectral energy that the seed keeps (of each
+            head's S̃_h for lowrank, of the layer's stacked [Wk | Wv] for latent); `patch_model` picks the smallest
+            such rank per block.
     """
 
     mode: str
@@ -69,19 +77,20 @@ class PatchConfig:
         if not isinstance(self.mode, str) or self.mode not in MODES:
             raise ValueError(
                 f"mode={self.mode!r} is not a patch mode; allowed: {', '.join(repr(m) for m in MODES)}. "
-                "Use mode='covariance' for the exact merged S_h, or mode='lowrank' with rank=r."
+                "Use mode='covariance' for the exact merged S_h, mode='lowrank' with rank=r, or mode='latent' with "
+                "rank=r_c."
             )
         if self.mode == "covariance" and self.rank is not None:
             raise ValueError(
                 f"rank={self.rank!r} was given with mode='covariance', which has no rank (S_h is d x d). "
                 "Drop rank, or use mode='lowrank' to factor S_h at rank r."
             )
-        if self.mode == "lowrank":
+        if self.mode in RANKED_MODES:
             if self.rank is None:
+                exact = "the head size, e.g. 64 for GPT-2" if self.mode == "lowrank" else "the hidden size, e.g. 768 for GPT-2"
                 raise ValueError(
-                    "mode='lowrank' needs rank=r (an integer, e.g. the head size 64 for GPT-2, which is exact; a "
-                    "dict {block: r}; or a float in (0, 1), the spectral energy to keep). Pass rank=..., or use "
-                    "mode='covariance'."
+                    f"mode={self.mode!r} needs rank=r (an integer — {exact} — is exact; a dict {{block: r}}; or a "
+                    "float in (0, 1), the spectral energy to keep). Pass rank=..., or use mode='covariance'."
                 )
             if isinstance(self.rank, Real) and not isinstance(self.rank, Integral):  # an energy target
                 if not 0.0 < float(self.rank) < 1.0:
@@ -111,12 +120,12 @@ class PatchConfig:
     def _integer_rank(rank, name: str) -> int:
         if isinstance(rank, bool) or not isinstance(rank, Integral):
             raise ValueError(
-                f"{name}={rank!r} ({type(rank).__name__}) is not an integer; lowrank needs an integer rank r >= 1 "
-                "(r = head size is exact, smaller approximates, larger adds capacity), a dict {block: r}, or a "
-                "float in (0, 1) (the spectral energy to keep)."
+                f"{name}={rank!r} ({type(rank).__name__}) is not an integer; lowrank and latent need an integer rank "
+                "r >= 1 (lowrank: r = head size is exact; latent: r_c = hidden size is exact), a dict {block: r}, "
+                "or a float in (0, 1) (the spectral energy to keep)."
             )
         if rank < 1:
-            raise ValueError(f"{name}={rank} is below 1; lowrank needs an integer rank r >= 1.")
+            raise ValueError(f"{name}={rank} is below 1; lowrank and latent need an integer rank r >= 1.")
         return int(rank)
 
     @staticmethod
@@ -358,10 +367,12 @@ class MergedAttention:
     """Mixin holding the merged projections and computing attention from them; no family is named here.
 
     Parameters (all ordinary, named for LoRA targeting and checkpoints):
-        q_proj: nn.Linear(d, H*qk) with qk = d (covariance) or r (lowrank). Rows h*qk .. (h+1)*qk-1 of its
-            weight are S_hᵀ (resp. U_hᵀ); its bias holds u_h (resp. a_h).
-        k_proj: lowrank only, nn.Linear(d, H*r, bias=False); rows h*r .. are V_hᵀ. None for covariance.
-        v_proj: nn.Linear(d, d), the stock value weights (head h: rows h*hd .. (h+1)*hd-1).
+        q_proj: nn.Linear(d, H*qk) with qk = d (covariance), r (lowrank) or hd (latent: the stock queries). Rows
+            h*qk .. (h+1)*qk-1 of its weight are S_hᵀ (resp. U_hᵀ, Wq_hᵀ); its bias holds u_h (resp. a_h, bq_h).
+        k_proj: lowrank only, nn.Linear(d, H*r, bias=False); rows h*r .. are V_hᵀ. None otherwise.
+        v_proj: nn.Linear(d, d), the stock value weights (head h: rows h*hd .. (h+1)*hd-1). None for latent.
+        latent_proj, k_up, v_up: latent only. latent_proj = nn.Linear(d, r_c, bias=False) (W_cᵀ); k_up, v_up =
+            nn.Linear(r_c, d) (rows h*hd .. are Bk_hᵀ, Bv_hᵀ; v_up's bias is the stock value bias).
     The stock output projection, where the self-attention module owns one, keeps its stock attribute name
     `output_name` and is shared with the stock module it replaces (not copied).
     """
@@ -392,7 +403,7 @@ class MergedAttention:
 
         Args:
             config: the model's config; the family's `stock_settings` reads its sizes and scaling rules from it.
-            mode, rank: the patch ("covariance", or "lowrank" at rank r).
+            mode, rank: the patch ("covariance", "lowrank" at rank r, or "latent" at rank r_c).
             layer_idx: the block index (cache slot, layer-dependent scaling).
             output: the stock output projection to share, where the module has one (`output_name`); a fresh
                 one of the family's type (`new_output`) when None, as when loading a checkpoint.
@@ -409,14 +420,20 @@ class MergedAttention:
         self.embed_dim = hidden_size
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
-        self.qk_head_dim = hidden_size if mode == "covariance" else rank
+        self.qk_head_dim = {"covariance": hidden_size, "lowrank": rank, "latent": self.head_dim}[mode]
         self.scaling = settings["scaling"]  # the stock scaling (hd^-½ and the family's rules), NOT qk^-½
         self.is_causal = settings["is_causal"]
         self.upcast_scores = settings["upcast"]  # q·k in float32 under autocast (GPT-2's reorder_and_upcast_attn)
         factory = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(hidden_size, num_heads * self.qk_head_dim, bias=True, **factory)
         self.k_proj = nn.Linear(hidden_size, num_heads * rank, bias=False, **factory) if mode == "lowrank" else None
-        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=True, **factory)
+        if mode == "latent":
+            self.v_proj = None
+            self.latent_proj = nn.Linear(hidden_size, rank, bias=False, **factory)
+            self.k_up = nn.Linear(rank, hidden_size, bias=False, **factory)
+            self.v_up = nn.Linear(rank, hidden_size, bias=True, **factory)
+        else:
+            self.v_proj = nn.Linear(hidden_size, hidden_size, bias=True, **factory)
         self.attn_dropout = nn.Dropout(settings["dropout"])
         if self.output_name is not None:
             setattr(self, self.output_name, output if output is not None else self.new_output(config).to(**factory))
@@ -478,17 +495,29 @@ class MergedAttention:
             )
         lead = hidden_states.shape[:-1]  # (B, T)
         query = self.q_proj(hidden_states).view(*lead, self.num_heads, -1).transpose(1, 2)  # (B, H, T, qk)
-        if self.k_proj is None:
+        if self.mode == "latent":
+            key = self.latent_proj(hidden_states).unsqueeze(1)  # (B, 1, T, r_c): keys AND values, cached once
+            value = key[..., :0]  # (B, 1, T, 0): the cache's value slot holds nothing
+        elif self.k_proj is None:
             key = hidden_states.unsqueeze(1)  # (B, 1, T, d): the shared key, cached once per layer
         else:
             key = self.k_proj(hidden_states).view(*lead, self.num_heads, -1).transpose(1, 2)  # (B, H, T, r)
-        value = self.v_proj(hidden_states).view(*lead, self.num_heads, -1).transpose(1, 2)  # (B, H, T, hd)
+        if self.mode != "latent":
+            value = self.v_proj(hidden_states).view(*lead, self.num_heads, -1).transpose(1, 2)  # (B, H, T, hd)
 
         if cache is not None:
             layer_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
             key, value = layer_cache.update(key, value, self.layer_idx, kwargs=kwargs)  # (B, Hk, Tk, qk), (B, H, Tk, hd)
         if score_bias is not None:
             attention_mask = _bias_mask(score_bias, attention_mask, query.shape[2], key.shape[2], self.is_causal)
+        absorbed = self.mode == "latent" and key.shape[2] > query.shape[2]  # decoding against cached tokens
+        if absorbed:  # scores q_h·(c Bk_h) = (q_h Bk_hᵀ)·c: the queries move to the latent, the cache stays as it is
+            k_up = self.k_up.weight.view(self.num_heads, self.head_dim, -1)  # (H, hd, r_c): rows of head h = Bk_hᵀ
+            query, value = query @ k_up, key  # (B, H, T, r_c); the latent is the value too
+        elif self.mode == "latent":  # training / prefill: expand the latent per head, fused SDPA kernels apply
+            latent = key[:, 0]  # (B, Tk, r_c)
+            key = self.k_up(latent).view(*latent.shape[:2], self.num_heads, -1).transpose(1, 2)  # (B, H, Tk, hd)
+            value = self.v_up(latent).view(*latent.shape[:2], self.num_heads, -1).transpose(1, 2)  # (B, H, Tk, hd)
 
         shared_key = key.shape[1] == 1 and self.num_heads > 1
         unequal = query.shape[-1] != value.shape[-1]  # q/k head size != v head size: SDPA has no fused kernel
@@ -521,6 +550,9 @@ class MergedAttention:
                 scaling=self.scaling,
                 **kwargs,
             )
+        if absorbed:  # z_h = (A_h c) Bv_h + bv_h (a row of A_h sums to 1)
+            v_up = self.v_up.weight.view(self.num_heads, self.head_dim, -1)  # (H, hd, r_c)
+            attn_output = (attn_output.unsqueeze(-2) @ v_up.mT).squeeze(-2) + self.v_up.bias.view(self.num_heads, -1)
         return attn_output.reshape(*lead, -1).contiguous(), attn_weights  # (B, T, H, hd) -> (B, T, d)
 
     def _eager_attention(

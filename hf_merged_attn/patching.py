@@ -12,6 +12,8 @@ from .merged_attention import ArchitectureSpec, MergedAttention, PatchConfig, he
 from .registry import SPECS, spec_for_model
 from .seeding import (
     covariance_from_qk,
+    latent_from_kv,
+    latent_singular_values,
     lowrank_from_qk,
     qk_from_homogeneous,
     qk_singular_values,
@@ -43,6 +45,40 @@ def _swap(parent: nn.Module, name: str, old: nn.Module, new: nn.Module) -> None:
     setattr(parent, name, new)
 
 
+def seeded_weights(parts: dict[str, torch.Tensor], mode: str, rank: int | None, *, init_std: float = 0.02,
+                   moment: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The merged module's parameters (by name, in nn.Linear layout) seeded from canonical per-head stock weights.
+
+    Args:
+        parts: wq, wk, wv (H, d, hd) and bq, bk, bv (H, hd), from the family's `read_weights`.
+        mode, rank: the patch.
+        init_std: std of the random extra query columns of lowrank r > hd.
+        moment: E[x̃ᵀx̃] of the layer's attention input for activation-aware ("whitened") seeding, or None.
+    """
+    weights = {"q_proj.bias": parts["bq"].reshape(-1)}
+    if mode == "covariance":
+        query, weights["q_proj.bias"] = covariance_from_qk(parts["wq"], parts["bq"], parts["wk"])  # (H,d,d), (H,d)
+        weights["q_proj.weight"] = heads_to_linear(query)
+    elif mode == "lowrank":
+        if moment is not None:
+            query, bias, key = whitened_lowrank_from_qk(
+                parts["wq"], parts["bq"], parts["wk"], rank, moment, init_std=init_std
+            )  # (H,d,r), (H,r), (H,d,r)
+        else:
+            query, bias, key = lowrank_from_qk(parts["wq"], parts["bq"], parts["wk"], rank, init_std=init_std)
+        weights.update({"q_proj.weight": heads_to_linear(query), "q_proj.bias": bias, "k_proj.weight": heads_to_linear(key)})
+    else:  # latent: stock queries, one latent for keys and values
+        down, key_up, value_up = latent_from_kv(parts["wk"], parts["wv"], rank, moment)  # (d,r_c), (H,r_c,hd) x2
+        weights.update({
+            "q_proj.weight": heads_to_linear(parts["wq"]), "latent_proj.weight": down.mT,
+            "k_up.weight": heads_to_linear(key_up), "v_up.weight": heads_to_linear(value_up),
+            "v_up.bias": parts["bv"],
+        })
+    if mode != "latent":
+        weights.update({"v_proj.weight": heads_to_linear(parts["wv"]), "v_proj.bias": parts["bv"]})
+    return {name: tensor.reshape(-1) if name.endswith("bias") else tensor for name, tensor in weights.items()}
+
+
 def seeded_attention(
     spec: ArchitectureSpec,
     attn: nn.Module,
@@ -54,39 +90,28 @@ def seeded_attention(
 ) -> MergedAttention:
     """A merged module computing the same scores as the stock `attn` of family `spec` (shares its output projection).
 
-    With `moment` (lowrank only) — E[x̃ᵀx̃] ((d+1) x (d+1)) of this layer's input x̃ = [x, 1], from
-    `collect_attention_moments` — factors below the head size are the activation-aware ("whitened") ones,
-    least score error on those inputs, instead of the best rank-r approximation of the weights.
+    With `moment` (lowrank and latent) — E[x̃ᵀx̃] ((d+1) x (d+1)) of this layer's input x̃ = [x, 1], from
+    `collect_attention_moments` — factors are the activation-aware ("whitened") ones, least error on those
+    inputs, instead of the best approximation of the weights.
     """
-    if moment is not None and mode != "lowrank":
-        raise ValueError(f"moment (activation-aware seeding) applies to mode='lowrank' only; got mode={mode!r}.")
+    if moment is not None and mode == "covariance":
+        raise ValueError("moment (activation-aware seeding) applies to mode='lowrank' or 'latent'; covariance is exact.")
     new = spec.merged_attention_class.like(attn, config, mode, rank)
     init_std = getattr(config, "initializer_range", getattr(config, "init_std", 0.02))  # OPT calls it init_std
-    parts = spec.read_weights(attn)  # per head: wq, wk, wv (H, d, hd); bq, bk, bv (H, hd)
-    if mode == "covariance":
-        query_weight, query_bias = covariance_from_qk(parts["wq"], parts["bq"], parts["wk"])  # (H,d,d), (H,d)
-        key_weight = None
-    elif moment is not None:
-        query_weight, query_bias, key_weight = whitened_lowrank_from_qk(
-            parts["wq"], parts["bq"], parts["wk"], rank, moment, init_std=init_std
-        )  # (H,d,r), (H,r), (H,d,r)
-    else:
-        query_weight, query_bias, key_weight = lowrank_from_qk(
-            parts["wq"], parts["bq"], parts["wk"], rank, init_std=init_std
-        )  # (H,d,r), (H,r), (H,d,r)
+    weights = seeded_weights(spec.read_weights(attn), mode, rank, init_std=init_std, moment=moment)
+    params = dict(new.named_parameters())
     with torch.no_grad():
-        new.q_proj.weight.copy_(heads_to_linear(query_weight))
-        new.q_proj.bias.copy_(query_bias.reshape(-1))  # (H, qk) -> (H*qk,)
-        if key_weight is not None:
-            new.k_proj.weight.copy_(heads_to_linear(key_weight))
-        new.v_proj.weight.copy_(heads_to_linear(parts["wv"]))
-        new.v_proj.bias.copy_(parts["bv"].reshape(-1))
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
     return new
 
 
-def _rank_for_energy(spec: ArchitectureSpec, attn: nn.Module, energy: float) -> int:
-    """The smallest rank at which every head of stock `attn` keeps `energy` of the spectrum of its S̃_h."""
+def _rank_for_energy(spec: ArchitectureSpec, attn: nn.Module, mode: str, energy: float) -> int:
+    """The smallest rank at which the seed keeps `energy` of the spectrum: of every head's S̃_h (lowrank), of the
+    layer's balanced stacked [Wk | Wv] (latent)."""
     parts = spec.read_weights(attn)
+    if mode == "latent":
+        return rank_for_energy(latent_singular_values(parts["wk"], parts["wv"]), energy)
     return rank_for_energy(qk_singular_values(parts["wq"], parts["bq"], parts["wk"]), energy)
 
 
@@ -161,7 +186,7 @@ def patch_model(
         moments, calibration_tokens = collect_attention_moments(model, calibration, patch.layers)
     if patch.energy is not None:
         blocks = [old for _, _, old in found if old.layer_idx in patch.layers]
-        patch.rank = {old.layer_idx: _rank_for_energy(spec, old, patch.energy) for old in blocks}
+        patch.rank = {old.layer_idx: _rank_for_energy(spec, old, patch.mode, patch.energy) for old in blocks}
     seeded = [  # every new module is built before the first swap: a seeding error leaves the model untouched
         (parent, name, old, seeded_attention(
             spec, old, config, patch.mode, patch.rank_for(old.layer_idx), moment=moments.get(old.layer_idx)
@@ -206,21 +231,31 @@ def homogeneous_factors(attn: MergedAttention) -> tuple[torch.Tensor, torch.Tens
 
 
 def stock_attention(spec: ArchitectureSpec, attn: MergedAttention, config) -> tuple[nn.Module, float]:
-    """A stock attention module of family `spec` with the best rank-hd approximation of `attn`'s scores (bk = 0).
+    """A stock attention module of family `spec` computing `attn`'s scores and values (bk = 0), or their best
+    rank-hd approximation.
+
+    Latent modules are always exact (Wk_h = W_c Bk_h, Wv_h = W_c Bv_h); covariance and lowrank keep the best
+    rank-hd part of each head's S̃_h = [S_h; u_h].
 
     Returns:
         The module and the largest per-head relative error ‖S̃ − Ŝ‖_F / ‖S̃‖_F (0 up to round-off when exact).
     """
+    heads = attn.num_heads
     weight = attn.q_proj.weight
     stock = spec.new_stock_attention(config, attn.layer_idx).to(device=weight.device, dtype=weight.dtype)
     if attn.output_name is not None:
         setattr(stock, attn.output_name, getattr(attn, attn.output_name))  # shared, as at patch time
-    wq, bq, wk, rel_error = qk_from_homogeneous(*homogeneous_factors(attn), attn.head_dim)  # (H,d,hd), (H,hd), ..
-    spec.write_weights(stock, {
-        "wq": wq, "bq": bq, "wk": wk, "bk": torch.zeros_like(bq),
-        "wv": linear_to_heads(attn.v_proj.weight.detach(), attn.num_heads),  # (H, d, hd)
-        "bv": attn.v_proj.bias.detach().view(attn.num_heads, -1),  # (H, hd)
-    })
+    if attn.mode == "latent":
+        down = attn.latent_proj.weight.detach().mT  # (d, r_c) = W_c
+        wq, bq = linear_to_heads(weight.detach(), heads), attn.q_proj.bias.detach().view(heads, -1)  # stock queries
+        wk = down @ linear_to_heads(attn.k_up.weight.detach(), heads)  # (d, r_c) @ (H, r_c, hd) -> (H, d, hd)
+        wv = down @ linear_to_heads(attn.v_up.weight.detach(), heads)
+        bv, rel_error = attn.v_up.bias.detach().view(heads, -1), torch.zeros(heads)
+    else:
+        wq, bq, wk, rel_error = qk_from_homogeneous(*homogeneous_factors(attn), attn.head_dim)  # (H,d,hd), (H,hd), ..
+        wv = linear_to_heads(attn.v_proj.weight.detach(), heads)  # (H, d, hd)
+        bv = attn.v_proj.bias.detach().view(heads, -1)  # (H, hd)
+    spec.write_weights(stock, {"wq": wq, "bq": bq, "wk": wk, "bk": torch.zeros_like(bq), "wv": wv, "bv": bv})
     return stock, rel_error.max().item()
 
 

@@ -347,3 +347,81 @@ def whitened_lowrank_from_qk(
         homogeneous, wk, rank, query_chol.expand(num_heads, d + 1, d + 1), key_chol.expand(num_heads, d, d)
     )  # (H, d+1, r), (H, d, r)
     return left[:, :d].contiguous(), left[:, d].contiguous(), right
+
+
+# ---------------------------------------------------------------------------------------------------
+# One shared latent for keys and values (MLA-style): c = x W_c, k_h = c Bk_h, v_h = c Bv_h + bv_h
+# ---------------------------------------------------------------------------------------------------
+
+
+def _stacked_kv(wk: torch.Tensor, wv: torch.Tensor, moment: torch.Tensor | None, damping: float):
+    """The balanced stacked matrix [Wk | Wv] (d x 2d) the latent is fitted to, optionally whitened: (M, L or None).
+
+    Keys and values are each scaled to unit Frobenius norm (in whitened coordinates when whitening), so neither
+    side owns the SVD; with `moment` = E[x̃ᵀx̃] ((d+1) x (d+1)) the rows are weighted by Lᵀ, L the Cholesky
+    factor of E[xᵀx] (its top-left d x d block): ‖X (M − M̂)‖_F = ‖Lᵀ (M − M̂)‖_F.
+    """
+    num_heads, d, hd = wk.shape
+    keys = wk.to(_SEED_DTYPE).permute(1, 0, 2).reshape(d, num_heads * hd)  # (H, d, hd) -> (d, H*hd)
+    values = wv.to(_SEED_DTYPE).permute(1, 0, 2).reshape(d, num_heads * hd)
+    chol = None
+    if moment is not None:
+        if moment.shape != (d + 1, d + 1):
+            raise ValueError(f"moment has shape {tuple(moment.shape)}; expected ({d + 1}, {d + 1}) = E[x̃ᵀx̃].")
+        chol = damped_cholesky(moment.to(device=wk.device, dtype=_SEED_DTYPE)[:d, :d], damping)  # (d, d)
+        keys, values = chol.mT @ keys, chol.mT @ values
+    tiny = torch.finfo(_SEED_DTYPE).tiny
+    stacked = torch.cat([keys / keys.norm().clamp_min(tiny), values / values.norm().clamp_min(tiny)], dim=1)  # (d, 2d)
+    return stacked, chol
+
+
+def latent_singular_values(wk: torch.Tensor, wv: torch.Tensor) -> torch.Tensor:
+    """Spectrum of the balanced stacked [Wk | Wv] of a layer: (1, d) singular values, descending, float64
+    (one row: a layer's heads share one latent, so `rank_for_energy` gives one r_c per block)."""
+    return torch.linalg.svdvals(_stacked_kv(wk, wv, None, 0.0)[0]).unsqueeze(0)
+
+
+def latent_from_kv(
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    rank: int,
+    moment: torch.Tensor | None = None,
+    *,
+    damping: float = DEFAULT_DAMPING,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seed one latent per layer: W_c (d, r_c) and per-head up-projections Bk_h, Bv_h (r_c, hd) with
+    Wk_h ≈ W_c Bk_h and Wv_h ≈ W_c Bv_h (MATH.md, "one shared latent").
+
+    - r_c = d: W_c = I, Bk = Wk, Bv = Wv — stock exactly (the latent is x itself).
+    - r_c < d: W_c spans the top-r_c left singular directions of the balanced stacked [Wk | Wv] (d x 2d); with
+      orthonormal W_c, Bk_h = W_cᵀ Wk_h and Bv_h = W_cᵀ Wv_h, the best projection of both onto that subspace.
+    - with `moment` (activation-aware, SVD-LLM whitening): the same in whitened coordinates, minimising the error
+      of x Wk_h and x Wv_h on the calibration inputs: SVD of Lᵀ M = P Σ Qᵀ, W_c = L^{-T} P_r, B = P_rᵀ Lᵀ W
+      (the map x ↦ x W_c Bk_h is then x L^{-T} P_r P_rᵀ Lᵀ Wk_h, a projection in the inputs' metric).
+
+    The key bias never enters (its score term is constant along the softmax row); the value bias stays a bias of
+    the value up-projection (exact: the attention weights of a row sum to 1).
+
+    Args:
+        wk, wv: (H, d, hd) per-head key and value weights. rank: r_c, 1 <= r_c <= d.
+        moment: optional (d+1, d+1) E[x̃ᵀx̃] of the layer's attention input (from `collect_attention_moments`).
+        damping: relative ridge of the Cholesky factor (see `damped_cholesky`).
+
+    Returns:
+        W_c (d, r_c), Bk (H, r_c, hd), Bv (H, r_c, hd), float64.
+    """
+    num_heads, d, hd = wk.shape
+    if not 1 <= rank <= d:
+        raise ValueError(f"rank={rank} must be between 1 and the hidden size d={d} for a latent.")
+    wk, wv = wk.to(_SEED_DTYPE), wv.to(_SEED_DTYPE)
+    if rank == d:
+        return torch.eye(d, dtype=_SEED_DTYPE, device=wk.device), wk.clone(), wv.clone()
+    stacked, chol = _stacked_kv(wk, wv, moment, damping)
+    left = torch.linalg.svd(stacked, full_matrices=False)[0][:, :rank]  # (d, r_c), orthonormal
+    if chol is None:
+        down, whiten = left, torch.eye(d, dtype=_SEED_DTYPE, device=wk.device)
+    else:
+        down = torch.linalg.solve_triangular(chol.mT, left, upper=True)  # L^{-T} P_r
+        whiten = chol.mT  # Lᵀ
+    project = left.mT @ whiten  # (r_c, d): P_rᵀ Lᵀ (Lᵀ = I without whitening)
+    return down, project @ wk, project @ wv  # (d, r_c), (H, r_c, hd) each (broadcast over heads)

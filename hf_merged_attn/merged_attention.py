@@ -462,6 +462,11 @@ class MergedAttention:
         """A fresh output projection (d -> d) of the family's type, for `output_name`."""
         return nn.Linear(self.embed_dim, self.embed_dim)
 
+    def cache_numbers_per_token(self) -> int:
+        """Numbers this layer caches per token (keys + values; x2 bytes in bf16): stock caches 2·d."""
+        keys = {"covariance": self.embed_dim, "lowrank": self.num_heads * (self.rank or 0), "latent": self.rank}[self.mode]
+        return keys + (0 if self.mode == "latent" else self.embed_dim)  # the latent is the values too
+
     def extra_repr(self) -> str:
         rank = f", rank={self.rank}" if self.rank is not None else ""
         return f"mode={self.mode!r}{rank}, layer_idx={self.layer_idx}"

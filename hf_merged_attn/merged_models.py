@@ -34,16 +34,29 @@ def merge_attention_modules(model: nn.Module, spec: ArchitectureSpec, record: di
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Total parameters of a patched model and of the stock model it came from (query and key: 2d² + 2d)."""
+    """Total parameters of a patched model and of the stock model it came from (queries, keys, values: 3d² + 3d)."""
     total = sum(p.numel() for p in model.parameters())
     stock = total
     for module in model.modules():
         if isinstance(module, MergedAttention):
             d = module.embed_dim
-            stock += 2 * d * d + 2 * d - module.q_proj.weight.numel() - module.q_proj.bias.numel()
-            if module.k_proj is not None:
-                stock -= module.k_proj.weight.numel()
+            output = getattr(module, module.output_name) if module.output_name else None
+            own = sum(p.numel() for p in module.parameters()) - sum(p.numel() for p in (output.parameters() if output else ()))
+            stock += 3 * d * d + 3 * d - own
     return {"total": total, "stock": stock}
+
+
+def cache_summary(model: nn.Module, has_cache: bool) -> str:
+    """One line on the KV cache per token of a patched model against stock's (for the model card)."""
+    modules = [m for m in model.modules() if isinstance(m, MergedAttention)]
+    if not has_cache:
+        return "No KV cache (an encoder)."
+    ours = sum(m.cache_numbers_per_token() for m in modules)
+    stock = 2 * modules[0].embed_dim * len(modules)
+    return (
+        f"KV cache per token over the {len(modules)} patched layers: {ours:,} numbers ({2 * ours:,} bytes in bf16/fp16) "
+        f"against stock's {stock:,} ({2 * stock:,} bytes): {ours / stock:.3g}x."
+    )
 
 
 class MergedModelMixin:
@@ -124,12 +137,14 @@ class MergedModelMixin:
             rank_text = f"ranks per block ({ranks}{energy})"
         else:
             rank_text = f"rank {rank}"
-        what = (
-            "as one d x d matrix per head (S_h = Wq_h·Wk_hᵀ, covariance mode)"
-            if record["mode"] == "covariance"
-            else f"factored at {rank_text} (S_h ≈ U_h·V_hᵀ, lowrank mode, seeded by "
-            f"{'activation-whitened SVD' if record.get('init') == 'whitened' else 'SVD'})"
-        )
+        seed = "activation-whitened SVD" if record.get("init") == "whitened" else "SVD"
+        what = {
+            "covariance": "whose query–key product is held as one d x d matrix per head (S_h = Wq_h·Wk_hᵀ, covariance mode)",
+            "lowrank": f"whose query–key product is held factored at {rank_text} (S_h ≈ U_h·V_hᵀ, lowrank mode, "
+            f"seeded by {seed})",
+            "latent": f"whose keys and values come from one shared latent per layer, c = x·W_c at {rank_text} "
+            f"(latent mode, seeded by {seed} of the stacked [Wk | Wv]; only c is cached)",
+        }[record["mode"]]
         auto = next((a for m, a in spec.model_classes.values() if m is type(self) and a), "AutoModel")
         stock_type = spec.model_types[0]
         front = ["---", "library_name: transformers", f"tags: [hf_merged_attn, {stock_type}, merged-attention]"]
@@ -141,8 +156,10 @@ class MergedModelMixin:
             f"# {type(self).__name__}: {record['mode']} attention"
             + ("" if not rank else ", ranks per block" if isinstance(rank, dict) else f", rank {rank}"),
             "",
-            f"{spec.family}{f' (`{base}`)' if base else ''} whose query–key product is held {what}, made with "
-            f"hf_merged_attn. Patched blocks: {record['layers']}.",
+            f"{spec.family}{f' (`{base}`)' if base else ''} {what}, made with hf_merged_attn. Patched blocks: "
+            f"{record['layers']}.",
+            "",
+            cache_summary(self, spec.has_cache),
             "",
             "| | parameters |",
             "|---|---|",

@@ -13,7 +13,10 @@ from hf_merged_attn import patch_model
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        ({"mode": "covarience"}, ValueError, r"mode='covarience' is not a patch mode; allowed: 'covariance', 'lowrank'"),
+        ({"mode": "covarience"}, ValueError, r"mode='covarience' is not a patch mode; allowed: 'covariance', 'lowrank', 'latent'"),
+        ({"mode": "latent"}, ValueError, r"mode='latent' needs rank=r \(an integer — the hidden size, e.g. 768 for GPT-2 — is exact"),
+        ({"mode": "latent", "rank": HIDDEN + 1}, ValueError, rf"rank={HIDDEN + 1} exceeds the hidden size {HIDDEN}"),
+        ({"mode": "latent", "rank": 4, "init": "whitened"}, ValueError, r"init='whitened' needs calibration="),
         ({"mode": "lowrank"}, ValueError, r"mode='lowrank' needs rank=r"),
         ({"mode": "lowrank", "rank": 2.5}, ValueError, r"rank=2.5 is a float, i.e. a spectral-energy target, but not in \(0, 1\)"),
         ({"mode": "lowrank", "rank": 0.0}, ValueError, r"rank=0.0 is a float, i.e. a spectral-energy target"),

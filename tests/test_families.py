@@ -40,8 +40,10 @@ FP32_TOL = 1e-4
 # Same weights and float ops after a save/load round trip: equal to the last bit in practice; 1e-6 only allows a
 # different BLAS blocking choice in another process.
 RELOAD_TOL = 1e-6
-EXACT = [("covariance", None), ("lowrank", HEAD_DIM)]
-EXACT_IDS = ["covariance", "lowrank_r=hd"]
+EXACT = [("covariance", None), ("lowrank", HEAD_DIM), ("latent", HIDDEN)]
+EXACT_IDS = ["covariance", "lowrank_r=hd", "latent_r=d"]
+APPROX = [("lowrank", 3), ("latent", 8)]  # below the exact rank: approximate, but every guarantee but exactness holds
+APPROX_IDS = ["lowrank_r=3", "latent_r=8"]
 
 
 def patched(family, mode, rank, impl="eager", **kwargs):
@@ -108,29 +110,41 @@ def test_read_and_write_weights_are_inverse(family):
 
 
 @pytest.mark.parametrize("family", DECODERS, ids=[f.model_type for f in DECODERS])
-@pytest.mark.parametrize("mode,rank", [*EXACT, ("lowrank", 3)], ids=[*EXACT_IDS, "lowrank_r=3"])
+@pytest.mark.parametrize("mode,rank", [*EXACT, *APPROX], ids=[*EXACT_IDS, *APPROX_IDS])
 def test_cache_layout_and_cache_equals_no_cache(family, mode, rank):
     _, model = patched(family, mode, rank)
     ids, mask = inputs(family, length=10)
+    expansions = []  # latent: the cached latent must never be re-expanded per head while decoding
+    for module in model.modules():
+        if isinstance(module, MergedAttention) and module.mode == "latent":
+            module.k_up.register_forward_hook(lambda mod, args, out: expansions.append(args[0].shape[1]))
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask).logits  # (B, 10, V)
         prefix = model(input_ids=ids[:, :7], attention_mask=mask[:, :7], use_cache=True)
-        keys = prefix.past_key_values.layers[0].keys
-        assert tuple(keys.shape) == ((3, 1, 7, HIDDEN) if mode == "covariance" else (3, HEADS, 7, rank))
-        cache, steps = prefix.past_key_values, []
+        layer = prefix.past_key_values.layers[0]
+        keys, values = {  # what one layer caches: (B, heads, T, size) of keys and of values
+            "covariance": ((3, 1, 7, HIDDEN), (3, HEADS, 7, HEAD_DIM)),
+            "lowrank": ((3, HEADS, 7, rank), (3, HEADS, 7, HEAD_DIM)),
+            "latent": ((3, 1, 7, rank), (3, 1, 7, 0)),  # the latent only: the value slot is empty
+        }[mode]
+        assert (tuple(layer.keys.shape), tuple(layer.values.shape)) == (keys, values)
+        cache, steps, expanded = prefix.past_key_values, [], list(expansions)
         for t in range(7, 10):  # one token at a time through the cache
             out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True)
             cache = out.past_key_values
             steps.append(out.logits)
     assert diff_on_real_tokens(torch.cat(steps, dim=1), full[:, 7:], mask[:, 7:]) < FP32_TOL
+    assert expansions == expanded  # decoding steps ran the absorbed order only (no k_up call on the cache)
 
 
 @pytest.mark.parametrize("family", DECODERS, ids=[f.model_type for f in DECODERS])
 @pytest.mark.parametrize("mode,rank", EXACT, ids=EXACT_IDS)
-def test_greedy_generate_is_token_identical(family, mode, rank):
+@pytest.mark.parametrize("beams", [1, 3], ids=["greedy", "beam_search"])
+def test_generate_is_token_identical(family, mode, rank, beams):
     stock, model = patched(family, mode, rank)
     ids, mask = inputs(family, length=6)
-    settings = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=family.config.pad_token_id)
+    settings = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, num_beams=beams,
+                    pad_token_id=family.config.pad_token_id)
     with torch.no_grad():
         assert torch.equal(model.generate(ids, **settings), stock.generate(ids, **settings))
 
@@ -156,12 +170,13 @@ REMOTE_LOAD = textwrap.dedent(
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
-def test_save_and_load_with_and_without_the_package(family, tmp_path):
-    _, model = patched(family, "lowrank", 3)
+@pytest.mark.parametrize("mode,rank", APPROX, ids=APPROX_IDS)
+def test_save_and_load_with_and_without_the_package(family, mode, rank, tmp_path):
+    _, model = patched(family, mode, rank)
     with torch.no_grad():  # move every attention weight away from its seed: a loader that re-seeds must fail
         for module in model.modules():
             if isinstance(module, MergedAttention):
-                for param in (module.q_proj.weight, module.k_proj.weight, module.v_proj.bias):
+                for param in module.parameters():
                     param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(tmp_path)
     files = set(os.listdir(tmp_path))
@@ -169,7 +184,8 @@ def test_save_and_load_with_and_without_the_package(family, tmp_path):
     assert {"model.safetensors", "config.json", "README.md", module_file, "merged_attention.py", "merged_models.py"} <= files
     assert not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model_type"] == f"merged_{family.model_type}" and config["merged_attn"]["rank"] == 3
+    assert config["model_type"] == f"merged_{family.model_type}" and config["merged_attn"]["rank"] == rank
+    assert config["merged_attn"]["mode"] == mode
     assert config["auto_map"][family.auto] == f"{module_file[:-3]}.{type(model).__name__}"
 
     ids = torch.randint(2, VOCAB, (2, 9))
@@ -195,17 +211,18 @@ def test_model_card_names_the_family(family):
     _, model = patched(family, "lowrank", 3)
     card = model.create_model_card(repo_id="someone/tiny")
     assert f"{family.spec.family} whose query–key product is held factored at rank 3" in card
+    assert ("KV cache per token over the 2 patched layers" if family.causal else "No KV cache (an encoder)") in card
     assert f'{family.auto}.from_pretrained("someone/tiny", trust_remote_code=True)' in card
     assert f"tags: [hf_merged_attn, {family.model_type}, merged-attention]" in card
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
-@pytest.mark.parametrize("mode,rank", [*EXACT, ("lowrank", 3)], ids=[*EXACT_IDS, "lowrank_r=3"])
+@pytest.mark.parametrize("mode,rank", [*EXACT, *APPROX], ids=[*EXACT_IDS, *APPROX_IDS])
 def test_export_back_to_stock_is_exact(family, mode, rank):
     stock, model = patched(family, mode, rank)
     ids, mask = inputs(family)
     with torch.no_grad():
-        expected = family.output(model, ids, mask)  # = stock's for exact modes; the rank-3 model's otherwise
+        expected = family.output(model, ids, mask)  # = stock's for exact modes; the approximate model's otherwise
     exported, errors = unpatch_model(model, strict=True, return_errors=True)
     assert type(exported) is family.model_class and type(exported.config) is type(stock.config)
     assert not hasattr(exported.config, "merged_attn") and exported.config.model_type == family.model_type

@@ -33,6 +33,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 MODES = ("covariance", "lowrank", "latent")
 RANKED_MODES = ("lowrank", "latent")  # the modes that take rank=...
+VALUES = ("merged",)  # values="merged": value = x shared by all heads, M_h = Wv_h Wo_h per head
 INITS = ("svd", "whitened")  # how lowrank factors are seeded: plain SVD of the weights, or activation-aware
 SUPPORTED_ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -62,6 +63,10 @@ class PatchConfig:
         layers: indices of the patched blocks (sorted); None until resolved against a model.
         init: how "lowrank" / "latent" factors are seeded — "svd" (best approximation of the weights) or
             "whitened" (least error on calibration activations); None for "covariance" (exact).
+        values: None (stock values) or "merged": the value is the layer input x, shared by all heads, and each head
+            holds M_h = Wv_h Wo_h (d x d); with covariance, keys and values are then the same cached tensor.
+        value_rank: r_v (1 <= r_v <= head size) for low-rank values M_h ≈ P_h Q_hᵀ (V cache (B, H, T, r_v)),
+            with covariance or lowrank; None for stock values.
         energy: set from `rank=<float>`: the fraction in (0, 1) of the spectral energy that the seed keeps (of each
             head's S̃_h for lowrank, of the layer's stacked [Wk | Wv] for latent); `patch_model` picks the smallest
             such rank per block.
@@ -71,6 +76,8 @@ class PatchConfig:
     rank: int | dict[int, int] | None = None
     layers: list[int] | None = field(default=None)
     init: str | None = "svd"
+    values: str | None = None
+    value_rank: int | None = None
     energy: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -114,7 +121,28 @@ class PatchConfig:
                 self.rank, self.layers = ranks, sorted(ranks)
             elif self.rank is not None:
                 self.rank = self._integer_rank(self.rank, "rank")
+        self._check_values()
         self._check_init()
+
+    def _check_values(self) -> None:
+        if self.values is not None and self.values not in VALUES:
+            raise ValueError(
+                f"values={self.values!r} is not a value mode; allowed: None (stock values) or 'merged' (the value is "
+                "x itself, shared by every head, with M_h = Wv_h Wo_h). For low-rank values pass value_rank=r_v."
+            )
+        if self.mode == "latent" and (self.values is not None or self.value_rank is not None):
+            raise ValueError(
+                f"values={self.values!r} / value_rank={self.value_rank!r} was given with mode='latent', whose latent "
+                "already serves as keys and values (its rank sets both). Drop them, or use mode='covariance' or "
+                "'lowrank' with values='merged' or value_rank=r_v."
+            )
+        if self.value_rank is not None:
+            if self.values is not None:
+                raise ValueError(
+                    f"value_rank={self.value_rank!r} was given with values='merged', which holds each M_h whole "
+                    "(d x d). Pass one of them: values='merged' (exact, cache x once) or value_rank=r_v."
+                )
+            self.value_rank = self._integer_rank(self.value_rank, "value_rank")
 
     @staticmethod
     def _integer_rank(rank, name: str) -> int:
@@ -148,7 +176,7 @@ class PatchConfig:
                 "Use init='svd' (best rank-r factors of the weights, no data) or init='whitened' with "
                 "calibration=... (least score error on real activations)."
             )
-        if self.mode == "covariance":
+        if self.mode == "covariance" and self.value_rank is None:
             if self.init == "whitened":
                 raise ValueError(
                     "init='whitened' was given with mode='covariance', which is exact (S_h = Wq_h Wk_hᵀ is held "
@@ -167,7 +195,7 @@ class PatchConfig:
         """
         given = calibration is not None
         what = f"calibration (a {type(calibration).__name__})"
-        if self.mode == "covariance" and given:
+        if self.mode == "covariance" and self.value_rank is None and given:
             raise ValueError(
                 f"{what} was given with mode='covariance', which is exact and uses no data. Drop calibration, "
                 "or use mode='lowrank', rank=r, init='whitened' to fit low-rank factors to it."
@@ -220,8 +248,9 @@ class PatchConfig:
         record = asdict(self)
         if isinstance(self.rank, dict):
             record["rank"] = {str(i): r for i, r in sorted(self.rank.items())}
-        if self.energy is None:
-            del record["energy"]
+        for optional in ("energy", "values", "value_rank"):  # absent unless used: older records stay as they were
+            if record[optional] is None:
+                del record[optional]
         return record
 
 
@@ -253,7 +282,10 @@ def check_record(record, num_layers: int, hidden_size: int) -> PatchConfig:
     if energy is not None and not (isinstance(energy, float) and 0 < energy < 1 and isinstance(rank, dict)):
         raise corrupt(f"merged_attn.energy={energy!r} must be absent or a number in (0, 1) next to a per-block rank")
     try:
-        patch = PatchConfig(mode, rank, None if isinstance(rank, dict) else layers, record.get("init"))
+        patch = PatchConfig(
+            mode, rank, None if isinstance(rank, dict) else layers, record.get("init"), record.get("values"),
+            record.get("value_rank"),
+        )
         patch.check_against(hidden_size, num_layers)
     except ValueError as error:
         raise corrupt(f"merged_attn: {error}".rstrip(".")) from error
@@ -358,6 +390,22 @@ def write_linear_qkv(query: nn.Linear, key: nn.Linear, value: nn.Linear, parts: 
         linear.bias.copy_(parts[f"b{name}"].reshape(-1))
 
 
+def read_output(output: nn.Module, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head rows Wo_h (H, hd, d) and the bias bo (d,) of a stock output projection: an nn.Linear (out, in) or a
+    transformers Conv1D (in, out), as GPT-2's c_proj. Head h's attention output multiplies Wo_h."""
+    weight = output.weight.detach()
+    rows = weight.mT if isinstance(output, nn.Linear) else weight  # (in, out) = (H*hd, d)
+    return rows.reshape(num_heads, -1, rows.shape[1]), output.bias.detach()
+
+
+@torch.no_grad()
+def write_output(output: nn.Module, wo: torch.Tensor, bo: torch.Tensor) -> None:
+    """Inverse of `read_output`."""
+    rows = wo.reshape(-1, wo.shape[-1])  # (H*hd, d)
+    output.weight.copy_(rows.mT if isinstance(output, nn.Linear) else rows)
+    output.bias.copy_(bo)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The attention math
 # ---------------------------------------------------------------------------------------------------------------
@@ -382,11 +430,12 @@ class MergedAttention:
     dropout_name: str = "attention_dropout"  # the config field of the attention-probability dropout
 
     @classmethod
-    def like(cls, stock: nn.Module, config, mode: str, rank: int | None):
+    def like(cls, stock: nn.Module, config, mode: str, rank: int | None, values=None, value_rank=None):
         """An unseeded merged module for the place of `stock` (same layer, device and dtype, its output projection)."""
         weight = next(stock.parameters())
         output = getattr(stock, cls.output_name) if cls.output_name else None
-        return cls(config, mode, rank, stock.layer_idx, output=output, device=weight.device, dtype=weight.dtype)
+        return cls(config, mode, rank, stock.layer_idx, output=output, values=values, value_rank=value_rank,
+                   device=weight.device, dtype=weight.dtype)
 
     def __init__(
         self,
@@ -396,6 +445,8 @@ class MergedAttention:
         layer_idx: int | None = None,
         *,
         output: nn.Module | None = None,
+        values: str | None = None,
+        value_rank: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -407,6 +458,9 @@ class MergedAttention:
             layer_idx: the block index (cache slot, layer-dependent scaling).
             output: the stock output projection to share, where the module has one (`output_name`); a fresh
                 one of the family's type (`new_output`) when None, as when loading a checkpoint.
+            values, value_rank: merged values (value = x, M_h = Wv_h Wo_h) or low-rank values (rank r_v): the
+                output projection under `output_name` then becomes nn.Linear(H*k, d) holding the M_h (k = d) or
+                the Q_h (k = r_v), and the stock one is not kept.
         """
         nn.Module.__init__(self)
         if mode not in MODES:
@@ -424,6 +478,15 @@ class MergedAttention:
         self.scaling = settings["scaling"]  # the stock scaling (hd^-½ and the family's rules), NOT qk^-½
         self.is_causal = settings["is_causal"]
         self.upcast_scores = settings["upcast"]  # q·k in float32 under autocast (GPT-2's reorder_and_upcast_attn)
+        self.values, self.value_rank = values, value_rank
+        own_output = values is not None or value_rank is not None  # the output map is part of the merge
+        if own_output and self.output_name is None:
+            raise NotImplementedError(
+                f"{type(self).__name__}: values={values!r} / value_rank={value_rank!r} need the output projection "
+                "inside the attention module, which this family keeps outside (in BERT it is BertSelfOutput.dense); "
+                "encoders have no cache to shrink either. Use stock values (no values / value_rank) here."
+            )
+        self.value_head_dim = hidden_size if values == "merged" else value_rank or self.head_dim
         factory = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(hidden_size, num_heads * self.qk_head_dim, bias=True, **factory)
         self.k_proj = nn.Linear(hidden_size, num_heads * rank, bias=False, **factory) if mode == "lowrank" else None
@@ -432,10 +495,14 @@ class MergedAttention:
             self.latent_proj = nn.Linear(hidden_size, rank, bias=False, **factory)
             self.k_up = nn.Linear(rank, hidden_size, bias=False, **factory)
             self.v_up = nn.Linear(rank, hidden_size, bias=True, **factory)
-        else:
-            self.v_proj = nn.Linear(hidden_size, hidden_size, bias=True, **factory)
+        elif values == "merged":
+            self.v_proj = None  # the value is x itself
+        else:  # stock values (head size hd, with bias) or P_h of low-rank values (r_v; the bias is folded into the output)
+            self.v_proj = nn.Linear(hidden_size, num_heads * self.value_head_dim, bias=value_rank is None, **factory)
         self.attn_dropout = nn.Dropout(settings["dropout"])
-        if self.output_name is not None:
+        if own_output:  # M_h (or Q_h) of every head and the folded bias b̃ = bo + Σ_h bv_h Wo_h, as ONE linear map
+            setattr(self, self.output_name, nn.Linear(num_heads * self.value_head_dim, hidden_size, **factory))
+        elif self.output_name is not None:
             setattr(self, self.output_name, output if output is not None else self.new_output(config).to(**factory))
         elif output is not None:
             raise ValueError(f"{type(self).__name__} has no output projection of its own; got output={output!r}.")
@@ -507,12 +574,19 @@ class MergedAttention:
             key = hidden_states.unsqueeze(1)  # (B, 1, T, d): the shared key, cached once per layer
         else:
             key = self.k_proj(hidden_states).view(*lead, self.num_heads, -1).transpose(1, 2)  # (B, H, T, r)
-        if self.mode != "latent":
-            value = self.v_proj(hidden_states).view(*lead, self.num_heads, -1).transpose(1, 2)  # (B, H, T, hd)
+        one_tensor = self.mode == "covariance" and self.values == "merged"  # keys and values are both x
+        if one_tensor:
+            value = key[..., :0]  # (B, 1, T, 0): x is cached once, in the key slot
+        elif self.values == "merged":
+            value = hidden_states.unsqueeze(1)  # (B, 1, T, d): the shared value
+        elif self.mode != "latent":
+            value = self.v_proj(hidden_states).view(*lead, self.num_heads, -1).transpose(1, 2)  # (B, H, T, hd or r_v)
 
         if cache is not None:
             layer_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-            key, value = layer_cache.update(key, value, self.layer_idx, kwargs=kwargs)  # (B, Hk, Tk, qk), (B, H, Tk, hd)
+            key, value = layer_cache.update(key, value, self.layer_idx, kwargs=kwargs)  # (B, Hk, Tk, qk), (B, Hv, Tk, v)
+        if one_tensor:
+            value = key
         if score_bias is not None:
             attention_mask = _bias_mask(score_bias, attention_mask, query.shape[2], key.shape[2], self.is_causal)
         absorbed = self.mode == "latent" and key.shape[2] > query.shape[2]  # decoding against cached tokens
@@ -524,12 +598,13 @@ class MergedAttention:
             key = self.k_up(latent).view(*latent.shape[:2], self.num_heads, -1).transpose(1, 2)  # (B, H, Tk, hd)
             value = self.v_up(latent).view(*latent.shape[:2], self.num_heads, -1).transpose(1, 2)  # (B, H, Tk, hd)
 
-        shared_key = key.shape[1] == 1 and self.num_heads > 1
+        shared_key = (key.shape[1] == 1 or value.shape[1] == 1) and self.num_heads > 1  # a head-shared key or value
         unequal = query.shape[-1] != value.shape[-1]  # q/k head size != v head size: SDPA has no fused kernel
         if implementation == "eager":
             attn_output, attn_weights = self._eager_attention(query, key, value, attention_mask)
         elif shared_key or (unequal and query.shape[2] == 1):
-            # Covariance, and lowrank r != hd decoding one token: SDPA would take its math fallback, which (for the
+            # Covariance, a head-shared value (merged values), the absorbed latent, and lowrank r != hd decoding one
+            # token: SDPA would take its math fallback (or refuse a value with one head), which (for the
             # shared key) copies the key to every head and computes all T x Tk scores, and (for one token) scales a
             # copy of the whole K cache. _eager_attention does one GEMM per block of queries against the shared key,
             # skips the keys above the diagonal when sdpa would be causal (no mask, T > 1), and gives the same

@@ -29,7 +29,7 @@ def merge_attention_modules(model: nn.Module, spec: ArchitectureSpec, record: di
     for parent, name, child in spec.stock_attentions(model):
         if child.layer_idx in patch.layers:
             setattr(parent, name, spec.merged_attention_class.like(
-                child, model.config, patch.mode, patch.rank_for(child.layer_idx)
+                child, model.config, patch.mode, patch.rank_for(child.layer_idx), patch.values, patch.value_rank
             ))
 
 

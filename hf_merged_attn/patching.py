@@ -8,10 +8,21 @@ import torch
 from torch import nn
 
 from .calibration import collect_attention_moments
-from .merged_attention import ArchitectureSpec, MergedAttention, PatchConfig, heads_to_linear, linear_to_heads
+from .merged_attention import (
+    ArchitectureSpec,
+    MergedAttention,
+    PatchConfig,
+    heads_to_linear,
+    linear_to_heads,
+    read_output,
+    write_output,
+)
 from .registry import SPECS, spec_for_model
 from .seeding import (
+    best_rank_factors,
     covariance_from_qk,
+    folded_output_bias,
+    values_from_vo,
     latent_from_kv,
     latent_singular_values,
     lowrank_from_qk,
@@ -46,14 +57,17 @@ def _swap(parent: nn.Module, name: str, old: nn.Module, new: nn.Module) -> None:
 
 
 def seeded_weights(parts: dict[str, torch.Tensor], mode: str, rank: int | None, *, init_std: float = 0.02,
-                   moment: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   moment: torch.Tensor | None = None, values: str | None = None, value_rank: int | None = None,
+                   output_name: str | None = None) -> dict[str, torch.Tensor]:
     """The merged module's parameters (by name, in nn.Linear layout) seeded from canonical per-head stock weights.
 
     Args:
-        parts: wq, wk, wv (H, d, hd) and bq, bk, bv (H, hd), from the family's `read_weights`.
+        parts: wq, wk, wv (H, d, hd) and bq, bk, bv (H, hd), from the family's `read_weights`; with values or
+            value_rank also wo (H, hd, d) and bo (d,) of the output projection (`read_output`).
         mode, rank: the patch.
         init_std: std of the random extra query columns of lowrank r > hd.
         moment: E[x̃ᵀx̃] of the layer's attention input for activation-aware ("whitened") seeding, or None.
+        values, value_rank: merged or low-rank values; the output projection `output_name` then holds M_h / Q_h.
     """
     weights = {"q_proj.bias": parts["bq"].reshape(-1)}
     if mode == "covariance":
@@ -74,7 +88,16 @@ def seeded_weights(parts: dict[str, torch.Tensor], mode: str, rank: int | None, 
             "k_up.weight": heads_to_linear(key_up), "v_up.weight": heads_to_linear(value_up),
             "v_up.bias": parts["bv"],
         })
-    if mode != "latent":
+    if values is not None or value_rank is not None:
+        down, up = values_from_vo(parts["wv"], parts["wo"], value_rank, moment)  # P (H,d,r_v) or None; M or Q
+        heads, d, width = up.shape
+        weights[f"{output_name}.weight"] = up.permute(1, 0, 2).reshape(d, heads * width) if down is not None else (
+            up.permute(2, 0, 1).reshape(d, heads * width)  # column h*d + i of the map = row i of M_h
+        )  # (d, H*k): the output of head h (k numbers) multiplies columns h*k .. (h+1)*k - 1
+        weights[f"{output_name}.bias"] = folded_output_bias(parts["bv"], parts["wo"], parts["bo"])
+        if down is not None:
+            weights["v_proj.weight"] = heads_to_linear(down)
+    elif mode != "latent":
         weights.update({"v_proj.weight": heads_to_linear(parts["wv"]), "v_proj.bias": parts["bv"]})
     return {name: tensor.reshape(-1) if name.endswith("bias") else tensor for name, tensor in weights.items()}
 
@@ -87,6 +110,8 @@ def seeded_attention(
     rank: int | None = None,
     *,
     moment: torch.Tensor | None = None,
+    values: str | None = None,
+    value_rank: int | None = None,
 ) -> MergedAttention:
     """A merged module computing the same scores as the stock `attn` of family `spec` (shares its output projection).
 
@@ -96,9 +121,13 @@ def seeded_attention(
     """
     if moment is not None and mode == "covariance":
         raise ValueError("moment (activation-aware seeding) applies to mode='lowrank' or 'latent'; covariance is exact.")
-    new = spec.merged_attention_class.like(attn, config, mode, rank)
+    new = spec.merged_attention_class.like(attn, config, mode, rank, values, value_rank)
     init_std = getattr(config, "initializer_range", getattr(config, "init_std", 0.02))  # OPT calls it init_std
-    weights = seeded_weights(spec.read_weights(attn), mode, rank, init_std=init_std, moment=moment)
+    parts = spec.read_weights(attn)
+    if values is not None or value_rank is not None:
+        parts["wo"], parts["bo"] = read_output(getattr(attn, new.output_name), new.num_heads)  # (H, hd, d), (d,)
+    weights = seeded_weights(parts, mode, rank, init_std=init_std, moment=moment, values=values,
+                             value_rank=value_rank, output_name=new.output_name)
     params = dict(new.named_parameters())
     with torch.no_grad():
         for name, tensor in weights.items():
@@ -123,6 +152,8 @@ def patch_model(
     layers: list[int] | None = None,
     init: str = "svd",
     calibration=None,
+    values: str | None = None,
+    value_rank: int | None = None,
 ) -> nn.Module:
     """Replace a model's self-attention with merged query–key attention, seeded to compute exactly what it did.
 
@@ -152,6 +183,12 @@ def patch_model(
         calibration: for init="whitened" only: an iterable of batches of token ids (LongTensors (B, T), lists,
             or dicts with 'input_ids' and optionally 'attention_mask' — a DataLoader or tokenized dataset). The
             stock model is run over it once (eval, no gradients) before any weight is changed.
+        values: None (stock values) or "merged": the value is the layer input x itself, shared by every head, and
+            head h holds M_h = Wv_h Wo_h (d x d) in the output projection, with the value bias folded into its bias.
+            Exact. With covariance keys and values are the same tensor, cached ONCE per layer: (B, 1, T, d), half of
+            stock's K + V. Decoders only (the output projection must be inside the attention module).
+        value_rank: r_v, 1 <= r_v <= head size, for low-rank values M_h ≈ P_h Q_hᵀ (V cache (B, H, T, r_v); exact at
+            r_v = head size, best rank-r_v below, whitened with init="whitened"). With covariance or lowrank.
 
     Returns:
         The same `model` object, patched.
@@ -162,7 +199,7 @@ def patch_model(
         NotImplementedError: an unsupported family (rotary ones with the reason), or an unsupported variant of
             a supported one (GPT-2 with cross-attention, a BERT decoder, ...).
     """
-    patch = PatchConfig(mode, rank, layers, init)
+    patch = PatchConfig(mode, rank, layers, init, values, value_rank)
     patch.check_calibration(calibration)
     if any(isinstance(module, MergedAttention) for module in model.modules()):
         raise ValueError(
@@ -181,6 +218,12 @@ def patch_model(
             "of it."
         )
     patch.check_against(config.hidden_size, len(found))
+    head_dim = config.hidden_size // config.num_attention_heads
+    if patch.value_rank is not None and patch.value_rank > head_dim:
+        raise ValueError(
+            f"value_rank={patch.value_rank} exceeds the head size {head_dim}: M_h = Wv_h Wo_h has rank <= {head_dim}, "
+            f"so r_v = {head_dim} is already exact. Use 1 <= value_rank <= {head_dim}, or values='merged'."
+        )
     moments, calibration_tokens = {}, None
     if patch.init == "whitened":  # one pass of the STOCK model; raises on bad calibration before any swap
         moments, calibration_tokens = collect_attention_moments(model, calibration, patch.layers)
@@ -189,7 +232,8 @@ def patch_model(
         patch.rank = {old.layer_idx: _rank_for_energy(spec, old, patch.mode, patch.energy) for old in blocks}
     seeded = [  # every new module is built before the first swap: a seeding error leaves the model untouched
         (parent, name, old, seeded_attention(
-            spec, old, config, patch.mode, patch.rank_for(old.layer_idx), moment=moments.get(old.layer_idx)
+            spec, old, config, patch.mode, patch.rank_for(old.layer_idx), moment=moments.get(old.layer_idx),
+            values=patch.values, value_rank=patch.value_rank,
         ))
         for parent, name, old in found
         if old.layer_idx in patch.layers
@@ -243,7 +287,7 @@ def stock_attention(spec: ArchitectureSpec, attn: MergedAttention, config) -> tu
     heads = attn.num_heads
     weight = attn.q_proj.weight
     stock = spec.new_stock_attention(config, attn.layer_idx).to(device=weight.device, dtype=weight.dtype)
-    if attn.output_name is not None:
+    if attn.output_name is not None and attn.values is None and attn.value_rank is None:
         setattr(stock, attn.output_name, getattr(attn, attn.output_name))  # shared, as at patch time
     if attn.mode == "latent":
         down = attn.latent_proj.weight.detach().mT  # (d, r_c) = W_c
@@ -253,10 +297,32 @@ def stock_attention(spec: ArchitectureSpec, attn: MergedAttention, config) -> tu
         bv, rel_error = attn.v_up.bias.detach().view(heads, -1), torch.zeros(heads)
     else:
         wq, bq, wk, rel_error = qk_from_homogeneous(*homogeneous_factors(attn), attn.head_dim)  # (H,d,hd), (H,hd), ..
+    if attn.values is not None or attn.value_rank is not None:  # the output map holds M_h (or Q_h) and b̃
+        wv, wo, value_error = _stock_values(attn)
+        write_output(getattr(stock, attn.output_name), wo, getattr(attn, attn.output_name).bias.detach())
+        bv, rel_error = torch.zeros_like(bq), torch.maximum(rel_error, value_error)
+    elif attn.mode != "latent":
         wv = linear_to_heads(attn.v_proj.weight.detach(), heads)  # (H, d, hd)
         bv = attn.v_proj.bias.detach().view(heads, -1)  # (H, hd)
     spec.write_weights(stock, {"wq": wq, "bq": bq, "wk": wk, "bk": torch.zeros_like(bq), "wv": wv, "bv": bv})
     return stock, rel_error.max().item()
+
+
+def _stock_values(attn: MergedAttention) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stock Wv (H, d, hd) and Wo (H, hd, d) holding the best rank-hd part of each M_h, and the relative error per head
+    (0 up to round-off for low-rank values r_v <= hd and for merged values right after seeding)."""
+    heads, hd = attn.num_heads, attn.head_dim
+    output = getattr(attn, attn.output_name).weight.detach()  # (d, H*k)
+    per_head = output.view(output.shape[0], heads, -1).permute(1, 2, 0)  # (H, k, d): rows of head h's map
+    if attn.values == "merged":  # M_h (d x d) whole: factor it
+        left, right = per_head.double(), torch.eye(per_head.shape[-1], dtype=torch.float64).expand_as(per_head)
+    else:  # M_h = P_h Q_hᵀ, rank r_v <= hd
+        left, right = linear_to_heads(attn.v_proj.weight.detach(), heads).double(), per_head.mT.double()
+    wv, wo = best_rank_factors(left, right, min(hd, left.shape[-1]))  # (H, d, <=hd) each: M ≈ wv woᵀ
+    full = left @ right.mT
+    error = torch.linalg.matrix_norm(full - wv @ wo.mT) / torch.linalg.matrix_norm(full).clamp_min(1e-300)
+    pad = hd - wv.shape[-1]
+    return nn.functional.pad(wv, (0, pad)), nn.functional.pad(wo, (0, pad)).mT, error
 
 
 def unpatch_model(model: nn.Module, *, strict: bool = False, return_errors: bool = False):

@@ -425,3 +425,47 @@ def latent_from_kv(
         whiten = chol.mT  # Lᵀ
     project = left.mT @ whiten  # (r_c, d): P_rᵀ Lᵀ (Lᵀ = I without whitening)
     return down, project @ wk, project @ wv  # (d, r_c), (H, r_c, hd) each (broadcast over heads)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The value side: M_h = Wv_h Wo_h, merged whole (d x d) or factored at rank r_v
+# ---------------------------------------------------------------------------------------------------
+
+
+def folded_output_bias(bv: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor) -> torch.Tensor:
+    """b̃ = bo + Σ_h bv_h Wo_h (d,): the value bias applied once after attention (a row of A_h sums to 1)."""
+    return bo.to(_SEED_DTYPE) + torch.einsum("hk,hkd->d", bv.to(_SEED_DTYPE), wo.to(_SEED_DTYPE))
+
+
+def values_from_vo(
+    wv: torch.Tensor,
+    wo: torch.Tensor,
+    value_rank: int | None = None,
+    moment: torch.Tensor | None = None,
+    *,
+    damping: float = DEFAULT_DAMPING,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Seed the value side from per-head Wv_h (d, hd) and Wo_h (hd, d): M_h = Wv_h Wo_h (MATH.md, merged values).
+
+    - value_rank None: merged, M (H, d, d) whole (exact); the value is x itself, so there is no P.
+    - value_rank r_v: M_h ≈ P_h Q_hᵀ with P (H, d, r_v), Q (H, d, r_v). r_v = hd: P = Wv, Q = Woᵀ (stock exactly);
+      r_v < hd: the best rank-r_v factors from the thin QR of Wv_h and Wo_hᵀ and an hd x hd SVD (never a d x d SVD
+      per head); with `moment` ((d+1) x (d+1) E[x̃ᵀx̃]) the least error ‖X (M_h − M̂_h)‖ on the calibration inputs,
+      weighting the input side by the Cholesky factor of E[xᵀx].
+
+    Returns:
+        (P or None, M (H, d, d) for merged values, or Q (H, d, r_v)), float64.
+    """
+    num_heads, d, hd = wv.shape
+    wv, wo = wv.to(_SEED_DTYPE), wo.to(_SEED_DTYPE)
+    if value_rank is None:
+        return None, wv @ wo  # (H, d, hd) @ (H, hd, d) -> (H, d, d)
+    if not 1 <= value_rank <= hd:
+        raise ValueError(f"value_rank={value_rank} must be between 1 and the head size {hd} (M_h has rank <= {hd}).")
+    if value_rank == hd:
+        return wv.clone(), wo.mT.clone()
+    if moment is None:
+        return best_rank_factors(wv, wo.mT, value_rank)
+    chol = damped_cholesky(moment.to(device=wv.device, dtype=_SEED_DTYPE)[:d, :d], damping)  # (d, d)
+    eye = torch.eye(d, dtype=_SEED_DTYPE, device=wv.device)
+    return whitened_best_rank_factors(wv, wo.mT, value_rank, chol.expand(num_heads, d, d), eye.expand(num_heads, d, d))

@@ -275,3 +275,69 @@ def test_patching_a_loaded_merged_checkpoint_again_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"MergedBloomForCausalLM is already patched"):
         patch_model(loaded, "lowrank", rank=2)
     assert AutoModel.from_pretrained(tmp_path).config.merged_attn["mode"] == "covariance"
+
+
+# The value side (decoders: the output projection is inside their attention module). (mode, rank, patch kwargs,
+# what one layer caches: keys and values as (heads, size)); exact unless the ranks are below the head size.
+VALUE_CASES = [
+    ("covariance", None, {"values": "merged"}, ((1, HIDDEN), (1, 0)), True),  # x cached ONCE: half of stock
+    ("lowrank", HEAD_DIM, {"values": "merged"}, ((HEADS, HEAD_DIM), (1, HIDDEN)), True),
+    ("lowrank", HEAD_DIM, {"value_rank": HEAD_DIM}, ((HEADS, HEAD_DIM), (HEADS, HEAD_DIM)), True),
+    ("lowrank", 3, {"value_rank": 2}, ((HEADS, 3), (HEADS, 2)), False),
+]
+VALUE_IDS = ["covariance+merged_values", "lowrank_r=hd+merged_values", "lowrank_r=hd+value_rank=hd", "lowrank_r=3+value_rank=2"]
+
+
+@pytest.mark.parametrize("family", DECODERS, ids=[f.model_type for f in DECODERS])
+@pytest.mark.parametrize("mode,rank,kwargs,cached,exact", VALUE_CASES, ids=VALUE_IDS)
+def test_value_modes(family, mode, rank, kwargs, cached, exact, tmp_path):
+    """Exact at patch (eager and sdpa, padded), the cache layout, cache == no cache, generate, save/load, export."""
+    ids, mask = inputs(family, length=10)
+    for impl in implementations(family):
+        stock, model = patched(family, mode, rank, impl, **kwargs)
+        with torch.no_grad():
+            full, expected = family.output(model, ids, mask), family.output(stock, ids, mask)
+        if exact:
+            assert diff_on_real_tokens(full, expected, mask) < FP32_TOL, impl
+    with torch.no_grad():
+        prefix = model(input_ids=ids[:, :7], attention_mask=mask[:, :7], use_cache=True)
+        layer = prefix.past_key_values.layers[0]
+        assert (tuple(layer.keys.shape), tuple(layer.values.shape)) == ((3, *cached[0][:1], 7, cached[0][1]),
+                                                                         (3, *cached[1][:1], 7, cached[1][1]))
+        step = model(input_ids=ids[:, 7:8], attention_mask=mask[:, :8], cache=prefix.past_key_values, use_cache=True)
+    assert diff_on_real_tokens(step.logits, full[:, 7:8], mask[:, 7:8]) < FP32_TOL
+    if exact:
+        settings = dict(attention_mask=mask[:, :6], max_new_tokens=6, do_sample=False, pad_token_id=family.config.pad_token_id)
+        with torch.no_grad():
+            assert torch.equal(model.generate(ids[:, :6], **settings), stock.generate(ids[:, :6], **settings))
+    model.save_pretrained(tmp_path)
+    record = json.loads((tmp_path / "config.json").read_text())["merged_attn"]
+    assert {k: record[k] for k in kwargs} == kwargs
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert (family.output(loaded, ids, mask) - full).abs().max() < RELOAD_TOL
+    exported, errors = unpatch_model(loaded, strict=True, return_errors=True)
+    assert type(exported) is family.model_class and max(errors.values()) < 1e-5
+    with torch.no_grad():
+        assert diff_on_real_tokens(family.output(exported, ids, mask), full, mask) < FP32_TOL
+
+
+def test_trained_merged_values_export_truncates_and_reports():
+    family = DECODERS[0]
+    _, model = patched(family, "covariance", None, values="merged")
+    with torch.no_grad():  # give every M_h full rank, as training would
+        for module in model.modules():
+            if isinstance(module, MergedAttention):
+                module.c_proj.weight.add_(torch.randn_like(module.c_proj.weight) * 0.5)
+    with pytest.raises(ValueError, match=r"strict=True"):
+        unpatch_model(model, strict=True)
+    _, errors = unpatch_model(model, return_errors=True)
+    assert min(errors.values()) > 1e-2  # the lost part of each M_h beyond rank hd, reported
+
+
+@pytest.mark.parametrize("kwargs", [{"values": "merged"}, {"value_rank": 4}])
+def test_value_modes_are_refused_for_encoders(kwargs):
+    model = FAMILIES[3].make()  # BERT: its output projection lives in BertSelfOutput
+    with pytest.raises(NotImplementedError, match=r"need the output projection inside the attention module"):
+        patch_model(model, "covariance", **kwargs)
+    assert not hasattr(model.config, "merged_attn")

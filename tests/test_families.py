@@ -341,3 +341,35 @@ def test_value_modes_are_refused_for_encoders(kwargs):
     with pytest.raises(NotImplementedError, match=r"need the output projection inside the attention module"):
         patch_model(model, "covariance", **kwargs)
     assert not hasattr(model.config, "merged_attn")
+
+
+@pytest.mark.parametrize("mode,rank,kwargs", [("latent", 8, {}), ("covariance", None, {"values": "merged"}),
+                                              ("lowrank", 3, {"value_rank": 2})], ids=["latent", "merged_values", "value_rank"])
+def test_new_modes_train_with_gradient_checkpointing_and_half_precision(mode, rank, kwargs):
+    family = DECODERS[0]
+    _, model = patched(family, mode, rank, "sdpa", **kwargs)
+    ids, mask = inputs(family)
+    model.train()
+    model.gradient_checkpointing_enable()
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if ".attn." in n}
+    assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
+    for dtype in (torch.bfloat16, torch.float16):
+        half = copy.deepcopy(model).eval().to(dtype)
+        with torch.no_grad():
+            logits = half(input_ids=ids, attention_mask=mask).logits.float()
+            reference = model.eval()(input_ids=ids, attention_mask=mask).logits
+        # half precision keeps 8 (bf16) / 11 (fp16) bits: logits of order 1-10 move by a few 1e-2, a wrong cast by far more
+        assert torch.isfinite(logits).all() and diff_on_real_tokens(logits, reference, mask) < 0.5, dtype
+
+
+def test_latent_rank_per_block_from_an_energy_target(tmp_path):
+    family = DECODERS[0]
+    _, model = patched(family, "latent", 0.9)
+    ranks = model.config.merged_attn["rank"]
+    assert set(ranks) == {"0", "1"} and all(1 <= r < HIDDEN for r in ranks.values())
+    assert model.config.merged_attn["energy"] == 0.9
+    assert [m.rank for m in model.modules() if isinstance(m, MergedAttention)] == [ranks["0"], ranks["1"]]
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert [m.rank for m in loaded.modules() if isinstance(m, MergedAttention)] == [ranks["0"], ranks["1"]]

@@ -82,3 +82,34 @@ def evaluate_perplexity(
     model.train(was_training)
     loss = total_nll / total_tokens
     return {"perplexity": math.exp(loss), "loss": loss, "tokens": total_tokens}
+
+
+@torch.no_grad()
+def kv_cache_bytes_per_token(model: nn.Module, prompt_length: int = 8, max_new_tokens: int = 4) -> float:
+    """Bytes the KV cache holds per token of one sequence, measured on the cache object a `generate()` call returns.
+
+    Counts every tensor the cache keeps (keys and values of every layer, an empty value slot as 0 bytes), divided
+    by the number of cached tokens: what a deployment pays per token of context, whatever the mode.
+
+    Args:
+        model: a causal LM with a KV cache (stock or patched), in the dtype to measure.
+        prompt_length, max_new_tokens: the short greedy generation run to fill the cache.
+
+    Returns:
+        Bytes per cached token (summed over layers).
+
+    Raises:
+        ValueError: the model returned no cache (an encoder, or use_cache disabled).
+    """
+    config = model.config
+    device = next(model.parameters()).device
+    prompt = torch.arange(prompt_length, device=device).remainder(config.vocab_size).unsqueeze(0)  # (1, T)
+    out = model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+        do_sample=False, return_dict_in_generate=True, use_cache=True, pad_token_id=config.pad_token_id or 0,
+    )
+    cache = out.past_key_values
+    if cache is None:
+        raise ValueError(f"{type(model).__name__}.generate returned no cache; kv_cache_bytes_per_token needs a decoder.")
+    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values) if t is not None]
+    return sum(t.numel() * t.element_size() for t in tensors) / cache.get_seq_length()

@@ -373,3 +373,21 @@ def test_latent_rank_per_block_from_an_energy_target(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert [m.rank for m in loaded.modules() if isinstance(m, MergedAttention)] == [ranks["0"], ranks["1"]]
+
+
+@pytest.mark.parametrize("family", DECODERS, ids=[f.model_type for f in DECODERS])
+def test_cache_bytes_per_token_measured_after_generate(family):
+    """Covariance + merged values and latent r_c = d cache exactly half of stock's K + V; the latent r_c numbers."""
+    from hf_merged_attn.evaluation import kv_cache_bytes_per_token
+
+    stock = family.make()
+    measured = {
+        name: kv_cache_bytes_per_token(patch_model(copy.deepcopy(stock), mode, **kwargs))
+        for name, mode, kwargs in [
+            ("merged_values", "covariance", {"values": "merged"}), ("latent_d", "latent", {"rank": HIDDEN}),
+            ("latent_8", "latent", {"rank": 8}), ("covariance", "covariance", {}),
+        ]
+    }
+    full = kv_cache_bytes_per_token(stock)
+    assert full == LAYERS * 2 * HIDDEN * 4  # K + V, fp32
+    assert measured == {"merged_values": full / 2, "latent_d": full / 2, "latent_8": LAYERS * 8 * 4, "covariance": full}

@@ -2,8 +2,10 @@
 
     python benchmarks/profile_decode.py                        # lowrank r = 64 vs stock, sdpa, context 512
     python benchmarks/profile_decode.py --mode covariance --context 2048 --attn_implementation eager
+    python benchmarks/profile_decode.py --model_type bloom      # another causal family (BLOOM: eager only)
 
-Same model shape as benchmarks/run.py (GPT-2-small-shaped, 2 layers, vocabulary 8192, fp32, batch 1, one thread).
+Same model as benchmarks/run.py (GPT-2-small-shaped, 2 layers, vocabulary 8192, fp32, batch 1, one thread; of the
+family --model_type, default gpt2).
 Prints the median ms per token of each model (interleaved repeats, alternating which model goes first, each after one
 untimed step) and, for each, the operators
 that took the most self CPU time over --steps steps. Run it twice, once with `MALLOC_MMAP_THRESHOLD_=4294967296
@@ -21,9 +23,10 @@ import time
 import torch
 import transformers
 from torch.profiler import profile
-from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, DynamicCache
 
 from hf_merged_attn import patch_model
+from run import CAUSAL_MODEL_TYPES, attn_implementations, stock_config  # benchmarks/run.py: the same model
 
 transformers.logging.set_verbosity_error()
 
@@ -33,7 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", choices=["covariance", "lowrank"], default="lowrank")
     parser.add_argument("--rank", type=int, default=None, help="lowrank only (default 64, the head size)")
     parser.add_argument("--context", type=int, default=512)
-    parser.add_argument("--attn_implementation", choices=["sdpa", "eager"], default="sdpa")
+    parser.add_argument("--model_type", default="gpt2", choices=CAUSAL_MODEL_TYPES)
+    parser.add_argument("--attn_implementation", choices=["sdpa", "eager"], default=None,
+                        help="default: sdpa (eager for BLOOM, which has no sdpa)")
     parser.add_argument("--steps", type=int, default=16, help="decode steps per repeat")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--rows", type=int, default=8, help="operators shown per model")
@@ -45,12 +50,17 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--rank {args.rank}: allowed are 1 .. 768 (the hidden size); 64 is the head size (exact)")
     if min(args.context, args.steps, args.repeats, args.rows) < 1:
         parser.error("--context, --steps, --repeats and --rows must be positive integers")
+    supported = attn_implementations(args.model_type)
+    args.attn_implementation = args.attn_implementation or supported[0]
+    if args.attn_implementation not in supported:
+        parser.error(f"--attn_implementation {args.attn_implementation}: stock {args.model_type} runs only "
+                     f"{' and '.join(supported)} attention; pass --attn_implementation {supported[0]}")
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    config = GPT2Config(n_embd=768, n_head=12, n_layer=2, vocab_size=8192, n_positions=args.context + args.steps + 1,
-                        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    stock = GPT2LMHeadModel(config).eval()
+    config = stock_config(args.model_type, hidden=768, heads=12, layers=2, vocab=8192,
+                          positions=args.context + args.steps + 1)
+    stock = AutoModelForCausalLM.from_config(config).eval()
     stock.set_attn_implementation(args.attn_implementation)
     patched = patch_model(copy.deepcopy(stock), args.mode, rank=args.rank)
     name = args.mode if args.mode == "covariance" else f"lowrank{args.rank}"

@@ -1,11 +1,13 @@
-"""Benchmark stock GPT-2 against the covariance and lowrank patches, side by side in one process.
+"""Benchmark a stock causal LM (GPT-2 by default) against its covariance and lowrank patches, side by side.
 
     python benchmarks/run.py --threads 1 --out docs     # the committed figures (about 15 min on 2 CPU cores)
     python benchmarks/run.py --quick --out /tmp/bench   # smoke run, a few seconds after imports
     python benchmarks/run.py --device cuda --out gpu    # on a GPU machine
+    python benchmarks/run.py --model_type opt --quick   # another causal family of the registry (gpt2, opt, bloom)
 
 Measures, for stock, covariance and lowrank at each rank (default 64, 32, 16), on a GPT-2-small-shaped model
-(12 heads x 64 = 768 wide; layers and vocabulary reduced to fit a CPU, see --layers/--vocab):
+(12 heads x 64 = 768 wide; layers and vocabulary reduced to fit a CPU, see --layers/--vocab) of the family
+--model_type, built from random weights by transformers' AutoConfig.for_model and AutoModelForCausalLM:
 
 - a training step (forward + backward of the LM loss) per token at T in --tokens, for each --impls;
 - one decode step per token with the KV cache (DynamicCache) at each context in --contexts;
@@ -36,7 +38,8 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -45,6 +48,7 @@ import flops  # noqa: E402
 import report  # noqa: E402
 
 from hf_merged_attn import patch_model  # noqa: E402
+from hf_merged_attn.registry import SPECS, spec_for_model, spec_for_patched  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -55,27 +59,47 @@ def mode_specs(ranks: list[int]) -> list[dict]:
     return specs + [{"name": f"lowrank{r}", "mode": "lowrank", "rank": r} for r in ranks]
 
 
-def model_config(args) -> GPT2Config:
-    return GPT2Config(
-        n_embd=args.hidden,
-        n_head=args.heads,
-        n_layer=args.layers,
-        n_positions=max(max(args.tokens), max(args.contexts) + args.decode_steps + 1, args.compile_tokens),
-        vocab_size=args.vocab,
-        attn_pdrop=0.0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
+CAUSAL_MODEL_TYPES = tuple(t for spec in SPECS if spec.causal for t in spec.model_types)  # gpt2, opt, bloom
+# the dropout fields of the families (GPT-2's *_pdrop; OPT's and BLOOM's), all set to 0 where the config has them
+DROPOUT_FIELDS = ("attn_pdrop", "resid_pdrop", "embd_pdrop", "dropout", "attention_dropout", "activation_dropout",
+                  "hidden_dropout", "layerdrop")
 
 
-def build(spec: dict, args, device: torch.device, impl: str = "sdpa") -> GPT2LMHeadModel:
-    """The same random GPT-2 (seed 0) for every mode, patched (and seeded from it) unless stock."""
+def stock_config(model_type: str, hidden: int, heads: int, layers: int, vocab: int, positions: int):
+    """A stock config of the family with the generic size names, dropout off; `positions` where it has learned ones."""
+    defaults = AutoConfig.for_model(model_type)  # which fields the family has
+    settings = dict(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=layers, vocab_size=vocab,
+                    bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    settings.update({name: 0.0 for name in DROPOUT_FIELDS if hasattr(defaults, name)})
+    if hasattr(defaults, "max_position_embeddings"):  # BLOOM has none: ALiBi positions have no limit
+        settings["max_position_embeddings"] = positions
+    if hasattr(defaults, "ffn_dim"):  # OPT: the MLP width (4d) and embedding size (d) that flops.py counts
+        settings.update(ffn_dim=4 * hidden, word_embed_proj_dim=hidden)
+    return AutoConfig.for_model(model_type, **settings)
+
+
+EXPLAIN_TOKENS = 64  # T of the torch._dynamo.explain forward
+
+
+def model_config(args):
+    positions = max(max(args.tokens), max(args.contexts) + args.decode_steps + 1, args.compile_tokens, EXPLAIN_TOKENS)
+    return stock_config(args.model_type, args.hidden, args.heads, args.layers, args.vocab, positions)
+
+
+def attn_implementations(model_type: str) -> list[str]:
+    """The attention implementations the stock family runs in transformers: sdpa and eager, or eager alone (BLOOM)."""
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.for_model(model_type))]
+    return ["sdpa", "eager"] if model_class._supports_sdpa else ["eager"]
+
+
+def build(spec: dict, args, device: torch.device, impl: str | None = None) -> PreTrainedModel:
+    """The same random model (seed 0) for every mode, patched (and seeded from it) unless stock.
+
+    `impl`: the attention implementation; by default the family's first (sdpa, or eager for BLOOM).
+    """
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(model_config(args))
-    model.set_attn_implementation(impl)
+    model = AutoModelForCausalLM.from_config(model_config(args))
+    model.set_attn_implementation(impl or attn_implementations(args.model_type)[0])
     if spec["mode"] != "stock":
         patch_model(model, spec["mode"], rank=spec["rank"])
     return model.to(device=device, dtype=DTYPES[args.dtype])
@@ -108,7 +132,7 @@ def median_summary(times: list[float], per: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- timing
-def train_step(model: GPT2LMHeadModel, ids: torch.Tensor) -> None:
+def train_step(model: PreTrainedModel, ids: torch.Tensor) -> None:
     model(ids, labels=ids).loss.backward()
 
 
@@ -178,7 +202,7 @@ def bench_decode(models: dict, specs: list[dict], args, device, impl: str, conte
     return {name: median_summary(t, args.batch * args.decode_steps) for name, t in times.items()}, sizes
 
 
-def saved_activation_bytes(model: GPT2LMHeadModel, ids: torch.Tensor) -> int:
+def saved_activation_bytes(model: PreTrainedModel, ids: torch.Tensor) -> int:
     """Bytes of the distinct storages autograd saves for backward in one training forward, parameters excluded."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -265,16 +289,27 @@ def bench_memory(specs: list[dict], args, tokens: int, log) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- compile
-def graph_breaks(model: GPT2LMHeadModel, ids: torch.Tensor) -> dict:
-    """torch._dynamo.explain of the first attention module and of the whole model (forward)."""
+def first_attention_call(model: PreTrainedModel, ids: torch.Tensor) -> tuple:
+    """The first self-attention module of `model` and the inputs (args, kwargs) the model calls it with on `ids`."""
+    spec = spec_for_patched(model) or spec_for_model(model)
+    attn = next(module for module in model.modules() if isinstance(module, spec.attention_class))
+    calls = []
+    hook = attn.register_forward_pre_hook(lambda _, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    hook.remove()
+    return attn, *calls[0]
+
+
+def graph_breaks(model: PreTrainedModel, ids: torch.Tensor) -> dict:
+    """torch._dynamo.explain of the first attention module (called as the model calls it) and of the whole model."""
     import torch._dynamo as dynamo
 
     dynamo.reset()
-    attn = model.transformer.h[0].attn
-    hidden = torch.randn(*ids.shape, model.config.n_embd, device=ids.device, dtype=next(model.parameters()).dtype)
+    attn, attn_args, attn_kwargs = first_attention_call(model, ids)
     out = {}
-    for name, module, inputs in (("attention", attn, (hidden,)), ("model", model, (ids,))):
-        explained = dynamo.explain(module)(*inputs)
+    for name, module, inputs, kwargs in (("attention", attn, attn_args, attn_kwargs), ("model", model, (ids,), {})):
+        explained = dynamo.explain(module)(*inputs, **kwargs)
         out[name] = {"graphs": explained.graph_count, "graph_breaks": explained.graph_break_count,
                      "reasons": [str(b.reason)[:200] for b in explained.break_reasons]}
     dynamo.reset()
@@ -285,7 +320,7 @@ def bench_compile(models: dict, specs: list[dict], args, device, log) -> dict:
     """Inductor, fullgraph=True: compile time, max |Δlogits| against eager-mode PyTorch, and fwd+bwd speed.
 
     The loss is taken outside the compiled model (transformers' loss function logs a warning once, a graph break
-    in stock GPT-2 too).
+    in stock GPT-2 too). Attention: sdpa, or eager for a family without sdpa (BLOOM).
     """
     import torch._dynamo as dynamo
 
@@ -301,7 +336,7 @@ def bench_compile(models: dict, specs: list[dict], args, device, log) -> dict:
     compiled, out = {}, {}
     for spec in specs:
         model = models[spec["name"]]
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(attn_implementations(args.model_type)[0])
         model.train()
         fn = torch.compile(model, fullgraph=True)
         start = time.perf_counter()
@@ -368,7 +403,10 @@ def machine(args, device) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny T, 1 layer, vocab 1024, 2 repeats, sdpa only")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: tiny T, 1 layer, vocab 1024, 2 repeats, sdpa only (eager for BLOOM)")
+    p.add_argument("--model_type", default="gpt2", choices=CAUSAL_MODEL_TYPES,
+                   help="the family of the stock model (config.model_type); the shape flags below apply to it")
     p.add_argument("--out", default=None, help="output folder (default: docs, or a temp folder with --quick)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
@@ -383,7 +421,8 @@ def parse_args(argv=None):
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048], help="cache lengths for decoding")
     p.add_argument("--decode-steps", type=int, default=32, help="decode steps timed per repeat")
     p.add_argument("--decode-repeats", type=int, default=21, help="repeats of the decode timing (cheap, noisy)")
-    p.add_argument("--impls", nargs="+", default=["sdpa", "eager"], choices=["sdpa", "eager"])
+    p.add_argument("--impls", nargs="+", default=None, choices=["sdpa", "eager"],
+                   help="attention implementations timed (default: sdpa and eager; eager alone for BLOOM)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -415,12 +454,20 @@ def parse_args(argv=None):
         if getattr(args, name) < 0:
             p.error(f"--{name} {getattr(args, name)}: must be 0 or more")
     if args.hidden % args.heads:
-        p.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}; GPT-2 needs hidden = heads x head size")
+        p.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}; the model needs hidden = heads x "
+                "head size")
     if max(args.ranks) > args.hidden:
         p.error(f"--ranks {args.ranks}: a lowrank rank is at most the hidden size ({args.hidden})")
+    supported = attn_implementations(args.model_type)
+    if args.impls is None:
+        args.impls = supported
+    elif not set(args.impls) <= set(supported):
+        p.error(f"--impls {' '.join(args.impls)}: stock {args.model_type} runs only {' and '.join(supported)} "
+                f"attention in transformers {transformers.__version__}; pass --impls {' '.join(supported)} or drop "
+                "--impls")
     if args.quick:
         args.layers, args.vocab, args.tokens, args.contexts = 1, 1024, [32, 64], [32, 64]
-        args.decode_steps, args.repeats, args.decode_repeats, args.warmup, args.impls = 2, 2, 2, 1, ["sdpa"]
+        args.decode_steps, args.repeats, args.decode_repeats, args.warmup, args.impls = 2, 2, 2, 1, supported[:1]
         args.no_memory, args.no_explain, args.compile_tokens = True, True, 32
         args.threads = args.threads or 1  # tiny shapes: a second OpenMP thread only waits on a shared machine
     if args.out is None:
@@ -473,11 +520,12 @@ def main(argv=None) -> dict:
         result["saved_activation_bytes"][str(t)] = {}
         for spec in specs:
             model = models[spec["name"]]
-            model.set_attn_implementation("sdpa")
+            model.set_attn_implementation(attn_implementations(args.model_type)[0])
             result["saved_activation_bytes"][str(t)][spec["name"]] = saved_activation_bytes(model, ids)
             model.zero_grad(set_to_none=True)
     if not args.no_explain:
-        ids = torch.randint(0, args.vocab, (args.batch, 64), generator=torch.Generator().manual_seed(4)).to(device)
+        ids = torch.randint(0, args.vocab, (args.batch, EXPLAIN_TOKENS), generator=torch.Generator().manual_seed(4))
+        ids = ids.to(device)
         result["graph_breaks"] = {}
         for impl in args.impls:
             result["graph_breaks"][impl] = {}

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fine-tune stock vs patched GPT-2 at an equal budget and compare perplexity.
+"""Fine-tune a stock causal LM vs its patched copies at an equal budget and compare perplexity.
 
     accelerate launch examples/finetune.py                      # shipped stand-in model + Shakespeare, ~10 min on 2 CPUs
     accelerate launch examples/finetune.py --seeds 3 --output_dir docs/finetune
@@ -7,6 +7,10 @@
     accelerate launch --mixed_precision bf16 examples/finetune.py          # mixed precision (on a GPU)
     accelerate launch examples/finetune.py --model_name_or_path gpt2 \\
         --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1   # real GPT-2 (needs the Hub)
+    accelerate launch examples/finetune.py --model_name_or_path facebook/opt-125m ...   # another causal family
+
+The model can be of any causal family that hf_merged_attn registers (GPT-2, OPT, BLOOM: see
+`hf_merged_attn.registry`); encoders and rotary models are refused before any work.
 
 For every mode in --modes (default: stock, covariance, lowrank at half the head size) and every seed,
 the script takes a fresh copy of the pretrained model, patches it (except stock), measures perplexity
@@ -33,12 +37,15 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from datasets import load_dataset
+from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator, get_scheduler
+from transformers.pytorch_utils import Conv1D
 
 from hf_merged_attn import PatchConfig, patch_model
 from hf_merged_attn.evaluation import evaluate_perplexity
+from hf_merged_attn.registry import REGISTRY, ROTARY_MODEL_TYPES, SPECS
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "shakespeare-gpt2"
@@ -56,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--train_file", default=str(DEFAULT_DATA / "train.txt"), help=".txt, .json(l) or .csv")
     g.add_argument("--validation_file", default=str(DEFAULT_DATA / "validation.txt"))
     g.add_argument("--text_column", default="text")
-    g.add_argument("--block_size", type=int, default=256, help="training sequence length (<= model context)")
+    g.add_argument("--block_size", type=int, default=256,
+                   help="training sequence length (<= the model's context, where it has learned positions)")
     g = p.add_argument_group("comparison")
     g.add_argument("--modes", default="stock,covariance,lowrank",
                    help="comma-separated: stock, covariance, lowrank (uses --rank), lowrank:R, or lowrank:E with "
@@ -148,18 +156,18 @@ def validate(args: argparse.Namespace) -> tuple[list, AutoConfig]:
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} {getattr(args, flag)} must be >= 1.")
     config = AutoConfig.from_pretrained(args.model_name_or_path)
-    if getattr(config, "model_type", None) != "gpt2":
-        raise ValueError(f"--model_name_or_path {args.model_name_or_path!r} is a {config.model_type!r} model; this comparison patches stock GPT-2 (model_type 'gpt2').")
-    if args.block_size > config.n_positions:
+    causal_lm_spec(config, args.model_name_or_path)
+    positions = getattr(config, "max_position_embeddings", None)  # None: no learned positions (BLOOM's ALiBi)
+    if positions is not None and args.block_size > positions:
         raise ValueError(
-            f"--block_size {args.block_size} is larger than the model's context ({config.n_positions} positions "
-            f"in {args.model_name_or_path}). Use --block_size {config.n_positions} or less."
+            f"--block_size {args.block_size} is larger than the model's context ({positions} positions "
+            f"in {args.model_name_or_path}). Use --block_size {positions} or less."
         )
-    head_dim = config.n_embd // config.n_head
+    head_dim = config.hidden_size // config.num_attention_heads
     modes = parse_modes(args.modes, args.rank if args.rank is not None else head_dim // 2)
     for _, mode, rank in modes:
         if mode != "stock":
-            PatchConfig(mode, rank).check_against(config.n_embd, config.n_layer)
+            PatchConfig(mode, rank).check_against(config.hidden_size, config.num_hidden_layers)
     resume = args.resume_from_checkpoint
     if resume and resume != "latest":
         if not Path(resume).is_dir():
@@ -167,8 +175,31 @@ def validate(args: argparse.Namespace) -> tuple[list, AutoConfig]:
         if len(modes) * args.seeds != 1:
             raise ValueError("--resume_from_checkpoint with a folder needs a single mode and seed; use 'latest' for several.")
     if args.push_to_hub and not args.hub_model_id:
-        raise ValueError("--push_to_hub needs --hub_model_id (e.g. you/gpt2-merged).")
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. you/my-model-merged).")
     return modes, config
+
+
+def causal_lm_spec(config, name: str):
+    """The registry entry of the model's family; a ValueError unless it is a registered causal (decoder) family."""
+    model_type = getattr(config, "model_type", None)
+    spec = REGISTRY.get(model_type)
+    causal = [f"{s.family} ({', '.join(s.model_types)})" for s in SPECS if s.causal]
+    if spec is not None and spec.causal:
+        return spec
+    also = ""
+    if spec is not None:
+        why = f"an encoder ({spec.family}: bidirectional attention, no causal LM head)"
+        also = " (an encoder can be patched with hf_merged_attn.patch_model directly)"
+    elif model_type in ROTARY_MODEL_TYPES:
+        why = ("a rotary-position model: RoPE rotates q and k by their positions between Wq and Wk, so Wq·Wkᵀ is "
+               "not one position-free matrix and cannot be merged exactly")
+    else:
+        why = "not a family hf_merged_attn can patch"
+    raise ValueError(
+        f"--model_name_or_path {name!r} is a {model_type!r} model, {why}. This comparison fine-tunes causal language "
+        f"models of the families: {', '.join(causal)}. Pass a checkpoint of one of them, e.g. gpt2, "
+        f"facebook/opt-125m or bigscience/bloom-560m{also}."
+    )
 
 
 # ---------------------------------------------------------------- data
@@ -278,12 +309,14 @@ def build_model(args, mode: str, rank: int | None, calibration=None):
     if args.lora:
         from peft import LoraConfig, get_peft_model
 
-        # like for like: stock's c_attn (q, k, v) vs the patched q_proj / k_proj / v_proj
-        targets = ["c_attn"] if mode == "stock" else ["q_proj", "k_proj", "v_proj"]
-        targets = [t for t in targets if any(name.endswith(f".{t}") for name, _ in model.named_modules())]
-        config = LoraConfig(
-            r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-            target_modules=targets, fan_in_fan_out=mode == "stock", task_type="CAUSAL_LM",
+        # like for like: the stock q/k/v projections of the family (GPT-2's fused c_attn, OPT's q_proj/k_proj/v_proj,
+        # BLOOM's query_key_value) vs the patched q_proj / k_proj (lowrank) / v_proj
+        names = REGISTRY[model.config.model_type].qkv_names if mode == "stock" else ("q_proj", "k_proj", "v_proj")
+        found = {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules()}
+        targets = [t for t in names if t in found]  # lowrank has a k_proj, covariance none
+        config = LoraConfig(  # transformers' Conv1D (GPT-2) stores its weight (in, out): peft must transpose it
+            r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
+            fan_in_fan_out=any(isinstance(found[t], Conv1D) for t in targets), task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, config)
     return model
@@ -325,8 +358,10 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
     # resume (whose iterator starts after the RNG state is restored) match the uninterrupted run
     loader = DataLoader(train_data, batch_size=args.per_device_train_batch_size, sampler=sampler,
                         collate_fn=default_data_collator, drop_last=True, generator=torch.Generator().manual_seed(seed))
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith("bias") and "ln_" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (n.endswith("bias") or "ln_" in n)]
+    norms = {id(p) for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) for p in m.parameters()}
+    params = [(p, n.endswith("bias") or id(p) in norms) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for p, exempt in params if not exempt]  # biases and norm weights: no weight decay
+    no_decay = [p for p, exempt in params if exempt]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.learning_rate,

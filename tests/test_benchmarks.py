@@ -1,4 +1,5 @@
-"""The benchmark's smoke run, and torch.compile of the patched attention (one graph, same numbers as eager)."""
+"""The benchmark's smoke run (GPT-2, OPT, BLOOM), and torch.compile of the patched attention (one graph, same numbers
+as eager)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,36 @@ def test_quick_benchmark_writes_every_mode(tmp_path):
         extra = (result["analytic"][name]["qk_params_per_layer"] - result["analytic"]["stock"]["qk_params_per_layer"])
         assert modes[name]["params_total"] - modes["stock"]["params_total"] == layers * extra, name
     assert result["analytic"]["covariance"]["qk_params_per_layer"] == heads * d * d + heads * d
+    assert result["config"]["model_type"] == "gpt2" and result["config"]["impls"] == ["sdpa"]
+
+
+@pytest.mark.parametrize("model_type,impl,family", [("opt", "sdpa", "OPT"), ("bloom", "eager", "BLOOM")])
+def test_quick_benchmark_of_another_family(model_type, impl, family, tmp_path, monkeypatch):
+    """`run.py --quick --model_type X` in this process (imports done): a random stock model of the family."""
+    run = load_script("run", monkeypatch)
+    threads = torch.get_num_threads()
+    try:
+        result = run.main(["--quick", "--model_type", model_type, "--ranks", "64", "16", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)  # --quick runs on one thread
+    saved = json.loads((tmp_path / "benchmarks.json").read_text())
+    assert saved["config"]["model_type"] == model_type and saved["config"]["impls"] == [impl]  # BLOOM: eager only
+    assert f"Model: {family} (`{model_type}`), GPT-2-small-shaped" in (tmp_path / "benchmarks.md").read_text()
+    modes = saved["modes"]
+    assert list(modes) == ["stock", "covariance", "lowrank64", "lowrank16"]
+    assert list(saved["train"]) == list(saved["decode"]) == [impl]
+    for kind in ("train", "decode"):
+        for figures in saved[kind][impl].values():
+            assert all(t > 0 for name in modes for t in figures[name]["times_s"]), kind
+    for context, caches in saved["kv_cache"].items():  # the family's own cache: stock (B, H, T, hd), 12 heads of 64
+        assert caches["stock"]["layer0_k_v_shapes"][0] == [1, 12, int(context), 64]
+        assert caches["covariance"]["k_bytes"] == caches["stock"]["k_bytes"] > 0
+        assert caches["lowrank16"]["k_bytes"] * 4 == caches["stock"]["k_bytes"]
+    analytic = saved["analytic"]  # the family's q/k parameters are those flops.py counts (weights and biases)
+    for name in modes:
+        extra = analytic[name]["qk_params_per_layer"] - analytic["stock"]["qk_params_per_layer"]
+        assert modes[name]["params_total"] - modes["stock"]["params_total"] == saved["config"]["layers"] * extra, name
+    assert result["config"] == saved["config"]
 
 
 def load_script(name: str, monkeypatch):
@@ -72,6 +103,9 @@ def load_script(name: str, monkeypatch):
         (["--hidden", "770"], "--hidden 770 is not divisible by --heads 12"),
         (["--ranks", "800"], "a lowrank rank is at most the hidden size (768)"),
         (["--device", "cuda:1"], "sees 0 CUDA GPU(s)"),  # torch.cuda.is_available() is patched to False below
+        (["--model_type", "bloom", "--impls", "sdpa", "eager"],
+         "--impls sdpa eager: stock bloom runs only eager attention in transformers"),
+        (["--model_type", "bert"], "argument --model_type: invalid choice: 'bert'"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(argv, message, capsys, monkeypatch):
@@ -93,6 +127,16 @@ def test_profile_decode_prints_times_and_operators(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         profile_decode.main(["--mode", "covariance", "--rank", "16"])
     assert "which has no rank" in capsys.readouterr().err
+
+
+def test_profile_decode_of_bloom_uses_eager(capsys, monkeypatch):
+    profile_decode = load_script("profile_decode", monkeypatch)
+    profile_decode.main(["--model_type", "bloom", "--context", "16", "--steps", "2", "--repeats", "2", "--rank", "16"])
+    out = capsys.readouterr().out
+    assert out.startswith("eager, context 16: stock") and "lowrank16" in out
+    with pytest.raises(SystemExit):
+        profile_decode.main(["--model_type", "bloom", "--attn_implementation", "sdpa"])
+    assert "stock bloom runs only eager attention; pass --attn_implementation eager" in capsys.readouterr().err
 
 
 # torch.compile. The backend is "aot_eager": dynamo captures the graph (fullgraph=True fails on any graph break)

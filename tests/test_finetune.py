@@ -1,4 +1,4 @@
-"""examples/finetune.py with tiny budgets: outputs, exactness at patch, DDP, resume, LoRA, bad input."""
+"""examples/finetune.py with tiny budgets: outputs, exactness at patch, DDP, resume, LoRA, other families, bad input."""
 
 from __future__ import annotations
 
@@ -12,7 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    BertConfig,
+    BloomConfig,
+    BloomForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    OPTConfig,
+    OPTForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -20,6 +31,7 @@ import finetune  # noqa: E402
 
 from hf_merged_attn import patch_model  # noqa: E402
 from hf_merged_attn.evaluation import evaluate_perplexity  # noqa: E402
+from hf_merged_attn.registry import REGISTRY  # noqa: E402
 
 SHIPPED_DATA = ROOT / "examples" / "data" / "shakespeare"
 
@@ -162,6 +174,13 @@ def test_lora_trains_only_adapters_and_saves_them(assets, tmp_path):
         assert evaluate_perplexity(merged, stream, max_length=64, stride=32)["perplexity"] == pytest.approx(ppl, rel=1e-4)
 
 
+def test_lora_targets_the_stock_qkv_of_gpt2(assets, tmp_path):
+    """Stock GPT-2's fused c_attn is a transformers Conv1D (weight stored (in, out)): peft must transpose it."""
+    model = finetune.build_model(finetune.parse_args(tiny_args(assets, tmp_path, "--lora")), "stock", None)
+    lora = model.peft_config["default"]
+    assert lora.target_modules == {"c_attn"} and lora.fan_in_fan_out is True
+
+
 def _tokenizer(assets):
     from transformers import AutoTokenizer
 
@@ -205,3 +224,113 @@ def test_dataset_without_text_column(assets, tmp_path):
     with pytest.raises(ValueError, match=r"no text column 'text' \(columns: \['content'\]\).*--text_column"):
         finetune.main(args)
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- other families of the registry
+
+OTHER_FAMILIES = {  # tiny random stock models: 2 layers, 64 wide, 4 heads of 16, no position limit for BLOOM
+    "opt": (OPTForCausalLM, dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, ffn_dim=128,
+                                 word_embed_proj_dim=64, max_position_embeddings=64, pad_token_id=1)),
+    "bloom": (BloomForCausalLM, dict(hidden_size=64, n_head=4, n_layer=2, pad_token_id=1)),
+}
+
+
+@pytest.fixture(scope="module")
+def family_models(assets):
+    """{model_type: folder}: tiny OPT and BLOOM (strong q/k/v weights, non-zero biases) with the assets' tokenizer."""
+    tokenizer = _tokenizer(assets)
+    folders = {}
+    for model_type, (cls, sizes) in OTHER_FAMILIES.items():
+        torch.manual_seed(0)
+        config = {"opt": OPTConfig, "bloom": BloomConfig}[model_type](
+            vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=0, **sizes)
+        model = cls(config)
+        spec = REGISTRY[model_type]
+        with torch.no_grad():  # peaked attention and non-zero q/k biases, so a wrong merge shows in the perplexity
+            for _, _, attn in spec.stock_attentions(model):
+                for name, param in attn.named_parameters():
+                    if name.split(".")[0] in spec.qkv_names:
+                        param.normal_(0.0, 0.25 if name.endswith("weight") else 0.3)
+        folders[model_type] = assets / model_type
+        model.save_pretrained(folders[model_type])
+        tokenizer.save_pretrained(folders[model_type])
+    return folders
+
+
+def family_args(assets, folder: Path, out: Path, *extra: str) -> list[str]:
+    args = tiny_args(assets, out, *extra)
+    args[args.index("--model_name_or_path") + 1] = str(folder)
+    args[args.index("--max_train_steps") + 1] = "2"
+    args[args.index("--eval_max_tokens") + 1] = "512"
+    return args
+
+
+@pytest.mark.parametrize("model_type", list(OTHER_FAMILIES))
+def test_other_causal_family_runs_stock_and_covariance(assets, family_models, tmp_path, model_type):
+    out = tmp_path / model_type
+    saved = finetune.main(family_args(assets, family_models[model_type], out, "--modes", "stock,covariance"))
+    summary, before = saved["summary"], saved["perplexity_before"]
+    assert list(summary) == ["stock", "covariance"] and before > 1.0
+    for entry in summary.values():
+        assert entry["perplexity_at_patch"] == pytest.approx(before, rel=1e-5)  # covariance is exact
+        assert entry["perplexity_after"] < entry["perplexity_at_patch"]  # 2 steps at lr 5e-4 already help
+        assert entry["train_tokens"] == 2 * 4 * 64 and entry["trainable_params"] == entry["total_params"]
+    assert summary["covariance"]["total_params"] > summary["stock"]["total_params"]
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "covariance-seed0" / "model")
+    assert reloaded.config.model_type == f"merged_{model_type}" and reloaded.config.merged_attn["mode"] == "covariance"
+
+
+def test_lora_on_opt_targets_its_q_k_v_projections(assets, family_models, tmp_path):
+    out = tmp_path / "lora"
+    saved = finetune.main(family_args(assets, family_models["opt"], out, "--modes", "stock,covariance", "--lora",
+                                      "--lora_r", "4"))
+    targets = {}
+    for label in ("stock", "covariance"):
+        entry = saved["summary"][label]
+        assert 0 < entry["trainable_params"] < 0.2 * entry["total_params"]
+        assert entry["perplexity_at_patch"] == pytest.approx(saved["perplexity_before"], rel=1e-5)
+        adapter = json.loads((out / f"{label}-seed0" / "adapter" / "adapter_config.json").read_text())
+        targets[label] = (set(adapter["target_modules"]), adapter["fan_in_fan_out"])
+    # like for like: stock OPT's own q_proj / k_proj / v_proj vs the patched q_proj / v_proj (covariance: no k_proj)
+    assert targets == {"stock": ({"q_proj", "k_proj", "v_proj"}, False), "covariance": ({"q_proj", "v_proj"}, False)}
+
+
+def test_lora_targets_blooms_fused_query_key_value(assets, family_models, tmp_path):
+    args = finetune.parse_args(family_args(assets, family_models["bloom"], tmp_path, "--lora"))
+    lora = finetune.build_model(args, "stock", None).peft_config["default"]
+    assert lora.target_modules == {"query_key_value"} and lora.fan_in_fan_out is False  # an nn.Linear
+    lora = finetune.build_model(args, "lowrank", 4).peft_config["default"]
+    assert lora.target_modules == {"q_proj", "k_proj", "v_proj"} and lora.fan_in_fan_out is False
+
+
+def test_block_size_limit_follows_the_family(assets, family_models, tmp_path):
+    """OPT has 64 learned positions; BLOOM's ALiBi positions have no limit."""
+    with pytest.raises(ValueError, match=r"--block_size 128 is larger than the model's context \(64 positions"):
+        finetune.validate(finetune.parse_args(family_args(assets, family_models["opt"], tmp_path, "--block_size",
+                                                          "128")))
+    args = finetune.parse_args(family_args(assets, family_models["bloom"], tmp_path, "--block_size", "4096"))
+    modes, config = finetune.validate(args)
+    assert config.model_type == "bloom" and modes[-1] == ("lowrank-r8", "lowrank", 8)  # half the head size 16
+
+
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        (BertConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128),
+         r"is a 'bert' model, an encoder \(BERT: bidirectional attention, no causal LM head\)\. This comparison "
+         r"fine-tunes causal language models of the families: GPT-2 \(gpt2\), OPT \(opt\), BLOOM \(bloom\)\. "
+         r"Pass a checkpoint of one of them"),
+        (LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128),
+         r"is a 'llama' model, a rotary-position model: RoPE .* cannot be merged exactly\. This comparison fine-tunes "
+         r"causal language models of the families: GPT-2 \(gpt2\), OPT \(opt\), BLOOM \(bloom\)"),
+    ],
+    ids=["bert-encoder", "llama-rotary"],
+)
+def test_encoder_and_rotary_models_are_refused_before_any_work(assets, tmp_path, config, match):
+    folder = tmp_path / config.model_type
+    config.save_pretrained(folder)  # validate reads only the config
+    out = tmp_path / "bad"
+    with pytest.raises(ValueError, match=match) as error:
+        finetune.main(family_args(assets, folder, out))
+    assert f"--model_name_or_path {str(folder)!r}" in str(error.value)
+    assert not out.exists()  # nothing started

@@ -44,13 +44,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, defaul
 from transformers.pytorch_utils import Conv1D
 
 from hf_merged_attn import PatchConfig, patch_model
-from hf_merged_attn.evaluation import evaluate_perplexity
+from hf_merged_attn.evaluation import evaluate_perplexity, kv_cache_bytes_per_token
 from hf_merged_attn.registry import REGISTRY, ROTARY_MODEL_TYPES, SPECS
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "shakespeare-gpt2"
 DEFAULT_DATA = HERE / "data" / "shakespeare"
-MODES = ("stock", "covariance", "lowrank")
+MODES = ("stock", "covariance", "lowrank", "latent")
+RANKED = ("lowrank", "latent")  # modes that take :R / :E (latent's default rank: half the hidden size)
 DATA_EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 
 
@@ -67,12 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="training sequence length (<= the model's context, where it has learned positions)")
     g = p.add_argument_group("comparison")
     g.add_argument("--modes", default="stock,covariance,lowrank",
-                   help="comma-separated: stock, covariance, lowrank (uses --rank), lowrank:R, or lowrank:E with "
-                        "E in (0, 1) (per block, the smallest rank keeping that share of the spectral energy)")
+                   help="comma-separated: stock, covariance, covariance+values (merged values: keys and values one "
+                        "cached tensor), lowrank (uses --rank), lowrank:R, lowrank:E with E in (0, 1) (per block, the "
+                        "smallest rank keeping that share of the spectral energy), latent (r_c = d/2), latent:R, latent:E")
     g.add_argument("--rank", type=int, default=None, help="lowrank rank (default: half the head size)")
     g.add_argument("--seeds", type=int, default=1, help="run every mode with seeds seed, seed+1, ...")
     g.add_argument("--init", default="svd", choices=("svd", "whitened"),
-                   help="lowrank seeding: svd (weights only) or whitened (activation-aware, calibrated on train blocks)")
+                   help="lowrank / latent seeding: svd (weights only) or whitened (activation-aware, calibrated on train blocks)")
     g.add_argument("--calibration_samples", type=int, default=16,
                    help="evenly spaced train blocks that calibrate --init whitened (at most all of them)")
     g = p.add_argument_group("training (as run_clm_no_trainer)")
@@ -107,34 +109,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def parse_modes(text: str, default_rank: int) -> list[tuple[str, str, int | float | None]]:
-    """'stock,covariance,lowrank:16,lowrank:0.9' -> [(label, mode, rank)]; errors name the bad entry.
+def patch_kwargs(mode: str) -> tuple[str, dict]:
+    """A --modes mode ('covariance+values', 'latent', ...) -> (patch_model mode, extra patch_model kwargs)."""
+    base, _, extra = mode.partition("+")
+    return base, ({"values": "merged"} if extra == "values" else {})
 
-    After "lowrank:", digits are a rank, and a number with a "." or an exponent is a spectral-energy target
-    (checked to lie in (0, 1) by PatchConfig in `validate`); the label keeps the text as typed.
+
+def parse_modes(text: str, default_rank: int, default_latent_rank: int) -> list[tuple[str, str, int | float | None]]:
+    """'stock,covariance,covariance+values,lowrank:16,lowrank:0.9,latent:128' -> [(label, mode, rank)]; errors name
+    the bad entry.
+
+    After "lowrank:" / "latent:", digits are a rank, and a number with a "." or an exponent is a spectral-energy
+    target (checked to lie in (0, 1) by PatchConfig in `validate`); the label keeps the text as typed.
+    "covariance+values" is covariance with merged values (keys and values one cached tensor).
     """
+    allowed = ("allowed: stock, covariance, covariance+values, lowrank, lowrank:R (a rank) or lowrank:E (an energy in "
+               "(0, 1)), latent, latent:R or latent:E, e.g. --modes stock,covariance+values,lowrank:16,latent:128.")
     modes = []
     for item in [m.strip() for m in text.split(",") if m.strip()]:
-        mode, _, rank_text = item.partition(":")
-        if mode not in MODES or (rank_text and mode != "lowrank"):
-            raise ValueError(
-                f"--modes entry {item!r} is not a mode; allowed: stock, covariance, lowrank, lowrank:R (a rank) or "
-                "lowrank:E (an energy in (0, 1)), e.g. --modes stock,covariance,lowrank:16,lowrank:0.9."
-            )
-        rank, label = None, mode
-        if mode == "lowrank" and rank_text.isdigit():
-            rank, label = int(rank_text), f"lowrank-r{int(rank_text)}"
-        elif mode == "lowrank" and rank_text:
+        name, _, rank_text = item.partition(":")
+        mode, plus, extra = name.partition("+")
+        if mode not in MODES or (rank_text and mode not in RANKED) or (plus and (mode, extra) != ("covariance", "values")):
+            raise ValueError(f"--modes entry {item!r} is not a mode; {allowed}")
+        rank, label = None, name
+        if mode in RANKED and rank_text.isdigit():
+            rank, label = int(rank_text), f"{mode}-r{int(rank_text)}"
+        elif mode in RANKED and rank_text:
             try:
-                rank, label = float(rank_text), f"lowrank-e{rank_text}"
+                rank, label = float(rank_text), f"{mode}-e{rank_text}"
             except ValueError:
                 raise ValueError(
-                    f"--modes entry {item!r}: after ':' give an integer rank (lowrank:16) or a spectral-energy "
-                    "fraction in (0, 1) (lowrank:0.9: the smallest rank per block keeping 90% of each head's energy)."
+                    f"--modes entry {item!r}: after ':' give an integer rank ({mode}:16) or a spectral-energy "
+                    f"fraction in (0, 1) ({mode}:0.9: the smallest rank per block keeping 90% of the energy)."
                 ) from None
-        elif mode == "lowrank":
-            rank, label = default_rank, f"lowrank-r{default_rank}"
-        modes.append((label, mode, rank))
+        elif mode in RANKED:
+            rank = default_rank if mode == "lowrank" else default_latent_rank
+            label = f"{mode}-r{rank}"
+        modes.append((label, name, rank))
     labels = [label for label, _, _ in modes]
     if len(set(labels)) < len(labels):
         raise ValueError(f"--modes {text!r} names a mode twice ({labels}); give each once.")
@@ -164,10 +175,11 @@ def validate(args: argparse.Namespace) -> tuple[list, AutoConfig]:
             f"in {args.model_name_or_path}). Use --block_size {positions} or less."
         )
     head_dim = config.hidden_size // config.num_attention_heads
-    modes = parse_modes(args.modes, args.rank if args.rank is not None else head_dim // 2)
+    modes = parse_modes(args.modes, args.rank if args.rank is not None else head_dim // 2, config.hidden_size // 2)
     for _, mode, rank in modes:
         if mode != "stock":
-            PatchConfig(mode, rank).check_against(config.hidden_size, config.num_hidden_layers)
+            base, extra = patch_kwargs(mode)
+            PatchConfig(base, rank, **extra).check_against(config.hidden_size, config.num_hidden_layers)
     resume = args.resume_from_checkpoint
     if resume and resume != "latest":
         if not Path(resume).is_dir():
@@ -300,10 +312,11 @@ class PeakMemory:
 def build_model(args, mode: str, rank: int | None, calibration=None):
     """A fresh pretrained model, patched for `mode` (lowrank: seeded by --init), with LoRA adapters if --lora."""
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
-    if mode == "lowrank" and args.init == "whitened":
-        patch_model(model, mode, rank=rank, init="whitened", calibration=calibration)
+    base, extra = patch_kwargs(mode)
+    if base in RANKED and args.init == "whitened":
+        patch_model(model, base, rank=rank, init="whitened", calibration=calibration, **extra)
     elif mode != "stock":
-        patch_model(model, mode, rank=rank)
+        patch_model(model, base, rank=rank, **extra)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
     if args.lora:
@@ -311,7 +324,8 @@ def build_model(args, mode: str, rank: int | None, calibration=None):
 
         # like for like: the stock q/k/v projections of the family (GPT-2's fused c_attn, OPT's q_proj/k_proj/v_proj,
         # BLOOM's query_key_value) vs the patched q_proj / k_proj (lowrank) / v_proj
-        names = REGISTRY[model.config.model_type].qkv_names if mode == "stock" else ("q_proj", "k_proj", "v_proj")
+        patched = ("q_proj", "k_proj", "v_proj", "latent_proj", "k_up", "v_up")  # those the mode has
+        names = REGISTRY[model.config.model_type].qkv_names if mode == "stock" else patched
         found = {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules()}
         targets = [t for t in names if t in found]  # lowrank has a k_proj, covariance none
         config = LoraConfig(  # transformers' Conv1D (GPT-2) stores its weight (in, out): peft must transpose it
@@ -346,7 +360,7 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
     set_seed(seed)
     run_dir = Path(args.output_dir) / f"{label}-seed{seed}"
     calibration = None
-    if mode == "lowrank" and args.init == "whitened":  # the same evenly spaced train blocks for every run
+    if mode in RANKED and args.init == "whitened":  # the same evenly spaced train blocks for every run
         n = min(args.calibration_samples, len(train_data))
         calibration = train_data[[i * len(train_data) // n for i in range(n)]]["input_ids"].split(4)
     model = build_model(args, mode, rank, calibration)
@@ -437,10 +451,11 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
     record = None
     if accelerator.is_main_process:
         after = eval_loss(unwrapped, stream, args)
+        cache_bytes = kv_cache_bytes_per_token(unwrapped)  # measured on the cache object of a short generate()
         record = {
             "label": label, "mode": mode, "rank": rank, "seed": seed,
             "ranks_per_block": _ranks_per_block(unwrapped),
-            "total_params": total, "trainable_params": trainable,
+            "total_params": total, "trainable_params": trainable, "kv_cache_bytes_per_token": cache_bytes,
             "perplexity_at_patch": at_patch["perplexity"], "perplexity_after": after["perplexity"],
             "eval_tokens": after["tokens"], "train_steps": step, "train_tokens": step * tokens_per_step,
             "tokens_per_s": timed_steps * tokens_per_step / train_time if train_time else None,
@@ -488,7 +503,8 @@ def summarize(records: list[dict], stock_before: float) -> dict:
     summary = {}
     for label in dict.fromkeys(r["label"] for r in records):
         runs = [r for r in records if r["label"] == label]
-        keys = ("mode", "rank", "ranks_per_block", "total_params", "trainable_params", "train_tokens")
+        keys = ("mode", "rank", "ranks_per_block", "total_params", "trainable_params", "kv_cache_bytes_per_token",
+                "train_tokens")
         entry = {k: runs[0][k] for k in keys}
         entry["perplexity_before"] = stock_before
         for key in ("perplexity_at_patch", "perplexity_after", "tokens_per_s", "peak_memory_mb", "train_time_s"):
@@ -502,15 +518,17 @@ def markdown_table(summary: dict, args, world_size: int) -> str:
     n = len(next(iter(summary.values()))["seeds"])
     spread = " ± std over seeds" if n > 1 else ""
     lines = [
-        f"| mode | params (trainable) | ppl before | ppl at patch | ppl after{spread} | train tokens | tokens/s | peak MB |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| mode | params (trainable) | KV cache B/token | ppl before | ppl at patch | ppl after{spread} | train tokens "
+        "| tokens/s | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, e in summary.items():
         after = f"{e['perplexity_after']:.2f}" + (f" ± {e['perplexity_after_std']:.2f}" if n > 1 else "")
         if e.get("ranks_per_block"):  # an energy target: show the ranks it chose
             label = f"{label} (ranks {'/'.join(str(r) for r in e['ranks_per_block'].values())})"
         lines.append(
-            f"| {label} | {e['total_params'] / 1e6:.2f}M ({e['trainable_params'] / 1e6:.2f}M) | {e['perplexity_before']:.2f} "
+            f"| {label} | {e['total_params'] / 1e6:.2f}M ({e['trainable_params'] / 1e6:.2f}M) "
+            f"| {e.get('kv_cache_bytes_per_token', 0):,.0f} | {e['perplexity_before']:.2f} "
             f"| {e['perplexity_at_patch']:.2f} | {after} | {e['train_tokens']:,} | {fmt(e['tokens_per_s'], '.0f')} | {e['peak_memory_mb']:.0f} |"
         )
     lines.append("")

@@ -187,6 +187,24 @@ def _tokenizer(assets):
     return AutoTokenizer.from_pretrained(assets / "model")
 
 
+def test_latent_and_merged_value_modes_report_measured_cache_bytes(assets, tmp_path):
+    out = tmp_path / "cache"
+    args = tiny_args(assets, out, "--modes", "stock,covariance+values,latent:16")
+    args[args.index("--max_train_steps") + 1] = "2"
+    finetune.main(args)
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    stock = summary["stock"]["kv_cache_bytes_per_token"]
+    assert stock == 2 * 2 * 64 * 4  # 2 layers, K + V of 64 numbers, fp32: measured after a generate() call
+    assert summary["covariance+values"]["kv_cache_bytes_per_token"] == stock / 2  # x cached once
+    assert summary["latent-r16"]["kv_cache_bytes_per_token"] == 2 * 16 * 4  # the latent only
+    at_patch = {label: e["perplexity_at_patch"] for label, e in summary.items()}
+    assert at_patch["covariance+values"] == pytest.approx(at_patch["stock"], rel=1e-5)  # exact
+    assert at_patch["latent-r16"] > at_patch["stock"]  # r_c = d/4: approximate
+    assert "| covariance+values |" in (out / "results.md").read_text()
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "latent-r16-seed0" / "model")
+    assert reloaded.config.merged_attn["mode"] == "latent" and reloaded.config.merged_attn["rank"] == 16
+
+
 def _accelerator():
     from accelerate import Accelerator
 
@@ -196,7 +214,9 @@ def _accelerator():
 @pytest.mark.parametrize(
     "extra,error,match",
     [
-        (["--modes", "stock,merged"], ValueError, r"--modes entry 'merged' is not a mode; allowed: stock, covariance, lowrank"),
+        (["--modes", "stock,merged"], ValueError, r"--modes entry 'merged' is not a mode; allowed: stock, covariance, covariance\+values, lowrank"),
+        (["--modes", "lowrank+values"], ValueError, r"--modes entry 'lowrank\+values' is not a mode"),
+        (["--modes", "latent:999"], ValueError, r"rank=999 exceeds the hidden size 64"),
         (["--modes", "lowrank:x"], ValueError, r"lowrank:x.*give an integer rank \(lowrank:16\) or a spectral-energy"),
         (["--modes", "lowrank:0.x"], ValueError, r"lowrank:0.x.*give an integer rank"),
         (["--modes", "lowrank:1.0"], ValueError, r"rank=1.0 is a float, i.e. a spectral-energy target, but not in \(0, 1\)"),

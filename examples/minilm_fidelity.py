@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stand_in", default=str(STAND_IN), help="the GPT-2 whose spectra are compared (folder)")
     p.add_argument("--output_dir", default="docs")
     p.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32], help="lowrank ranks")
+    p.add_argument("--latent_ranks", type=int, nargs="*", default=[384, 192, 96, 48],
+                   help="latent ranks r_c (cached numbers per token per layer; d = 384 is exact); none to skip")
     p.add_argument("--calibration_sentences", type=int, default=256, help="train.txt sentences for init=whitened")
     p.add_argument("--eval_sentences", type=int, default=512, help="held-out validation.txt sentences")
     p.add_argument("--batch_size", type=int, default=64)
@@ -74,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if min(args.ranks) < 1:
         p.error(f"--ranks must be positive integers; got {args.ranks}.")
     args.ranks = sorted(set(args.ranks))
+    if args.latent_ranks and min(args.latent_ranks) < 1:
+        p.error(f"--latent_ranks must be positive integers; got {args.latent_ranks}.")
+    args.latent_ranks = sorted(set(args.latent_ranks), reverse=True)
     if args.calibration_sentences < 1:
         p.error(f"--calibration_sentences must be >= 1; got {args.calibration_sentences}.")
     if args.eval_sentences < 2:
@@ -341,7 +346,9 @@ def versions() -> dict:
 
 
 def label(row: dict) -> str:
-    return "covariance" if row["mode"] == "covariance" else f"lowrank r={row['rank']} ({row['init']})"
+    if row["mode"] == "covariance":
+        return "covariance"
+    return f"{row['mode']} {'r_c' if row['mode'] == 'latent' else 'r'}={row['rank']} ({row['init']})"
 
 
 def fmt(x: float) -> str:
@@ -576,8 +583,9 @@ def main(argv=None) -> dict:
     if config.model_type != "bert":
         raise SystemExit(f"--model_name_or_path must be a BERT encoder (model_type 'bert'); got {config.model_type!r}.")
     hd = config.hidden_size // config.num_attention_heads
-    if max(args.ranks) > config.hidden_size:
-        raise SystemExit(f"--ranks must be <= the hidden size {config.hidden_size}; got {args.ranks}.")
+    if max(args.ranks + args.latent_ranks) > config.hidden_size:
+        raise SystemExit(f"--ranks and --latent_ranks must be <= the hidden size {config.hidden_size}; got "
+                         f"{args.ranks}, {args.latent_ranks}.")
     eval_batches = batches(tokenizer, evals, args.batch_size, args.max_seq_length)
     calib_batches = batches(tokenizer, calib, args.batch_size, args.max_seq_length)
     reference = embed(stock, eval_batches)
@@ -585,6 +593,7 @@ def main(argv=None) -> dict:
           flush=True)
 
     configs = [("covariance", None, None)] + [("lowrank", r, init) for r in args.ranks for init in INITS]
+    configs += [("latent", r, init) for r in args.latent_ranks for init in INITS]
     rows, calibration_tokens = [], None
     for mode, rank, init in configs:
         t0 = time.time()

@@ -51,7 +51,26 @@ def targets(result: dict) -> list[tuple[str, bool, str]]:
         if name == "stock":
             continue
         figs = {f"{label[k].format(s)}": ratios(result, k, impl, s, name) for k, s in settings}
-        if name == "covariance":
+        mode = result["modes"][name]["mode"]
+        total = {n: cache[n]["total_bytes"] for n in (name, "stock")}
+        if result["modes"][name].get("values") == "merged":
+            rows.append((f"{name}: KV cache bytes exactly 1/2 of stock", 2 * total[name] == total["stock"],
+                         f"{total[name]:,} vs {total['stock']:,} B at ctx {ctx}"))
+        elif mode == "latent":
+            d = result["config"]["hidden"]
+            decode = {k: v for k, v in figs.items() if k.startswith("decode")}
+            train = {k: v for k, v in figs.items() if k.startswith("step")}
+            rows.append((f"latent r_c={rank}: KV cache exactly r_c/(2d) of stock", total[name] * 2 * d == total["stock"] * rank,
+                         f"{total[name]:,} B = {total[name] / total['stock']:.4f} x stock"))
+            rows.append((f"latent r_c={rank}: training step within 1.15 x stock ({impl})",
+                         max(f["ratio"] for f in train.values()) <= 1.15,
+                         ", ".join(f"{k}: {v['ratio']:.3f}" for k, v in train.items())))
+            bound, what = (1.3, "within 1.3 x") if rank == d else (1.0, "faster than")
+            rows.append((f"latent r_c={rank}: decode {what} stock (batch {result['config']['batch']}, {impl})",
+                         max(f["ratio"] for f in decode.values()) <= bound if bound == 1.3 else
+                         max(f["ratio"] for f in decode.values()) < 1.0,
+                         ", ".join(f"{k}: {v['ratio']:.3f}" for k, v in decode.items())))
+        elif name == "covariance":
             worst = max(f["vs_flops"] for f in figs.values())
             rows.append((f"covariance: time ratio / analytic FLOP ratio <= 1.0 ({impl})", worst <= 1.0,
                          ", ".join(f"{k}: {v['vs_flops']:.2f}" for k, v in figs.items())))
@@ -66,6 +85,8 @@ def targets(result: dict) -> list[tuple[str, bool, str]]:
                                  "(weights, grads, 2 AdamW moments)", mem[name]["peak_bytes"] <= allowed,
                                  f"{mem[name]['peak_bytes'] / MB:.0f} MiB vs {allowed / MB:.0f} MiB allowed "
                                  f"(stock {mem['stock']['peak_bytes'] / MB:.0f} MiB)"))
+        elif mode != "lowrank":
+            continue
         elif rank == head_dim:
             worst = max(f["ratio"] for f in figs.values())
             rows.append((f"lowrank r={rank}: step and decode time <= 1.03 x stock ({impl})", worst <= 1.03,

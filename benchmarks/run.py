@@ -54,9 +54,13 @@ transformers.logging.set_verbosity_error()
 
 
 # ----------------------------------------------------------------------------------------------- setup
-def mode_specs(ranks: list[int]) -> list[dict]:
+def mode_specs(ranks: list[int], latent_ranks: list[int] = (), merged_values: bool = False) -> list[dict]:
+    """The benchmarked modes: stock, covariance, lowrank at `ranks`; covariance with merged values; latent at r_c."""
     specs = [{"name": "stock", "mode": "stock", "rank": None}, {"name": "covariance", "mode": "covariance", "rank": None}]
-    return specs + [{"name": f"lowrank{r}", "mode": "lowrank", "rank": r} for r in ranks]
+    if merged_values:
+        specs.append({"name": "covariance+values", "mode": "covariance", "rank": None, "values": "merged"})
+    specs += [{"name": f"lowrank{r}", "mode": "lowrank", "rank": r} for r in ranks]
+    return specs + [{"name": f"latent{r}", "mode": "latent", "rank": r} for r in latent_ranks]
 
 
 CAUSAL_MODEL_TYPES = tuple(t for spec in SPECS if spec.causal for t in spec.model_types)  # gpt2, opt, bloom
@@ -101,7 +105,7 @@ def build(spec: dict, args, device: torch.device, impl: str | None = None) -> Pr
     model = AutoModelForCausalLM.from_config(model_config(args))
     model.set_attn_implementation(impl or attn_implementations(args.model_type)[0])
     if spec["mode"] != "stock":
-        patch_model(model, spec["mode"], rank=spec["rank"])
+        patch_model(model, spec["mode"], rank=spec["rank"], values=spec.get("values"))
     return model.to(device=device, dtype=DTYPES[args.dtype])
 
 
@@ -369,13 +373,15 @@ def analytic(specs: list[dict], args) -> dict:
     full = dict(d=768, heads=12, layers=12, vocab=50257)  # GPT-2 small itself, for reference
     out = {}
     for spec in specs:
-        mode, rank = spec["mode"], spec["rank"]
+        mode, rank, values = spec["mode"], spec["rank"], {"values": spec.get("values")}
         out[spec["name"]] = {
-            "train": {str(t): flops.step_flops(mode, rank, tokens=t, **shape) for t in args.tokens},
-            "train_dense": {str(t): flops.step_flops(mode, rank, tokens=t, causal=False, **shape) for t in args.tokens},
-            "decode": {str(c): flops.decode_flops(mode, rank, context=c, **shape) for c in args.contexts},
-            "train_gpt2_small": {str(t): flops.step_flops(mode, rank, tokens=t, **full) for t in (256, 1024)},
-            "decode_gpt2_small": {str(c): flops.decode_flops(mode, rank, context=c, **full) for c in (512, 2048)},
+            "train": {str(t): flops.step_flops(mode, rank, tokens=t, **shape, **values) for t in args.tokens},
+            "train_dense": {str(t): flops.step_flops(mode, rank, tokens=t, causal=False, **shape, **values)
+                            for t in args.tokens},
+            "decode": {str(c): flops.decode_flops(mode, rank, context=c, **shape, **values) for c in args.contexts},
+            "train_gpt2_small": {str(t): flops.step_flops(mode, rank, tokens=t, **full, **values) for t in (256, 1024)},
+            "decode_gpt2_small": {str(c): flops.decode_flops(mode, rank, context=c, **full, **values)
+                                  for c in (512, 2048)},
             "qk_params_per_layer": flops.qk_parameters(mode, rank, args.hidden, args.heads),
         }
     return out
@@ -415,7 +421,9 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--layers", type=int, default=2, help="GPT-2 small has 12; 2 keeps a CPU run short")
     p.add_argument("--vocab", type=int, default=8192, help="GPT-2 has 50257; smaller keeps the LM head from dominating")
-    p.add_argument("--ranks", type=int, nargs="+", default=[64, 32, 16])
+    p.add_argument("--ranks", type=int, nargs="*", default=[64, 32, 16], help="lowrank ranks (none: no lowrank)")
+    p.add_argument("--latent-ranks", type=int, nargs="*", default=[], help="latent ranks r_c (e.g. 768 256)")
+    p.add_argument("--merged-values", action="store_true", help="also covariance with values='merged'")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024], help="T of the training steps")
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048], help="cache lengths for decoding")
@@ -443,9 +451,9 @@ def parse_args(argv=None):
         if (device.index or 0) >= count:
             p.error(f"--device {args.device!r}, but this torch ({torch.__version__}) sees {count} CUDA GPU(s); use "
                     "--device cpu, another GPU index, or a CUDA build of torch on a GPU machine")
-    for name in ("ranks", "tokens", "contexts"):
-        if min(getattr(args, name)) < 1:
-            p.error(f"--{name} {getattr(args, name)}: every value must be a positive integer")
+    for name in ("ranks", "latent_ranks", "tokens", "contexts"):
+        if min(getattr(args, name), default=1) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: every value must be a positive integer")
     positive = ("hidden", "heads", "layers", "vocab", "batch", "repeats", "decode_steps", "decode_repeats", "compile_tokens")
     for name in positive:
         if getattr(args, name) < 1:
@@ -456,8 +464,9 @@ def parse_args(argv=None):
     if args.hidden % args.heads:
         p.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}; the model needs hidden = heads x "
                 "head size")
-    if max(args.ranks) > args.hidden:
-        p.error(f"--ranks {args.ranks}: a lowrank rank is at most the hidden size ({args.hidden})")
+    if max(args.ranks + args.latent_ranks, default=0) > args.hidden:
+        p.error(f"--ranks {args.ranks} / --latent-ranks {args.latent_ranks}: a rank is at most the hidden size "
+                f"({args.hidden})")
     supported = attn_implementations(args.model_type)
     if args.impls is None:
         args.impls = supported
@@ -485,7 +494,7 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     started = time.time()
     log = lambda msg: print(f"[{time.time() - started:6.0f}s] {msg}", flush=True)  # noqa: E731
-    specs = mode_specs(args.ranks)
+    specs = mode_specs(args.ranks, args.latent_ranks, args.merged_values)
     command = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {
         "command": command.strip(),

@@ -57,6 +57,32 @@ def test_quick_benchmark_writes_every_mode(tmp_path):
     assert result["config"]["model_type"] == "gpt2" and result["config"]["impls"] == ["sdpa"]
 
 
+def test_quick_benchmark_of_the_value_and_latent_modes(tmp_path, monkeypatch):
+    """`run.py --quick --latent-ranks ... --merged-values`: measured cache bytes, parameter and FLOP formulas, targets."""
+    run = load_script("run", monkeypatch)
+    threads = torch.get_num_threads()
+    try:
+        result = run.main(["--quick", "--ranks", "--latent-ranks", "768", "64", "--merged-values", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)  # --quick runs on one thread
+    modes, d = result["modes"], result["config"]["hidden"]
+    assert list(modes) == ["stock", "covariance", "covariance+values", "latent768", "latent64"]
+    for context, caches in result["kv_cache"].items():  # measured on the cache objects
+        stock = caches["stock"]["total_bytes"]
+        assert 2 * caches["covariance+values"]["total_bytes"] == stock and caches["covariance+values"]["v_bytes"] == 0
+        assert caches["latent768"]["total_bytes"] * 2 == stock  # r_c = d: x itself, half of K + V
+        assert caches["latent64"]["total_bytes"] * 2 * d == stock * 64
+        assert [list(s) for s in caches["latent64"]["layer0_k_v_shapes"]] == [[1, 1, int(context), 64], [1, 1, int(context), 0]]
+    layers = result["config"]["layers"]
+    for r in (768, 64):  # queries d² + d, W_c d·r, k_up and v_up 2·r·d + d, against stock's q, k, v 3d² + 3d
+        assert modes[f"latent{r}"]["params_total"] - modes["stock"]["params_total"] == layers * (3 * d * r - 2 * d * d - d)
+    decode = result["analytic"]["latent64"]["decode"]  # the absorbed order: r_c-dim scores for every head
+    assert all(v["attention"] < result["analytic"]["stock"]["decode"][c]["attention"] for c, v in decode.items())
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert "covariance+values: KV cache bytes exactly 1/2 of stock | yes" in text
+    assert "latent r_c=64: KV cache exactly r_c/(2d) of stock | yes" in text and "latent r_c=768: decode within 1.3 x" in text
+
+
 @pytest.mark.parametrize("model_type,impl,family", [("opt", "sdpa", "OPT"), ("bloom", "eager", "BLOOM")])
 def test_quick_benchmark_of_another_family(model_type, impl, family, tmp_path, monkeypatch):
     """`run.py --quick --model_type X` in this process (imports done): a random stock model of the family."""
@@ -101,7 +127,8 @@ def load_script(name: str, monkeypatch):
         (["--device", "tpu"], "allowed are cpu, cuda and cuda:N"),
         (["--ranks", "0", "16"], "--ranks [0, 16]: every value must be a positive integer"),
         (["--hidden", "770"], "--hidden 770 is not divisible by --heads 12"),
-        (["--ranks", "800"], "a lowrank rank is at most the hidden size (768)"),
+        (["--ranks", "800"], "a rank is at most the hidden size (768)"),
+        (["--latent-ranks", "0"], "--latent-ranks [0]: every value must be a positive integer"),
         (["--device", "cuda:1"], "sees 0 CUDA GPU(s)"),  # torch.cuda.is_available() is patched to False below
         (["--model_type", "bloom", "--impls", "sdpa", "eager"],
          "--impls sdpa eager: stock bloom runs only eager attention in transformers"),

@@ -81,6 +81,8 @@ class PatchConfig:
     energy: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.layers, (str, bytes, type(None))) and hasattr(self.layers, "__iter__"):
+            self.layers = list(self.layers)  # a generator or iterator is read once, here
         if not isinstance(self.mode, str) or self.mode not in MODES:
             raise ValueError(
                 f"mode={self.mode!r} is not a patch mode; allowed: {', '.join(repr(m) for m in MODES)}. "
@@ -584,6 +586,14 @@ class MergedAttention:
 
         if cache is not None:
             layer_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+            if getattr(layer_cache, "is_compileable", False):  # StaticCache: pre-allocated in stock's layout
+                raise NotImplementedError(
+                    f"{type(layer_cache).__name__} (cache_implementation='static') is not supported by the {self.mode} "
+                    f"patch: it is pre-allocated in stock's layout, keys and values (B, {self.num_heads}, max_len, "
+                    f"{self.head_dim}), while this layer caches keys (B, {key.shape[1]}, T, {key.shape[-1]}) and values "
+                    f"(B, {value.shape[1]}, T, {value.shape[-1]}). Use the default dynamic cache: drop "
+                    "cache_implementation (or pass cache_implementation='dynamic')."
+                )
             key, value = layer_cache.update(key, value, self.layer_idx, kwargs=kwargs)  # (B, Hk, Tk, qk), (B, Hv, Tk, v)
         if one_tensor:
             value = key
@@ -694,7 +704,7 @@ class MergedAttention:
                 weights = _masked_softmax(scores, part, values.dtype).transpose(1, 2)  # (B, H, Tc, Tk'), a view
                 if dropout:  # draw the dropout mask in stock's (B, H, T, Tk) order
                     weights = self.attn_dropout(weights.contiguous())
-                return (weights @ values).transpose(1, 2), weights  # (B, Tc, H, hd)
+                return _weighted_values(weights, values), weights  # (B, Tc, H, v)
 
             # Without weights to return (sdpa), keep none of the T x Tk weights for backward, as SDPA's fused kernels
             # do: each block's scores are recomputed in the backward pass (a third more score work, O(T) memory).
@@ -725,8 +735,18 @@ class MergedAttention:
                 query, key = query.float(), key.float()
             scores = (query @ key[:, :, :kv_length].mT) * self.scaling  # (B, H, T, Tk)
         weights = self.attn_dropout(_masked_softmax(scores, attention_mask, value.dtype))
-        attn_output = (weights @ value[:, :, :kv_length]).transpose(1, 2)  # (B, H, T, hd) -> (B, T, H, hd)
-        return attn_output, weights
+        return _weighted_values(weights, value[:, :, :kv_length]), weights  # (B, T, H, v)
+
+
+def _weighted_values(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A·V as (B, T, H, v) for weights (B, H, T, Tk) and per-head values (B, H, Tk, v) or ONE head-shared value
+    (B, 1, Tk, v) — merged values, the absorbed latent. The shared one goes through one bmm with the heads folded
+    into the rows: a broadcast matmul would copy the value to every head first (H x the cache, per step)."""
+    if values.shape[1] == 1 and weights.shape[1] > 1:
+        batch, heads, length, _ = weights.shape
+        rows = weights.transpose(1, 2).reshape(batch, length * heads, -1)  # (B, T*H, Tk): a view when T = 1
+        return torch.bmm(rows, values[:, 0]).view(batch, length, heads, -1)  # (B, T, H, v)
+    return (weights @ values).transpose(1, 2)  # (B, H, T, v) -> (B, T, H, v)
 
 
 def _bias_mask(

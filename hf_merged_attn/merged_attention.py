@@ -15,8 +15,9 @@ Shapes: batch B, query length T (Tk with the cache), hidden d, heads H, head siz
               k_h = c Bk_h, v_h = c Bv_h + bv_h. Training and prefill expand c (SDPA's fused kernels); decoding
               with cached tokens uses the absorbed order (q_h Bk_hᵀ against c, then (A c) Bv_h) and never
               re-expands the cache.
-Values and the output projection are the stock model's. Scores use the stock scaling (hd^-½ and the family's
-own rules), plus any additive score bias the family has (ALiBi), so the softmax equals stock's.
+Values and the output projection are the stock model's unless values="merged" / value_rank is given (then the
+output projection holds M_h = Wv_h Wo_h, or its factors). Scores use the stock scaling (hd^-½ and the family's
+rules), plus any additive score bias the family has (ALiBi), so the softmax equals stock's.
 """
 
 from __future__ import annotations
@@ -228,8 +229,9 @@ class PatchConfig:
         ranks = self.rank.values() if isinstance(self.rank, dict) else [self.rank]
         if any(r is not None and r > hidden_size for r in ranks):
             raise ValueError(
-                f"rank={self.rank} exceeds the hidden size {hidden_size}: S_h is {hidden_size} x {hidden_size}, so "
-                f"a rank above {hidden_size} adds nothing. Use 1 <= rank <= {hidden_size}, or mode='covariance'."
+                f"rank={self.rank} exceeds the hidden size {hidden_size}: S_h (lowrank) and the latent (latent) are at "
+                f"most {hidden_size} wide, so a rank above {hidden_size} adds nothing. Use 1 <= rank <= {hidden_size}"
+                f"{', or mode=' + repr('covariance') if self.mode == 'lowrank' else ' (the hidden size is exact)'}."
             )
         if self.layers is None:
             self.layers = list(range(num_layers))
@@ -420,7 +422,8 @@ class MergedAttention:
         q_proj: nn.Linear(d, H*qk) with qk = d (covariance), r (lowrank) or hd (latent: the stock queries). Rows
             h*qk .. (h+1)*qk-1 of its weight are S_hᵀ (resp. U_hᵀ, Wq_hᵀ); its bias holds u_h (resp. a_h, bq_h).
         k_proj: lowrank only, nn.Linear(d, H*r, bias=False); rows h*r .. are V_hᵀ. None otherwise.
-        v_proj: nn.Linear(d, d), the stock value weights (head h: rows h*hd .. (h+1)*hd-1). None for latent.
+        v_proj: nn.Linear(d, d), the stock value weights (head h: rows h*hd .. (h+1)*hd-1); with value_rank r_v,
+            nn.Linear(d, H*r_v, bias=False) holding the P_h; None for latent and values="merged" (the value is x).
         latent_proj, k_up, v_up: latent only. latent_proj = nn.Linear(d, r_c, bias=False) (W_cᵀ); k_up, v_up =
             nn.Linear(r_c, d) (rows h*hd .. are Bk_hᵀ, Bv_hᵀ; v_up's bias is the stock value bias).
     The stock output projection, where the self-attention module owns one, keeps its stock attribute name
@@ -534,11 +537,15 @@ class MergedAttention:
     def cache_numbers_per_token(self) -> int:
         """Numbers this layer caches per token (keys + values; x2 bytes in bf16): stock caches 2·d."""
         keys = {"covariance": self.embed_dim, "lowrank": self.num_heads * (self.rank or 0), "latent": self.rank}[self.mode]
-        return keys + (0 if self.mode == "latent" else self.embed_dim)  # the latent is the values too
+        if self.mode == "latent" or (self.mode == "covariance" and self.values == "merged"):
+            return keys  # one tensor serves as keys and values
+        return keys + (self.embed_dim if self.values == "merged" else self.num_heads * self.value_head_dim)
 
     def extra_repr(self) -> str:
         rank = f", rank={self.rank}" if self.rank is not None else ""
-        return f"mode={self.mode!r}{rank}, layer_idx={self.layer_idx}"
+        values = f", values={self.values!r}" if self.values else ""
+        value_rank = f", value_rank={self.value_rank}" if self.value_rank else ""
+        return f"mode={self.mode!r}{rank}{values}{value_rank}, layer_idx={self.layer_idx}"
 
     def attend(
         self,
@@ -558,7 +565,8 @@ class MergedAttention:
             kwargs: passed on to the attention function (as stock does), and to the cache update.
 
         Returns:
-            The attention output (B, T, d) and the weights (B, H, T, Tk), or None where none are computed (sdpa).
+            The attention output (B, T, H*v) — (B, T, d) with stock values, H*d or H*r_v wide with merged or low-rank
+            values, for the output projection — and the weights (B, H, T, Tk), or None where none are computed.
         """
         implementation = self.config._attn_implementation or "eager"
         if implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
@@ -643,7 +651,7 @@ class MergedAttention:
         if absorbed:  # z_h = (A_h c) Bv_h + bv_h (a row of A_h sums to 1)
             v_up = self.v_up.weight.view(self.num_heads, self.head_dim, -1)  # (H, hd, r_c)
             attn_output = (attn_output.unsqueeze(-2) @ v_up.mT).squeeze(-2) + self.v_up.bias.view(self.num_heads, -1)
-        return attn_output.reshape(*lead, -1).contiguous(), attn_weights  # (B, T, H, hd) -> (B, T, d)
+        return attn_output.reshape(*lead, -1).contiguous(), attn_weights  # (B, T, H, v) -> (B, T, H*v)
 
     def _eager_attention(
         self,
@@ -657,7 +665,8 @@ class MergedAttention:
         """Stock eager attention (incl. GPT-2's `reorder_and_upcast_attn`) for a per-head or a shared key.
 
         Args:
-            query: (B, H, T, qk); key: (B, H, Tk, qk) or the shared (B, 1, Tk, qk); value: (B, H, Tk, hd).
+            query: (B, H, T, qk); key: (B, H, Tk, qk) or the shared (B, 1, Tk, qk); value: (B, H, Tk, v) or the
+                shared (B, 1, Tk, v).
             attention_mask: additive float (eager's format) or boolean, True = attend (sdpa's format),
                 broadcastable to (B, H, T, Tk).
             causal: sdpa's `is_causal` (no mask): query i sees keys 0..i (of the first T keys).
@@ -665,7 +674,7 @@ class MergedAttention:
                 are then recomputed in the backward pass instead of being kept.
 
         Returns:
-            The output (B, T, H, hd) and the weights (B, H, T, Tk); None instead of the weights when `causal` or
+            The output (B, T, H, v) and the weights (B, H, T, Tk); None instead of the weights when `causal` or
             not `need_weights`.
 
         The softmax always runs in float32: covariance scores can be larger than stock's per-head ones. With a

@@ -310,6 +310,8 @@ def test_value_modes(family, mode, rank, kwargs, cached, exact, tmp_path):
         settings = dict(attention_mask=mask[:, :6], max_new_tokens=6, do_sample=False, pad_token_id=family.config.pad_token_id)
         with torch.no_grad():
             assert torch.equal(model.generate(ids[:, :6], **settings), stock.generate(ids[:, :6], **settings))
+    numbers = sum(heads * size for heads, size in cached)  # what one layer caches per token, as the card must say
+    assert f"over the {LAYERS} patched layers: {LAYERS * numbers:,} numbers" in model.create_model_card()
     model.save_pretrained(tmp_path)
     record = json.loads((tmp_path / "config.json").read_text())["merged_attn"]
     assert {k: record[k] for k in kwargs} == kwargs

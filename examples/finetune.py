@@ -24,9 +24,12 @@ Writes to --output_dir: results.json, results.md (also printed) and loss_curves.
 from __future__ import annotations
 
 import argparse
+import codecs
 import hashlib
 import json
 import os
+import re
+import shutil
 import statistics
 import threading
 import time
@@ -158,10 +161,7 @@ def validate(args: argparse.Namespace) -> tuple[list, AutoConfig]:
     """Check every argument that can be checked before loading data or models; returns (modes, model config)."""
     if not args.dataset_name:
         for flag, path in (("--train_file", args.train_file), ("--validation_file", args.validation_file)):
-            if not path or not Path(path).is_file():
-                raise FileNotFoundError(f"{flag} {path!r} does not exist. Pass an existing .txt/.json/.csv file, or --dataset_name.")
-            if Path(path).suffix not in DATA_EXTENSIONS:
-                raise ValueError(f"{flag} {path!r}: extension must be one of {sorted(DATA_EXTENSIONS)}.")
+            check_data_file(flag, path)
     for flag in ("max_train_steps", "seeds", "per_device_train_batch_size", "gradient_accumulation_steps", "block_size",
                  "calibration_samples"):
         if getattr(args, flag) < 1:
@@ -186,9 +186,34 @@ def validate(args: argparse.Namespace) -> tuple[list, AutoConfig]:
             raise FileNotFoundError(f"--resume_from_checkpoint {resume!r} is not a folder; pass a step_N folder or 'latest'.")
         if len(modes) * args.seeds != 1:
             raise ValueError("--resume_from_checkpoint with a folder needs a single mode and seed; use 'latest' for several.")
+    for label, _, _ in modes:  # every run's checkpoint, checked before any work
+        for seed in range(args.seed, args.seed + args.seeds):
+            resume_point(args, run_dir_of(args, label, seed))
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. you/my-model-merged).")
     return modes, config
+
+
+def check_data_file(flag: str, path: str | None) -> None:
+    """An existing, non-empty UTF-8 file with a known extension; errors name the flag and the file."""
+    if not path or not Path(path).is_file():
+        raise FileNotFoundError(f"{flag} {path!r} does not exist. Pass an existing .txt/.json/.csv file, or --dataset_name.")
+    if Path(path).suffix not in DATA_EXTENSIONS:
+        raise ValueError(f"{flag} {path!r}: extension must be one of {sorted(DATA_EXTENSIONS)}.")
+    decoder, size = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as error:  # error.object: bytes held over from the last chunk + this chunk
+                offset = size - (len(error.object) - len(chunk)) + error.start
+                raise ValueError(
+                    f"{flag} {path!r} is not UTF-8 text: byte {offset} ({error.object[error.start]:#04x}) "
+                    f"{error.reason}. Convert it to UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > converted{Path(path).suffix}."
+                ) from None
+            size += len(chunk)
+    if size == 0:
+        raise ValueError(f"{flag} {path!r} is empty. Pass a file with text in it.")
 
 
 def causal_lm_spec(config, name: str):
@@ -249,11 +274,21 @@ def load_lm_data(args, tokenizer, accelerator):
         train = tokenized["train"].map(
             group_texts, batched=True, batch_size=None, remove_columns=tokenized["train"].column_names, desc="blocks"
         )
-    if len(train) == 0:
-        raise ValueError(f"the train data has fewer than --block_size {args.block_size} tokens.")
+    batch = args.per_device_train_batch_size * accelerator.num_processes
+    if len(train) < batch:
+        raise ValueError(
+            f"the train data makes {len(train)} blocks of --block_size {args.block_size} tokens, fewer than one batch "
+            f"of {batch} (--per_device_train_batch_size {args.per_device_train_batch_size} x {accelerator.num_processes} "
+            "process(es)). Give more training text, or a smaller --block_size or --per_device_train_batch_size."
+        )
     stream = torch.tensor(list(chain(*tokenized["validation"]["input_ids"])), dtype=torch.long)  # (N,)
     if args.eval_max_tokens:
         stream = stream[: args.eval_max_tokens]
+    if stream.numel() < 2:
+        raise ValueError(
+            f"the validation data has {stream.numel()} token(s); perplexity needs at least 2. Give more validation "
+            "text (--validation_file or the dataset's validation split)."
+        )
     return train.with_format("torch"), stream
 
 
@@ -350,15 +385,111 @@ def eval_loss(model, stream, args, max_tokens=None) -> dict:
     )
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    steps = sorted(run_dir.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    return steps[-1] if steps else None
+# ---------------------------------------------------------------- checkpoints
+# step_N is written as the hidden folder .step_N.partial and renamed to step_N once every process has written its
+# files and the manifest (sha256 of every file) is in: a run killed at any moment leaves complete step_N folders
+# and at most one .partial folder, which resuming ignores and the next save replaces.
+
+CHECKPOINT_NAME = re.compile(r"step_(\d+)")
+MANIFEST = "manifest.json"
+
+
+def run_dir_of(args, label: str, seed: int) -> Path:
+    return Path(args.output_dir) / f"{label}-seed{seed}"
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """N of a step_N folder; None for any other name."""
+    match = CHECKPOINT_NAME.fullmatch(folder.name)
+    return int(match[1]) if match else None
+
+
+def resume_point(args, run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The checkpoint a run resumes from (None: from the start) and the incomplete ones skipped for 'latest'.
+
+    Raises (before any work): a folder that is not a complete step_N checkpoint, or one past --max_train_steps.
+    """
+    resume = args.resume_from_checkpoint
+    if resume == "latest":
+        found = sorted((checkpoint_step(p), p) for p in run_dir.glob("step_*") if checkpoint_step(p) is not None)
+        complete = [p for _, p in found if (p / MANIFEST).is_file()]
+        folder = complete[-1] if complete else None
+        newer = [p.name for n, p in found if folder is None or n > checkpoint_step(folder)]
+        skipped = sorted(p.name for p in run_dir.glob(".step_*.partial")) + newer
+    elif resume:
+        folder, skipped = Path(resume), []
+        if checkpoint_step(folder) is None:
+            raise ValueError(
+                f"--resume_from_checkpoint {resume!r}: checkpoint folders are named step_N (N = the optimizer step, as "
+                f"--checkpointing_steps writes them); got {folder.name!r}. Pass a step_N folder, or 'latest'."
+            )
+        if not (folder / MANIFEST).is_file():
+            raise ValueError(
+                f"--resume_from_checkpoint {resume!r} is not a complete checkpoint (no {MANIFEST}, which is written "
+                "last): its writing was interrupted, or it was not written by --checkpointing_steps. Pass 'latest' "
+                "to resume from the newest complete checkpoint, or another step_N folder."
+            )
+    else:
+        return None, []
+    if folder is not None and checkpoint_step(folder) > args.max_train_steps:
+        raise ValueError(
+            f"{folder} was saved at step {checkpoint_step(folder)}, past --max_train_steps {args.max_train_steps}. "
+            f"Resume with --max_train_steps {checkpoint_step(folder)} or more, or start a fresh run in another "
+            "--output_dir."
+        )
+    return folder, skipped
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, history: dict) -> None:
+    """Write step_N crash-safe (see above): into .step_N.partial, renamed when complete."""
+    final, partial = run_dir / f"step_{step}", run_dir / f".step_{step}.partial"
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)  # left by a run killed while writing it
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()  # every process's files (its RNG state too) are written
+    if accelerator.is_main_process:
+        (partial / "history.json").write_text(json.dumps(history))
+        files = {f.name: _sha256(f) for f in sorted(partial.iterdir())}
+        (partial / MANIFEST).write_text(json.dumps({"step": step, "sha256": files}))
+        for path in [*partial.iterdir(), partial]:  # on disk before the rename makes the folder visible
+            descriptor = os.open(path, os.O_RDONLY)
+            os.fsync(descriptor)
+            os.close(descriptor)
+        if final.exists():
+            shutil.rmtree(final)  # an earlier run's, in the same --output_dir
+        partial.rename(final)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, folder: Path) -> dict:
+    """Load a checkpoint after checking every file against its manifest; returns its history."""
+    expected = json.loads((folder / MANIFEST).read_text())["sha256"]
+    for name, digest in expected.items():
+        path = folder / name
+        if not path.is_file() or _sha256(path) != digest:
+            raise ValueError(
+                f"{path} is {'missing' if not path.is_file() else 'corrupted (its sha256 differs from the manifest)'}"
+                f"; resuming from {folder.name} would not continue the interrupted run (a damaged random-number state "
+                "silently changes the dropout masks, a damaged optimizer state the updates). Resume from another "
+                "step_N folder, or start afresh without --resume_from_checkpoint."
+            )
+    accelerator.load_state(str(folder))
+    return json.loads((folder / "history.json").read_text())
 
 
 def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo_suffix="") -> dict:
     """Patch, evaluate, fine-tune and evaluate one (mode, seed); returns its record (main process)."""
     set_seed(seed)
-    run_dir = Path(args.output_dir) / f"{label}-seed{seed}"
+    run_dir = run_dir_of(args, label, seed)
     calibration = None
     if mode in RANKED and args.init == "whitened":  # the same evenly spaced train blocks for every run
         n = min(args.calibration_samples, len(train_data))
@@ -380,22 +511,29 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.learning_rate,
     )
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.num_warmup_steps,
-                              num_training_steps=args.max_train_steps)
+    # a prepared scheduler steps once per process at every optimizer step (accelerate, split_batches=False): its
+    # length is counted in those steps, as in run_clm_no_trainer, so every world size sees the same rate per step
+    processes = accelerator.num_processes
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer,
+                              num_warmup_steps=args.num_warmup_steps * processes,
+                              num_training_steps=args.max_train_steps * processes)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     tokens_per_step = (args.per_device_train_batch_size * args.block_size * args.gradient_accumulation_steps
                        * accelerator.num_processes)
 
     step, history = 0, {"train": [], "eval": []}
-    resume = args.resume_from_checkpoint
-    resume_dir = latest_checkpoint(run_dir) if resume == "latest" else (Path(resume) if resume else None)
+    resume_dir, skipped = resume_point(args, run_dir)
+    if skipped:
+        accelerator.print(f"[{label} seed {seed}] skipped incomplete checkpoints {skipped} (writing interrupted)")
     if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
-        step = int(resume_dir.name.split("_")[1])
-        history = json.loads((resume_dir / "history.json").read_text())
-        accelerator.print(f"[{label} seed {seed}] resumed from {resume_dir} at step {step}")
-    elif accelerator.is_main_process:
-        history["eval"].append({"step": 0, "tokens": 0, "loss": eval_loss(model, stream, args, args.curve_eval_tokens)["loss"]})
+        history, step = load_checkpoint(accelerator, resume_dir), checkpoint_step(resume_dir)
+        newest = " (the newest complete checkpoint)" if args.resume_from_checkpoint == "latest" else ""
+        accelerator.print(f"[{label} seed {seed}] resumed from {resume_dir}{newest} at step {step}")
+    elif args.resume_from_checkpoint:
+        accelerator.print(f"[{label} seed {seed}] no complete checkpoint in {run_dir}: training from step 0")
+    if resume_dir is None and accelerator.is_main_process:
+        curve = eval_loss(accelerator.unwrap_model(model), stream, args, args.curve_eval_tokens)
+        history["eval"].append({"step": 0, "tokens": 0, "loss": curve["loss"]})
 
     micro_done = step * args.gradient_accumulation_steps
     epoch, offset = divmod(micro_done, len(loader))
@@ -414,6 +552,7 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
                 if first_batch_hash is None:
                     first_batch_hash = hashlib.sha1(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()[:12]
                 start = time.perf_counter()
+                lr = optimizer.param_groups[0]["lr"]  # the learning rate of this optimizer step
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
                     accelerator.backward(loss)
@@ -429,7 +568,8 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
                     continue
                 step += 1
                 timed_steps += step > warmup_step
-                history["train"].append({"step": step, "tokens": step * tokens_per_step, "loss": sum(running) / len(running)})
+                history["train"].append({"step": step, "tokens": step * tokens_per_step, "loss": sum(running) / len(running),
+                                         "lr": lr})
                 running = []
                 progress.update(1)
                 progress.set_postfix(loss=f"{history['train'][-1]['loss']:.3f}")
@@ -438,10 +578,7 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
                     history["eval"].append({"step": step, "tokens": step * tokens_per_step, "loss": curve["loss"]})
                     model.train()
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                    ckpt = run_dir / f"step_{step}"
-                    accelerator.save_state(str(ckpt))
-                    if accelerator.is_main_process:
-                        (ckpt / "history.json").write_text(json.dumps(history))
+                    save_checkpoint(accelerator, run_dir, step, history)
                 if step >= args.max_train_steps:
                     break
             epoch += 1
@@ -461,7 +598,7 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
             "tokens_per_s": timed_steps * tokens_per_step / train_time if train_time else None,
             "peak_memory_mb": memory.peak_mb, "train_time_s": train_time,
             "final_train_loss": history["train"][-1]["loss"] if history["train"] else None,
-            "first_batch_hash_per_rank": hashes, "history": history,
+            "first_batch_hash_per_rank": hashes, "resumed_from": resume_dir and str(resume_dir), "history": history,
         }
         if seed == args.seed:
             save_run(args, unwrapped, mode, label, record, run_dir, repo_suffix)

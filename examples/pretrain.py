@@ -113,7 +113,10 @@ def main(argv=None):
     args = parse_args(argv)
     nthreads = args.num_threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(max(1, nthreads))
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
+    # several processes and no accelerator: DDP over gloo on the CPU (accelerate picks MULTI_CPU only when told
+    # cpu=True; otherwise each launched process would silently train alone, world size 1)
+    on_cpu_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=on_cpu_ranks)
     set_seed(args.seed)
     t_start = time.time()
     os.makedirs(args.output_dir, exist_ok=True)
@@ -189,9 +192,11 @@ def main(argv=None):
          "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95))
+    # a prepared scheduler steps once per process at every optimizer step (accelerate, split_batches=False): its
+    # length is counted in those steps, as in run_clm_no_trainer, so every world size sees the same rate per step
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer,
-                              num_warmup_steps=args.num_warmup_steps,
-                              num_training_steps=args.max_train_steps)
+                              num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+                              num_training_steps=args.max_train_steps * accelerator.num_processes)
     model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
     eval_dls = {k: accelerator.prepare(v) for k, v in eval_dls.items()}
     periodic_dls = {k: accelerator.prepare(v) for k, v in periodic_dls.items()}
@@ -213,6 +218,7 @@ def main(argv=None):
                        * args.gradient_accumulation_steps * accelerator.num_processes)
     log = {"args": vars(args), "n_params": n_params, "tokens": ntok, "tokens_per_step": tokens_per_step,
            "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+           "world_size": accelerator.num_processes,
            "train": [], "eval": []}
     progress = tqdm(range(args.max_train_steps), disable=not accelerator.is_local_main_process,
                     mininterval=5)
@@ -223,6 +229,7 @@ def main(argv=None):
     while step < args.max_train_steps:
         for batch in train_dl:
             t0 = time.time()
+            lr = optimizer.param_groups[0]["lr"]  # the learning rate of this optimizer step
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
@@ -240,7 +247,7 @@ def main(argv=None):
             progress.update(1)
             if step % 10 == 0 or step == args.max_train_steps:
                 entry = {"step": step, "tokens_seen": step * tokens_per_step, "loss": running / running_n,
-                         "lr": scheduler.get_last_lr()[0], "wall_s": round(time.time() - t_start, 1),
+                         "lr": lr, "wall_s": round(time.time() - t_start, 1),
                          "train_tokens_per_s": round(step * tokens_per_step / train_time, 1)}
                 log["train"].append(entry)
                 progress.set_postfix(loss=f"{entry['loss']:.3f}", tok_s=entry["train_tokens_per_s"])

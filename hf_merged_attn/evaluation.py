@@ -10,6 +10,7 @@ exp(total NLL / number of scored tokens). stride = max_length gives disjoint blo
 from __future__ import annotations
 
 import math
+from numbers import Integral
 
 import torch
 from torch import nn
@@ -18,8 +19,11 @@ from tqdm.auto import tqdm
 
 def sliding_windows(num_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, number of new target tokens) for each window over a stream of `num_tokens`."""
-    if not 1 <= stride <= max_length:
-        raise ValueError(f"stride={stride} must be between 1 and max_length={max_length}.")
+    if isinstance(stride, bool) or not isinstance(stride, Integral) or not 1 <= stride <= max_length:
+        raise ValueError(
+            f"stride={stride!r} must be between 1 and max_length={max_length} (an integer: windows advance by stride "
+            f"tokens). Pass e.g. stride={max(1, max_length // 2)} (half the window), or None for that default."
+        )
     windows, previous_end = [], 0
     for begin in range(0, num_tokens, stride):
         end = min(begin + max_length, num_tokens)
@@ -45,8 +49,8 @@ def evaluate_perplexity(
     Args:
         model: a causal LM returning `.logits` (any mode, patched or stock: the same evaluator for all).
         input_ids: 1-D LongTensor, the whole evaluation text tokenized and concatenated.
-        max_length: window length (at most the model's context).
-        stride: step between windows (default: max_length // 2).
+        max_length: window length, 2 <= max_length <= the model's positions.
+        stride: step between windows, 1 <= stride <= max_length (default, None: max_length // 2).
         batch_size: windows per forward pass.
         show_progress: tqdm bar over batches.
 
@@ -55,7 +59,20 @@ def evaluate_perplexity(
     """
     if input_ids.dim() != 1 or input_ids.numel() < 2:
         raise ValueError(f"input_ids must be a 1-D token stream of at least 2 tokens; got shape {tuple(input_ids.shape)}.")
-    stride = stride or max(1, max_length // 2)
+    # None: no learned positions (ALiBi), or a wrapper without a config (DistributedDataParallel)
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(max_length, bool) or not isinstance(max_length, Integral) or max_length < 2:
+        raise ValueError(
+            f"max_length={max_length!r}: a window must hold at least 2 tokens (its first token is context only, "
+            "never scored). Pass an integer max_length >= 2, e.g. the model's context."
+        )
+    if positions is not None and max_length > positions:
+        raise ValueError(
+            f"max_length={max_length} exceeds the model's {positions} positions (config.max_position_embeddings). "
+            f"Pass max_length <= {positions}."
+        )
+    if stride is None:
+        stride = max_length // 2
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

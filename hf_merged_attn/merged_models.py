@@ -86,25 +86,23 @@ class MergedModelMixin:
         A missing, unexpected or mis-shaped attention weight raises instead of being randomly initialised.
         """
         want_info = kwargs.pop("output_loading_info", False)
-        try:
+        ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+        try:  # mismatched shapes are collected (not raised) so that they can be told apart below
             model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True,
+                **kwargs,
             )
         except CorruptRecordError as error:
             raise ValueError(f"{pretrained_model_name_or_path}/config.json: {error}") from error
-        except RuntimeError as error:  # transformers' size-mismatch report
-            if "mismatch" not in str(error):
-                raise
-            raise ValueError(
-                f"{pretrained_model_name_or_path}: the weights in model.safetensors do not have the shapes that "
-                f"config.json's merged_attn describes ({error}). The checkpoint's config and weights disagree; "
-                "re-save it from the patched model with save_pretrained."
-            ) from error
         attention = tuple(name + "." for name in model._merged_attention_names())
+        # mismatched keys come as (name, shape in the checkpoint, shape the config gives)
+        mismatched = {key: f"{key}: checkpoint {list(saved)}, config {list(wanted)}"
+                      for key, saved, wanted in info.get("mismatched_keys", [])}
         problems = {
             kind: sorted(k for k in info.get(kind, []) if k.startswith(attention))
-            for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+            for kind in ("missing_keys", "unexpected_keys")
         }
+        problems["mismatched_keys"] = sorted(text for key, text in mismatched.items() if key.startswith(attention))
         problems = {kind: keys for kind, keys in problems.items() if keys}
         if problems:
             raise ValueError(
@@ -112,11 +110,25 @@ class MergedModelMixin:
                 f"config.json's merged_attn={model.config.merged_attn} ({problems}). Refusing to load a model with "
                 "missing or randomly initialised attention; re-save it from the patched model with save_pretrained."
             )
+        others = sorted(text for key, text in mismatched.items() if not key.startswith(attention))
+        if others and not ignore_mismatched:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: weights outside the merged attention do not have the shapes that "
+                f"config.json gives them ({'; '.join(others)}); merged_attn is not involved. The config's sizes "
+                "(vocab_size, hidden size, positions, ...) and model.safetensors disagree: fix config.json or re-save "
+                "the model with save_pretrained, or pass ignore_mismatched_sizes=True to re-initialise those weights."
+            )
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, model_card_results: dict | None = None, **kwargs):
         """`PreTrainedModel.save_pretrained` (safetensors only) plus a README.md model card if none is there."""
         kwargs.pop("safe_serialization", None)  # only safetensors are ever written
+        # remote code: every Auto class of the family loads the checkpoint as its merged class (transformers itself
+        # would write only this class's own Auto name)
+        module = type(self).__module__.rsplit(".", 1)[-1]
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **{
+            auto: f"{module}.{merged.__name__}" for merged, auto in self.merged_spec.model_classes.values() if auto
+        }}
         super().save_pretrained(save_directory, *args, **kwargs)
         card = os.path.join(save_directory, "README.md")
         if kwargs.get("is_main_process", True) and (model_card_results is not None or not os.path.exists(card)):

@@ -128,10 +128,16 @@ def seeded_attention(
         parts["wo"], parts["bo"] = read_output(getattr(attn, new.output_name), new.num_heads)  # (H, hd, d), (d,)
     weights = seeded_weights(parts, mode, rank, init_std=init_std, moment=moment, values=values,
                              value_rank=value_rank, output_name=new.output_name)
+    # a new weight is trainable only if every stock weight it is seeded from is: the query/key/value weights, and
+    # for an output map that holds M_h (merged or low-rank values) also the stock output projection
+    output = f"{new.output_name}." if new.output_name else None
+    qkv_trainable = all(p.requires_grad for n, p in attn.named_parameters() if not (output and n.startswith(output)))
+    all_trainable = all(p.requires_grad for p in attn.parameters())
     params = dict(new.named_parameters())
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
+            params[name].requires_grad_(all_trainable if output and name.startswith(output) else qkv_trainable)
     return new
 
 
@@ -173,7 +179,7 @@ def patch_model(
             that fraction of Σσ² of its S̃_h, at most the head size. The ranks depend on the weights only;
             `init` then chooses the factors at those ranks. The resolved ranks are recorded as
             `config.merged_attn["rank"]` = {"block": r} with `"energy"`, so checkpoints reload.
-        layers: block indices to patch (default: all).
+        layers: block indices to patch, any iterable (default: all).
         init: how "lowrank" factors below the head size are seeded. "svd" (default): best rank-r approximation
             of each head's S̃_h = [S_h; u_h] in Frobenius norm (weights only). "whitened": the rank-r factors
             with the least error of the SCORES on `calibration` activations — SVD of L_qᵀ S̃_h L_k, with
@@ -190,15 +196,26 @@ def patch_model(
         value_rank: r_v, 1 <= r_v <= head size, for low-rank values M_h ≈ P_h Q_hᵀ (V cache (B, H, T, r_v); exact at
             r_v = head size, best rank-r_v below, whitened with init="whitened"). With covariance or lowrank.
 
+    New weights take `requires_grad` from the stock weights they are seeded from (a frozen model stays frozen, a
+    PEFT model keeps its frozen / trainable split). A peft model whose adapters sit on the replaced attention weights
+    is refused (merge them first); adapters elsewhere are kept.
+
     Returns:
         The same `model` object, patched.
 
     Raises:
-        ValueError: bad mode / rank / layers / init / calibration (all before any weight is changed), or a model
-            that is already patched.
+        TypeError: `model` is not an nn.Module (e.g. a model name: load the model first).
+        ValueError: bad mode / rank / layers / init / calibration (all before any weight is changed), a model
+            that is already patched, or peft adapters on the attention weights the patch replaces (merge them first).
         NotImplementedError: an unsupported family (rotary ones with the reason), or an unsupported variant of
             a supported one (GPT-2 with cross-attention, a BERT decoder, ...).
     """
+    if not isinstance(model, nn.Module):
+        load = f"AutoModelForCausalLM.from_pretrained({model if isinstance(model, str) else 'gpt2'!r})"
+        raise TypeError(
+            f"patch_model takes a transformers model (an nn.Module); got {model!r} ({type(model).__name__}). Load "
+            f"the model first, e.g. model = {load}, then patch_model(model, ...)."
+        )
     patch = PatchConfig(mode, rank, layers, init, values, value_rank)
     patch.check_calibration(calibration)
     if any(isinstance(module, MergedAttention) for module in model.modules()):
@@ -224,19 +241,25 @@ def patch_model(
             f"value_rank={patch.value_rank} exceeds the head size {head_dim}: M_h = Wv_h Wo_h has rank <= {head_dim}, "
             f"so r_v = {head_dim} is already exact. Use 1 <= value_rank <= {head_dim}, or values='merged'."
         )
+    patched = [(parent, name, old) for parent, name, old in found if old.layer_idx in patch.layers]
+    _refuse_adapters(model, spec, patch, [old for _, _, old in patched])
     moments, calibration_tokens = {}, None
     if patch.init == "whitened":  # one pass of the STOCK model; raises on bad calibration before any swap
         moments, calibration_tokens = collect_attention_moments(model, calibration, patch.layers)
     if patch.energy is not None:
-        blocks = [old for _, _, old in found if old.layer_idx in patch.layers]
-        patch.rank = {old.layer_idx: _rank_for_energy(spec, old, patch.mode, patch.energy) for old in blocks}
+        if any(p.is_meta for _, _, old in patched for p in old.parameters()):
+            raise ValueError(
+                f"rank={patch.energy} (a spectral-energy target) picks each block's rank from the singular values of "
+                f"its weights, but {type(model).__name__}'s weights are on the meta device (not loaded). Load the "
+                "weights first, or pass an integer rank or a dict {block: rank}."
+            )
+        patch.rank = {old.layer_idx: _rank_for_energy(spec, old, patch.mode, patch.energy) for _, _, old in patched}
     seeded = [  # every new module is built before the first swap: a seeding error leaves the model untouched
         (parent, name, old, seeded_attention(
             spec, old, config, patch.mode, patch.rank_for(old.layer_idx), moment=moments.get(old.layer_idx),
             values=patch.values, value_rank=patch.value_rank,
         ))
-        for parent, name, old in found
-        if old.layer_idx in patch.layers
+        for parent, name, old in patched
     ]
     for parent, name, old, new in seeded:
         _swap(parent, name, old, new)
@@ -246,15 +269,34 @@ def patch_model(
     config.merged_attn = {**patch.to_dict(), "base_model": config._name_or_path or None}
     if calibration_tokens is not None:
         config.merged_attn["calibration_tokens"] = calibration_tokens
-    merged = spec.model_classes.get(type(model))
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # under peft
+    merged = spec.model_classes.get(type(inner))
     if merged is not None:
-        model.__class__ = merged[0]  # a subclass of the stock class: isinstance checks still hold
+        inner.__class__ = merged[0]  # a subclass of the stock class: isinstance checks still hold
     else:
         logger.warning(
             "%s is not a stock %s class: it is patched, but save_pretrained will not write a checkpoint "
-            "that reloads as a merged model.", type(model).__name__, spec.family,
+            "that reloads as a merged model.", type(inner).__name__, spec.family,
         )
     return model
+
+
+def _refuse_adapters(model: nn.Module, spec: ArchitectureSpec, patch: PatchConfig, attentions: list[nn.Module]) -> None:
+    """Raise if a peft adapter (LoRA, ...) sits on a weight that the patch replaces: seeding reads the base weights
+    only, so it would be silently dropped. An output projection the merged module keeps (shared) keeps its adapter."""
+    kept = spec.merged_attention_class.output_name if patch.values is None and patch.value_rank is None else None
+    paths = {module: path for path, module in model.named_modules()}
+    adapters = [
+        f"{paths[attn]}.{name}" for attn in attentions for name, module in attn.named_modules()
+        if isinstance(getattr(module, "base_layer", None), nn.Module) and name.split(".")[0] != kept
+    ]
+    if adapters:
+        raise ValueError(
+            f"{', '.join(adapters)} carry peft adapters (e.g. LoRA) on weights that patch_model replaces; the merged "
+            "attention is seeded from the base weights only, so the adapters would be lost. Merge them into the "
+            "weights first (model = model.merge_and_unload(), then patch_model(model, ...)), or patch the stock model "
+            "before adding adapters (LoRA can then target the new q_proj / k_proj / v_proj)."
+        )
 
 
 def homogeneous_factors(attn: MergedAttention) -> tuple[torch.Tensor, torch.Tensor]:

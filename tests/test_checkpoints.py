@@ -103,25 +103,25 @@ REMOTE_LOAD = textwrap.dedent(
                 raise ImportError("hf_merged_attn is blocked in this test")
     sys.meta_path.insert(0, Block())
     import torch
-    from transformers import AutoModelForCausalLM
-    folder, trust = sys.argv[1], sys.argv[2] == "1"
+    import transformers
+    folder, trust, auto = sys.argv[1], sys.argv[2] == "1", getattr(transformers, sys.argv[4])
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust, attn_implementation="eager")
+        model = auto.from_pretrained(folder, trust_remote_code=trust, attn_implementation="eager")
     except Exception as error:
         print("ERROR", type(error).__name__, str(error)[:2000].replace(chr(10), " "))
         sys.exit(3)
     assert "hf_merged_attn" not in sys.modules
     ids = torch.tensor(json.loads(sys.argv[3]))
     with torch.no_grad():
-        print(json.dumps({"type": type(model).__name__, "logits": model(ids).logits.tolist()}))
+        print(json.dumps({"type": type(model).__name__, "logits": model(ids)[0].tolist()}))
     """
 )
 
 
-def run_without_package(folder: Path, trust: bool, ids: torch.Tensor, tmp_path: Path):
+def run_without_package(folder: Path, trust: bool, ids: torch.Tensor, tmp_path: Path, auto: str = "AutoModelForCausalLM"):
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
     return subprocess.run(
-        [sys.executable, "-c", REMOTE_LOAD, str(folder), "1" if trust else "0", json.dumps(ids.tolist())],
+        [sys.executable, "-c", REMOTE_LOAD, str(folder), "1" if trust else "0", json.dumps(ids.tolist()), auto],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
     )
 
@@ -147,6 +147,23 @@ def test_load_with_remote_code_where_the_package_is_not_importable(tmp_path, ids
     refused = run_without_package(folder, False, ids, tmp_path)
     assert refused.returncode == 3, (refused.stdout, refused.stderr[-2000:])  # never a randomly initialised model
     assert "trust_remote_code" in refused.stdout
+
+
+def test_auto_map_lists_every_auto_class_of_the_family(tmp_path, ids):
+    """Remote code loads a checkpoint through any Auto class it fits, not only the saved class's own."""
+    model = patch_model(make_gpt2(GPT2ForSequenceClassification, num_labels=3), "lowrank", rank=3)
+    model.save_pretrained(tmp_path / "ckpt")
+    auto_map = json.loads((tmp_path / "ckpt" / "config.json").read_text())["auto_map"]
+    assert auto_map == {"AutoConfig": "modeling_merged_gpt2.MergedGPT2Config", **{
+        auto: f"modeling_merged_gpt2.{merged.__name__}"
+        for merged, auto in hf_merged_attn.modeling_merged_gpt2.SPEC.model_classes.values() if auto
+    }} and len(auto_map) == 6
+    result = run_without_package(tmp_path / "ckpt", True, ids, tmp_path, auto="AutoModel")
+    assert result.returncode == 0, (result.stdout, result.stderr[-3000:])
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["type"] == "MergedGPT2Model"
+    with torch.no_grad():
+        assert max_diff(torch.tensor(out["logits"]), model.transformer(ids)[0]) < RELOAD_TOL
 
 
 def test_push_to_hub_uploads_the_checkpoint_and_a_card(tmp_path, monkeypatch):
@@ -248,7 +265,25 @@ def _edit_config(folder, **merged):
 def test_checkpoint_with_wrong_rank(tmp_path):
     folder = _saved(tmp_path, "lowrank", 4)
     _edit_config(folder, rank=3)
-    with pytest.raises(ValueError, match=r"config.json's merged_attn.*size mismatch|do not have the shapes"):
+    with pytest.raises(ValueError, match=r"config.json's merged_attn=.*'mismatched_keys': \['transformer\.h\.0\.attn\."
+                                         r"k_proj\.weight: checkpoint \[16, 32\], config \[12, 32\]"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("ignore", [False, True])
+def test_checkpoint_with_a_wrong_shape_outside_the_attention(tmp_path, ignore):
+    """A bad tensor that is not an attention weight is not blamed on merged_attn."""
+    folder = _saved(tmp_path, "lowrank", 4)
+    weights = load_file(folder / "model.safetensors")
+    weights["transformer.ln_f.weight"] = torch.ones(5)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    if ignore:  # as transformers: re-initialised on request, and reported
+        _, info = AutoModelForCausalLM.from_pretrained(folder, ignore_mismatched_sizes=True, output_loading_info=True)
+        assert [key for key, *_ in info["mismatched_keys"]] == ["transformer.ln_f.weight"]
+        return
+    with pytest.raises(ValueError, match=r"weights outside the merged attention do not have the shapes that config.json "
+                                         r"gives them \(transformer\.ln_f\.weight: checkpoint \[5\], config \[32\]\); "
+                                         r"merged_attn is not involved\..*pass ignore_mismatched_sizes=True"):
         AutoModelForCausalLM.from_pretrained(folder)
 
 
@@ -273,6 +308,7 @@ def test_checkpoint_with_missing_weight(tmp_path):
     [
         ({"mode": "merged"}, r"config.json: merged_attn: mode='merged' is not a patch mode.*the checkpoint is corrupted"),
         ({"layers": [7]}, r"config.json: merged_attn.layers=\[7\] must be .*the checkpoint is corrupted"),
+        ({"init": "foo"}, r"config.json: merged_attn: init='foo' is not a seeding method; allowed: 'svd', 'whitened'"),
     ],
 )
 def test_checkpoint_with_corrupt_record(tmp_path, field, match):

@@ -87,3 +87,32 @@ def test_unsupported_attn_implementation_at_call_time():
     model.config._attn_implementation = "flash_attention_2"  # as set_attn_implementation would, where installed
     with pytest.raises(NotImplementedError, match=r"attn_implementation='flash_attention_2' is not supported .*supported: eager, sdpa"):
         model(torch.ones(1, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("model,match", [
+    (None, r"patch_model takes a transformers model \(an nn.Module\); got None \(NoneType\)\. Load the model first"),
+    ("gpt2", r"got 'gpt2' \(str\)\. Load the model first, e\.g\. model = AutoModelForCausalLM\.from_pretrained\('gpt2'\)"),
+])
+def test_a_name_or_none_instead_of_a_model(model, match):
+    with pytest.raises(TypeError, match=match):
+        patch_model(model)
+
+
+def test_an_energy_target_on_a_meta_device_model():
+    with torch.device("meta"):
+        model = make_gpt2()
+    with pytest.raises(ValueError, match=r"rank=0.9 \(a spectral-energy target\) .* weights are on the meta device "
+                                         r"\(not loaded\)\. Load the weights first, or pass an integer rank"):
+        patch_model(model, "lowrank", rank=0.9)
+    assert not hasattr(model.config, "merged_attn")
+
+
+@pytest.mark.parametrize("mode,kwargs", [("covariance", {}), ("lowrank", {"rank": 8}), ("latent", {"rank": 8}),
+                                         ("covariance", {"values": "merged"})])
+def test_a_static_cache_is_refused_up_front(mode, kwargs):
+    model = patch_model(make_gpt2(), mode, **kwargs)
+    with pytest.raises(NotImplementedError, match=rf"StaticCache \(cache_implementation='static'\) is not supported by "
+                                                  rf"the {mode} patch: .*Use the default dynamic cache"):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False, cache_implementation="static")
+    out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)  # the dynamic cache works
+    assert out.shape == (1, 5)

@@ -64,3 +64,17 @@ def test_windows_cover_each_token_once():
     assert sum(new for _, _, new in windows) == 100 and windows[-1][1] == 100
     with pytest.raises(ValueError, match="stride=0 must be between 1 and max_length=30"):
         sliding_windows(100, 30, 0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"max_length": 16, "stride": 0}, r"stride=0 must be between 1 and max_length=16 .*Pass e\.g\. stride=8"),
+        ({"max_length": 16, "stride": 17}, r"stride=17 must be between 1 and max_length=16"),
+        ({"max_length": 1}, r"max_length=1: a window must hold at least 2 tokens .*Pass an integer max_length >= 2"),
+        ({"max_length": 65}, r"max_length=65 exceeds the model's 64 positions .*Pass max_length <= 64"),
+    ],
+)
+def test_bad_windows_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        evaluate_perplexity(make_gpt2(), torch.randint(1, VOCAB, (100,)), **kwargs)

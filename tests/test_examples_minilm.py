@@ -66,13 +66,15 @@ def test_sentence_embeddings_rejects_bad_arguments(tmp_path):
 
 def test_minilm_fidelity_tiny(tmp_path):
     out = tmp_path / "fidelity"
-    run("minilm_fidelity.py", "--ranks", "4", "32", "--calibration_sentences", "16", "--eval_sentences", "16",
-        "--output_dir", str(out))
+    run("minilm_fidelity.py", "--ranks", "4", "32", "--latent_ranks", "384", "--calibration_sentences", "16",
+        "--eval_sentences", "16", "--output_dir", str(out))
     result = json.loads((out / "minilm.json").read_text())
     rows = {(r["mode"], r["rank"], r["init"]): r["cosine"] for r in result["fidelity"]["rows"]}
     assert set(rows) == {("covariance", None, None), ("lowrank", 4, "svd"), ("lowrank", 4, "whitened"),
-                         ("lowrank", 32, "svd"), ("lowrank", 32, "whitened")}
-    for exact in [("covariance", None, None), ("lowrank", 32, "svd"), ("lowrank", 32, "whitened")]:
+                         ("lowrank", 32, "svd"), ("lowrank", 32, "whitened"), ("latent", 384, "svd"),
+                         ("latent", 384, "whitened")}
+    for exact in [("covariance", None, None), ("lowrank", 32, "svd"), ("lowrank", 32, "whitened"),
+                  ("latent", 384, "svd"), ("latent", 384, "whitened")]:
         assert rows[exact]["min"] >= 0.99999, (exact, rows[exact])  # r = head size: exact
     for init in ("svd", "whitened"):
         assert rows[("lowrank", 4, init)]["mean"] < 0.999  # rank 4 of 32 is an approximation

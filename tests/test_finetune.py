@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +27,7 @@ from transformers import (
     OPTConfig,
     OPTForCausalLM,
     PreTrainedTokenizerFast,
+    get_scheduler,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,34 +128,214 @@ def test_one_step_run_and_energy_ranks(assets, tmp_path):
     assert reloaded.config.merged_attn["rank"] == ranks and reloaded.config.merged_attn["energy"] == 0.9
 
 
+LAUNCH_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def launch_command(args: list[str], port: int, processes: int = 2, script: str = "finetune.py") -> list[str]:
+    """`accelerate launch` examples/<script> on `processes` CPU ranks (several: DDP over gloo)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", *(["--multi_gpu"] if processes > 1 else []),
+            "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port), str(ROOT / "examples" / script), *args]
+
+
+def launch_two_processes(args: list[str], port: int, script: str = "finetune.py") -> dict:
+    """`accelerate launch` examples/<script> on 2 CPU ranks (DDP over gloo); finetune's results.json."""
+    command = launch_command(args, port, script=script)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=LAUNCH_ENV)
+    assert result.returncode == 0, result.stderr[-4000:]
+    if script != "finetune.py":
+        return {}
+    saved = json.loads((Path(args[args.index("--output_dir") + 1]) / "results.json").read_text())
+    assert saved["world_size"] == 2 and "MULTI_CPU" in saved["distributed_type"]  # not 2 runs of world size 1
+    return saved
+
+
 def test_two_processes(assets, tmp_path):
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-               str(ROOT / "examples" / "finetune.py"), *tiny_args(assets, out, "--modes", "covariance")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
-    saved = json.loads((out / "results.json").read_text())
+    saved = launch_two_processes(tiny_args(assets, out, "--modes", "covariance"), 29517)
     assert saved["world_size"] == 2 and "MULTI_CPU" in saved["distributed_type"]
     hashes = saved["runs"][0]["first_batch_hash_per_rank"]
     assert len(hashes) == 2 and hashes[0] != hashes[1]  # the ranks see different data
     assert saved["summary"]["covariance"]["train_tokens"] == 4 * 4 * 64 * 2  # global tokens: both ranks
 
 
-def test_resume_reaches_the_same_result(assets, tmp_path):
-    full = finetune.main(tiny_args(assets, tmp_path / "full", "--modes", "lowrank:8", "--checkpointing_steps", "2"))
-    checkpoint = tmp_path / "full" / "lowrank-r8-seed0" / "step_2"
-    assert (checkpoint / "history.json").is_file()
-    # a run stopped after step 2: only its checkpoint survives; resume it in a fresh output folder
-    stopped = tmp_path / "stopped" / "lowrank-r8-seed0"
-    stopped.mkdir(parents=True)
-    shutil.copytree(checkpoint, stopped / "step_2")
-    resumed = finetune.main(tiny_args(assets, tmp_path / "stopped", "--modes", "lowrank:8", "--resume_from_checkpoint", "latest"))
-    a, b = full["runs"][0], resumed["runs"][0]
+def test_two_processes_follow_the_one_process_schedule(assets, tmp_path):
+    """1 process × 8 and 2 processes × 4 (the same global batches), dropout off: the same learning rate at every
+    step (a prepared scheduler steps once per process per optimizer step) and the same losses up to fp round-off."""
+    model = tmp_path / "no-dropout"
+    shutil.copytree(assets / "model", model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    (model / "config.json").write_text(json.dumps(config))
+
+    def args(out: str, batch: int) -> list[str]:
+        args = tiny_args(assets, tmp_path / out, "--modes", "lowrank:8", "--num_warmup_steps", "2",
+                         "--per_device_train_batch_size", str(batch))
+        args[args.index("--model_name_or_path") + 1] = str(model)
+        args[args.index("--max_train_steps") + 1] = "6"
+        return args
+
+    one = finetune.main(args("one", 8))["runs"][0]
+    two = launch_two_processes(args("two", 4), 29518)["runs"][0]
+    lrs = [p["lr"] for p in one["history"]["train"]]
+    assert lrs[:3] == [0.0, 2.5e-4, 5e-4] and lrs[-1] > 0  # warm-up over 2 steps, then a cosine not yet at 0
+    assert [p["lr"] for p in two["history"]["train"]] == lrs
+    assert [p["loss"] for p in two["history"]["train"]] == pytest.approx([p["loss"] for p in one["history"]["train"]], rel=1e-5)
+    assert two["perplexity_after"] == pytest.approx(one["perplexity_after"], rel=1e-5)
+    assert two["train_tokens"] == one["train_tokens"] == 6 * 8 * 64
+
+
+def test_pretrain_on_two_processes_follows_the_schedule(tmp_path):
+    """examples/pretrain.py on 2 ranks: the learning rate of the last step is the one of a 1-process schedule."""
+    lines = (SHIPPED_DATA / "pretrain.txt").read_text(encoding="utf-8").splitlines()[:600]
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "pretrained"
+    launch_two_processes([
+        "--train_file", str(tmp_path / "train.txt"), "--validation_file", "", "--vocab_size", "300", "--block_size", "128",
+        "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--per_device_train_batch_size", "2", "--max_train_steps", "4",
+        "--num_warmup_steps", "2", "--output_dir", str(out), "--num_threads", "1",
+    ], 29519, script="pretrain.py")
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["world_size"] == 2 and log["tokens_per_step"] == 2 * 2 * 128
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)  # the default --learning_rate
+    expected = get_scheduler("cosine", optimizer, num_warmup_steps=2, num_training_steps=4)
+    for _ in range(3):
+        expected.step()
+    assert log["train"][-1]["step"] == 4 and log["train"][-1]["lr"] == pytest.approx(expected.get_last_lr()[0], rel=1e-12)
+
+
+@pytest.fixture(scope="module")
+def checkpointed(assets, tmp_path_factory):
+    """A 4-step lowrank:8 run with checkpoints at steps 2 and 4: (its results, its run folder)."""
+    out = tmp_path_factory.mktemp("checkpointed")
+    full = finetune.main(tiny_args(assets, out, "--modes", "lowrank:8", "--checkpointing_steps", "2"))
+    return full, out / "lowrank-r8-seed0"
+
+
+def assert_same_run(a: dict, b: dict) -> None:
     # same weights, optimizer, scheduler, RNG and data position: the same float ops in the same order
     assert b["final_train_loss"] == pytest.approx(a["final_train_loss"], rel=1e-6)
     assert b["perplexity_after"] == pytest.approx(a["perplexity_after"], rel=1e-6)
     assert [p["loss"] for p in b["history"]["train"]] == pytest.approx([p["loss"] for p in a["history"]["train"]], rel=1e-6)
+    assert b["train_steps"] == a["train_steps"] and b["train_tokens"] == a["train_tokens"]
+
+
+def test_checkpoints_are_complete_and_resume_reaches_the_same_result(assets, checkpointed, tmp_path, capsys):
+    full, run = checkpointed
+    assert sorted(p.name for p in run.iterdir()) == ["model", "step_2", "step_4"]  # no .partial folder left
+    manifest = json.loads((run / "step_2" / "manifest.json").read_text())
+    assert manifest["step"] == 2 and {"history.json", "optimizer.bin", "random_states_0.pkl"} <= set(manifest["sha256"])
+    # a run killed while writing step 4, with an older run's interrupted step_3 and a stray backup copy: resume
+    # takes the newest complete checkpoint, says so, and ends where the uninterrupted run ended
+    stopped = tmp_path / "stopped" / "lowrank-r8-seed0"
+    shutil.copytree(run / "step_2", stopped / "step_2")
+    shutil.copytree(run / "step_2", stopped / "step_bak")
+    (stopped / "step_3").mkdir()
+    shutil.copytree(run / "step_4", stopped / ".step_4.partial", ignore=shutil.ignore_patterns("manifest.json", "optimizer.bin"))
+    capsys.readouterr()
+    resumed = finetune.main(tiny_args(assets, tmp_path / "stopped", "--modes", "lowrank:8", "--resume_from_checkpoint",
+                                      "latest", "--checkpointing_steps", "2"))
+    printed = capsys.readouterr().out
+    assert "skipped incomplete checkpoints ['.step_4.partial', 'step_3']" in printed
+    assert f"resumed from {stopped / 'step_2'} (the newest complete checkpoint) at step 2" in printed
+    assert resumed["runs"][0]["resumed_from"] == str(stopped / "step_2")
+    assert_same_run(full["runs"][0], resumed["runs"][0])
+    assert not (stopped / ".step_4.partial").exists() and (stopped / "step_4" / "manifest.json").is_file()
+
+
+def test_killed_runs_resume_to_the_same_result(assets, tmp_path):
+    """SIGKILL a real `accelerate launch examples/finetune.py` run while it writes a checkpoint, and again at a random
+    moment of training; resumed each time with 'latest', it ends exactly where the uninterrupted run ends."""
+    rng = random.Random(14)
+    run = tmp_path / "crashed" / "lowrank-r8-seed0"
+
+    def command(out: str) -> list[str]:
+        args = tiny_args(assets, tmp_path / out, "--modes", "lowrank:8", "--checkpointing_steps", "1",
+                         "--resume_from_checkpoint", "latest")
+        args[args.index("--max_train_steps") + 1] = "6"
+        return launch_command(args, 29521, processes=1)
+
+    def start(out: str) -> subprocess.Popen:
+        return subprocess.Popen(command(out), env=LAUNCH_ENV, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # its own process group: the launcher and its worker
+
+    def wait_until(condition, proc) -> None:
+        deadline = time.monotonic() + 300
+        while not condition():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the moment to kill it"
+            time.sleep(0.0005)
+
+    def kill(proc) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def partial() -> Path | None:
+        return next(run.glob(".step_*.partial"), None)
+
+    reference = subprocess.run(command("reference"), env=LAUNCH_ENV, capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-4000:]
+    # 1. frozen (SIGSTOP) as soon as a checkpoint's .partial folder shows, and killed if it is still being written
+    proc = start("crashed")
+    while True:
+        wait_until(lambda: partial() is not None, proc)
+        os.killpg(proc.pid, signal.SIGSTOP)
+        time.sleep(0.05)  # the stop has landed
+        if partial() is not None:
+            break
+        os.killpg(proc.pid, signal.SIGCONT)  # the folder was complete and renamed meanwhile: wait for the next one
+    kill(proc)
+    interrupted = partial()
+    assert interrupted is not None and not (interrupted / "manifest.json").exists()
+    # 2. killed at a random moment: a random time after a random later checkpoint
+    proc = start("crashed")
+    later = rng.randint(finetune.checkpoint_step(interrupted.with_name(interrupted.name[1:-len(".partial")])), 6)
+    wait_until(lambda: (run / f"step_{later}").is_dir(), proc)
+    time.sleep(rng.uniform(0.0, 0.5))
+    kill(proc)
+    # 3. resumed to the end
+    final = subprocess.run(command("crashed"), env=LAUNCH_ENV, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr[-4000:]
+    assert "(the newest complete checkpoint)" in final.stdout and not partial()
+    a, b = (json.loads((tmp_path / out / "results.json").read_text())["runs"][0] for out in ("reference", "crashed"))
+    assert b["history"] == a["history"]  # every step's loss and learning rate, exactly
+    assert (b["final_train_loss"], b["perplexity_after"], b["train_steps"]) == (a["final_train_loss"], a["perplexity_after"], 6)
+
+
+@pytest.mark.parametrize(
+    "prepare,extra,match",
+    [
+        (lambda run, ckpt: (run / "step_2").mkdir(), ["--resume_from_checkpoint", "{run}/step_2"],
+         r"'.*/step_2' is not a complete checkpoint \(no manifest.json, which is written last\).*Pass 'latest'"),
+        (lambda run, ckpt: shutil.copytree(ckpt, run / "step_bak"), ["--resume_from_checkpoint", "{run}/step_bak"],
+         r"checkpoint folders are named step_N .*; got 'step_bak'\. Pass a step_N folder, or 'latest'"),
+        (lambda run, ckpt: shutil.copytree(ckpt, run / "step_2"), ["--resume_from_checkpoint", "latest", "--max_train_steps", "1"],
+         r"step_2 was saved at step 2, past --max_train_steps 1\. Resume with --max_train_steps 2 or more"),
+    ],
+    ids=["empty-step-folder", "stray-folder-name", "past-max-train-steps"],
+)
+def test_bad_checkpoints_fail_before_training(assets, checkpointed, tmp_path, prepare, extra, match):
+    run = tmp_path / "out" / "lowrank-r8-seed0"
+    run.mkdir(parents=True)
+    prepare(run, checkpointed[1] / "step_2")
+    extra = [e.format(run=run) for e in extra]
+    with pytest.raises(ValueError, match=match):
+        finetune.main(tiny_args(assets, tmp_path / "out", "--modes", "lowrank:8", *extra))
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_a_corrupted_rng_state_fails_instead_of_diverging(assets, checkpointed, tmp_path):
+    run = tmp_path / "out" / "lowrank-r8-seed0"
+    shutil.copytree(checkpointed[1] / "step_2", run / "step_2")
+    state = run / "step_2" / "random_states_0.pkl"
+    saved = torch.load(state, weights_only=False)["torch_manual_seed"]  # (5056,) uint8
+    data = bytearray(state.read_bytes())
+    data[data.find(bytes(saved.numpy())) + 100] ^= 0xFF  # one flipped byte inside the stored torch RNG state
+    state.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(state, weights_only=False)["torch_manual_seed"], saved)  # loads: other dropout masks
+    with pytest.raises(ValueError, match=r"random_states_0.pkl is corrupted \(its sha256 differs from the manifest\); "
+                                         r"resuming from step_2 would not continue the interrupted run"):
+        finetune.main(tiny_args(assets, tmp_path / "out", "--modes", "lowrank:8", "--resume_from_checkpoint", "latest"))
 
 
 def test_lora_trains_only_adapters_and_saves_them(assets, tmp_path):
@@ -232,6 +417,30 @@ def test_bad_input_fails_before_training(assets, tmp_path, extra, error, match):
     with pytest.raises(error, match=match):
         finetune.main(tiny_args(assets, out, *extra))
     assert not out.exists()  # nothing started
+
+
+@pytest.mark.parametrize(
+    "flag,content,match",
+    [
+        ("--train_file", b"", r"--train_file '.*/data\.txt' is empty\. Pass a file with text in it"),
+        ("--validation_file", b"", r"--validation_file '.*/data\.txt' is empty"),
+        ("--train_file", "To be, or not\n".encode() + b"\xff to be\n",
+         r"--train_file '.*/data\.txt' is not UTF-8 text: byte 14 \(0xff\) invalid start byte\. Convert it to UTF-8"),
+        ("--train_file", b"To be, or not to be, that is the question.\n" * 6,
+         r"the train data makes \d blocks of --block_size 64 tokens, fewer than one batch of 4 "
+         r"\(--per_device_train_batch_size 4 x 1 process\(es\)\)\. Give more training text"),
+        ("--validation_file", b"a", r"the validation data has 1 token\(s\); perplexity needs at least 2"),
+    ],
+    ids=["empty-train", "empty-validation", "not-utf8", "fewer-blocks-than-a-batch", "one-validation-token"],
+)
+def test_bad_data_fails_before_training(assets, tmp_path, flag, content, match):
+    data = tmp_path / "data.txt"
+    data.write_bytes(content)
+    args = tiny_args(assets, tmp_path / "bad")
+    args[args.index(flag) + 1] = str(data)
+    with pytest.raises(ValueError, match=match):
+        finetune.main(args)
+    assert not (tmp_path / "bad").exists()  # nothing started
 
 
 def test_dataset_without_text_column(assets, tmp_path):

@@ -41,7 +41,11 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
         if isinstance(module, MergedAttention):
             d = module.embed_dim
             output = getattr(module, module.output_name) if module.output_name else None
-            own = sum(p.numel() for p in module.parameters()) - sum(p.numel() for p in (output.parameters() if output else ()))
+            own = sum(p.numel() for p in module.parameters())
+            if module.values is None and module.value_rank is None:  # the stock output projection, kept as it was
+                own -= sum(p.numel() for p in (output.parameters() if output else ()))
+            else:  # the output map holds M_h / Q_h in place of stock's d x d output projection
+                stock += d * d + d
             stock += 3 * d * d + 3 * d - own
     return {"total": total, "stock": stock}
 

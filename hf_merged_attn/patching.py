@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from importlib import import_module
 
 import torch
 from torch import nn
@@ -47,6 +48,24 @@ _HOOK_DICTS = (
 # rank(S̃_h) <= hd is needed for an exact export; fp32 weights carry ~1e-7 relative round-off, so a tail
 # below 1e-5 of ‖S̃_h‖ is round-off, not lost structure.
 EXACT_EXPORT_TOL = 1e-5
+
+
+def _set_class(model: nn.Module, cls: type) -> None:
+    """Change a model's class in place, keeping transformers' output capture (output_attentions, output_hidden_states)
+    working: it looks the recordable outputs up by the class's name, registered in `PreTrainedModel.__init__`."""
+    model.__class__ = cls
+    registry = getattr(import_module("transformers.utils.output_capturing"), "_CAN_RECORD_REGISTRY", None)
+    if registry is not None and getattr(cls, "_can_record_outputs", None) is not None:
+        registry[model] = cls._can_record_outputs
+
+
+def _forget_merged_names(config) -> None:
+    """Drop what a loaded config pins on the instance and would contradict its (new) class: the model_type read from
+    config.json, and an auto_map pointing to the merged remote-code files (an exported stock checkpoint has none)."""
+    config.__dict__.pop("model_type", None)
+    auto_map = config.__dict__.get("auto_map") or {}
+    if auto_map and all(str(target).startswith("modeling_merged_") for target in auto_map.values()):
+        del config.__dict__["auto_map"]
 
 
 def _swap(parent: nn.Module, name: str, old: nn.Module, new: nn.Module) -> None:
@@ -119,7 +138,7 @@ def seeded_attention(
     `collect_attention_moments` — factors are the activation-aware ("whitened") ones, least error on those
     inputs, instead of the best approximation of the weights.
     """
-    if moment is not None and mode == "covariance":
+    if moment is not None and mode == "covariance" and value_rank is None:
         raise ValueError("moment (activation-aware seeding) applies to mode='lowrank' or 'latent'; covariance is exact.")
     new = spec.merged_attention_class.like(attn, config, mode, rank, values, value_rank)
     init_std = getattr(config, "initializer_range", getattr(config, "init_std", 0.02))  # OPT calls it init_std
@@ -266,13 +285,14 @@ def patch_model(
 
     if type(config) is spec.config_class.__base__:  # the stock config class: same fields plus merged_attn
         config.__class__ = spec.config_class  # model_type "merged_<family>"
+    _forget_merged_names(config)
     config.merged_attn = {**patch.to_dict(), "base_model": config._name_or_path or None}
     if calibration_tokens is not None:
         config.merged_attn["calibration_tokens"] = calibration_tokens
     inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # under peft
     merged = spec.model_classes.get(type(inner))
     if merged is not None:
-        inner.__class__ = merged[0]  # a subclass of the stock class: isinstance checks still hold
+        _set_class(inner, merged[0])  # a subclass of the stock class: isinstance checks still hold
     else:
         logger.warning(
             "%s is not a stock %s class: it is patched, but save_pretrained will not write a checkpoint "
@@ -357,7 +377,8 @@ def _stock_values(attn: MergedAttention) -> tuple[torch.Tensor, torch.Tensor, to
     output = getattr(attn, attn.output_name).weight.detach()  # (d, H*k)
     per_head = output.view(output.shape[0], heads, -1).permute(1, 2, 0)  # (H, k, d): rows of head h's map
     if attn.values == "merged":  # M_h (d x d) whole: factor it
-        left, right = per_head.double(), torch.eye(per_head.shape[-1], dtype=torch.float64).expand_as(per_head)
+        eye = torch.eye(per_head.shape[-1], dtype=torch.float64, device=per_head.device)
+        left, right = per_head.double(), eye.expand_as(per_head)
     else:  # M_h = P_h Q_hᵀ, rank r_v <= hd
         left, right = linear_to_heads(attn.v_proj.weight.detach(), heads).double(), per_head.mT.double()
     wv, wo = best_rank_factors(left, right, min(hd, left.shape[-1]))  # (H, d, <=hd) each: M ≈ wv woᵀ
@@ -411,7 +432,8 @@ def unpatch_model(model: nn.Module, *, strict: bool = False, return_errors: bool
     del config.merged_attn
     if type(config) is spec.config_class:
         config.__class__ = spec.config_class.__base__  # the stock config class
+    _forget_merged_names(config)
     for stock_cls, (merged_cls, _) in spec.model_classes.items():
         if type(model) is merged_cls:
-            model.__class__ = stock_cls
+            _set_class(model, stock_cls)
     return (model, errors) if return_errors else model

@@ -393,3 +393,34 @@ def test_cache_bytes_per_token_measured_after_generate(family):
     full = kv_cache_bytes_per_token(stock)
     assert full == LAYERS * 2 * HIDDEN * 4  # K + V, fp32
     assert measured == {"merged_values": full / 2, "latent_d": full / 2, "latent_8": LAYERS * 8 * 4, "covariance": full}
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
+def test_outputs_are_still_recorded_after_patch_and_unpatch(family):
+    """transformers records attentions / hidden states by the model's class name: the swapped class must be known."""
+    model = patch_model(family.make(), "covariance")
+    ids = torch.randint(2, VOCAB, (1, 6))
+    for stage in ("patched", "unpatched"):
+        out = model(input_ids=ids, output_attentions=True, output_hidden_states=True)
+        assert len(out.attentions) == LAYERS and len(out.hidden_states) == LAYERS + 1, stage
+        model = unpatch_model(model) if stage == "patched" else model
+
+
+def test_a_loaded_checkpoint_unpatches_to_a_clean_stock_config_and_patches_again(tmp_path):
+    family = DECODERS[0]
+    patched(family, "covariance", None)[1].save_pretrained(tmp_path)
+    stock = unpatch_model(AutoModelForCausalLM.from_pretrained(tmp_path))
+    assert stock.config.model_type == "gpt2" and getattr(stock.config, "auto_map", None) is None  # no remote code left
+    patch_model(stock, "lowrank", rank=4)
+    assert stock.config.model_type == "merged_gpt2"
+
+
+@pytest.mark.parametrize("kwargs", [{"values": "merged"}, {"value_rank": 2},
+                                    {"value_rank": 2, "init": "whitened", "calibration": torch.randint(2, VOCAB, (2, 16))}],
+                         ids=["merged", "value_rank", "value_rank_whitened"])
+def test_covariance_value_modes_count_stock_parameters_right(kwargs):
+    from hf_merged_attn.merged_models import parameter_counts
+
+    stock = DECODERS[0].make()
+    model = patch_model(copy.deepcopy(stock), "covariance", **kwargs)
+    assert parameter_counts(model)["stock"] == sum(p.numel() for p in stock.parameters())

@@ -1,0 +1,684 @@
+#!/usr/bin/env python
+"""Does merging help? Every mode at its own tuned learning rate, chosen on validation, scored on a held-out test split.
+
+    accelerate launch examples/study.py --docs_dir docs          # the full study on the shipped stand-in (2-core CPU)
+    accelerate launch examples/study.py --quick                  # the whole pipeline at tiny budgets, for CI
+    accelerate launch examples/study.py --model_name_or_path gpt2 --dataset_name wikitext \\
+        --dataset_config_name wikitext-2-raw-v1 --output_dir runs/study_gpt2 --docs_dir docs/study_gpt2   # needs the Hub
+
+Every run goes through examples/finetune.py's `run_one` (its data pipeline, data order, AdamW, warm-up + cosine
+schedule, evaluator and KV-cache measurement), in three phases:
+
+1. sweep: every mode at every peak learning rate of a log grid (--lr_grid), seed --seed, --sweep_steps steps. Each
+   mode's learning rate is its best VALIDATION perplexity; a best at an edge of the grid extends the grid by one
+   more step beyond it (at most --extend_edges times per mode).
+2. final: every mode at its own learning rate, --seeds seeds, --final_steps steps; perplexity on the TEST split
+   (read only after every choice is fixed and never used for one), mean ± std, and the paired per-seed differences
+   to stock with a 95% t-interval.
+3. same learning rate: every mode at stock's learning rate (the "same hyper-parameters" view): from the sweep
+   (validation, one seed), and on the test split with the final seeds and budget (--same_lr_runs test, the default;
+   runs shared with phase 2 where the rates agree).
+
+Modes (--modes) are those of finetune.py, with sizes that may be written hd/N or d/N (head size, hidden size), plus
+lora:R (peft LoRA of rank R, alpha 2R, on stock's q/k/v projection). --init whitened (the default) seeds lowrank and
+latent modes activation-aware; it changes nothing for stock, covariance, covariance+values and LoRA.
+
+Resumable: a finished run leaves a record.json that a rerun reuses; an unfinished one resumes from its newest
+checkpoint. Writes study.json, study.md, study_pareto_cache.png, study_pareto_params.png and study_lr.png to
+--docs_dir (default --output_dir). Other arguments go to finetune.py (model, data, batch, block size, evaluation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from itertools import chain
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from datasets import load_dataset
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import finetune  # noqa: E402
+from rank_sweep import machine  # noqa: E402
+
+DEFAULT_MODES = "stock,covariance,covariance+values,lowrank:hd/4,lowrank:hd/2,latent:d,latent:d/2,latent:d/4,lora:hd/4"
+DEFAULT_GRID = "2e-4,4.31e-4,9.28e-4,2e-3"  # 4 log-spaced values spanning 10x
+# finetune.py defaults the study changes (explicit flags still win): validation scored on 16,384 tokens in disjoint
+# windows (as cache_sweep.py and rank_sweep.py) and loss-curve points at the start, middle and end only, to fit the time
+STUDY_FINETUNE = ["--eval_max_tokens", "16384", "--eval_stride", "256", "--eval_steps", "60"]
+QUICK = dict(sweep_steps=1, final_steps=3, seeds=2, extend_edges=1, checkpointing_steps=2, test_max_tokens=1024,
+             num_threads=1, output_dir="runs/study_quick")
+QUICK_FINETUNE = ["--block_size", "64", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16",
+                  "--eval_max_tokens", "1024", "--eval_stride", "64", "--curve_eval_tokens", "128",
+                  "--calibration_samples", "4"]
+SET_BY_STUDY = {  # finetune.py flags the study sets per run -> what to use instead
+    "--learning_rate": "--lr_grid", "--max_train_steps": "--sweep_steps / --final_steps",
+    "--num_warmup_steps": "--warmup_fraction", "--lora": "lora:R in --modes", "--lora_r": "lora:R in --modes",
+    "--lora_alpha": "lora:R in --modes (alpha = 2R)", "--resume_from_checkpoint": "a rerun (it always resumes)",
+    "--push_to_hub": "finetune.py", "--hub_model_id": "finetune.py",
+}
+T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139, 2.200985,
+        2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963, 2.079614, 2.073873,
+        2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272)  # t quantile 0.975, df 1..30
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.Namespace]:
+    """(study arguments, finetune.py arguments); --quick changes the defaults, explicit flags still win."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--modes", default=DEFAULT_MODES, help="comma-separated finetune.py modes (sizes as hd/N, d/N) and lora:R")
+    p.add_argument("--lr_grid", default=DEFAULT_GRID, help="peak learning rates, >= 4 values spanning >= 10x")
+    p.add_argument("--extend_edges", type=int, default=1, help="grid steps added beyond an edge that wins (per mode)")
+    p.add_argument("--sweep_steps", type=int, default=60, help="optimizer steps of each sweep run (finetune.py: 60)")
+    p.add_argument("--final_steps", type=int, default=120, help="optimizer steps of each final run (finetune.py: 60)")
+    p.add_argument("--warmup_fraction", type=float, default=1 / 6, help="warm-up steps / steps (finetune.py: 10/60)")
+    p.add_argument("--seeds", type=int, default=3, help="final runs use seeds --seed .. --seed + N - 1")
+    p.add_argument("--seed", type=int, default=0, help="the sweep's seed (data order, dropout)")
+    p.add_argument("--same_lr_runs", choices=("sweep", "test"), default="test",
+                   help="the stock-learning-rate view from the sweep only, or also final runs on the test split")
+    p.add_argument("--init", choices=("svd", "whitened"), default="whitened", help="lowrank / latent seeding")
+    p.add_argument("--test_file", default=str(finetune.DEFAULT_DATA / "test.txt"), help="test split (a local file)")
+    p.add_argument("--test_split", default="test", help="test split of --dataset_name")
+    p.add_argument("--test_max_tokens", type=int, default=0, help="test tokens scored (0 = all)")
+    p.add_argument("--checkpointing_steps", type=int, default=50, help="checkpoint each run every N steps")
+    p.add_argument("--output_dir", default="runs/study", help="runs, checkpoints and records")
+    p.add_argument("--docs_dir", default=None, help="where study.md/.json/.png go (default: --output_dir)")
+    p.add_argument("--keep_models", action="store_true", help="keep each run's saved model (default: delete)")
+    p.add_argument("--num_threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default); --quick uses 1: its tiny matrices gain nothing from "
+                        "more threads, and threads waiting on each other on a busy machine cost it several times")
+    p.add_argument("--quick", action="store_true", help="tiny budgets: the whole pipeline in a few minutes")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, rest = p.parse_known_args(argv)
+    if args.quick:
+        p.set_defaults(**QUICK)
+        args, rest = p.parse_known_args(argv)
+    for item in rest:
+        flag = item.split("=")[0]
+        if flag in SET_BY_STUDY:
+            raise ValueError(f"{flag} is set by the study for each run; use {SET_BY_STUDY[flag]} instead.")
+    ft = finetune.parse_args(STUDY_FINETUNE + (QUICK_FINETUNE if args.quick else []) + rest)
+    ft.init, ft.seeds = args.init, 1
+    args.command = "accelerate launch examples/study.py " + shlex.join(argv)
+    return args, ft
+
+
+def parse_grid(text: str) -> list[float]:
+    """'1e-4,2.15e-4,4.64e-4,1e-3' -> sorted floats; at least 4 positive values spanning at least 10x."""
+    try:
+        grid = sorted({float(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise ValueError(f"--lr_grid {text!r} must be comma-separated numbers, e.g. {DEFAULT_GRID}.") from None
+    if len(grid) < 4 or grid[0] <= 0 or grid[-1] / grid[0] < 10 * (1 - 1e-9):
+        raise ValueError(f"--lr_grid {text!r} gives {grid}: a fair sweep needs at least 4 positive learning rates "
+                         f"spanning at least 10x (largest / smallest), e.g. {DEFAULT_GRID}.")
+    return grid
+
+
+def resolve_modes(text: str, hidden: int, heads: int) -> list[tuple[str, str, int | float | None, int | None]]:
+    """'stock,lowrank:hd/4,lora:16' -> [(label, finetune mode, rank, lora rank)]; hd/N and d/N are sizes of the model."""
+    sizes = {"hd": hidden // heads, "d": hidden}
+    modes = []
+    for item in [m.strip() for m in text.split(",") if m.strip()]:
+        name, colon, size = item.partition(":")
+        match = re.fullmatch(r"(hd|d)(?:/([1-9]\d*))?", size)
+        if match:
+            size = str(sizes[match[1]] // int(match[2] or 1))
+        if name == "lora":
+            if not size.isdigit() or int(size) < 1:
+                raise ValueError(f"--modes entry {item!r}: LoRA needs a positive integer rank, e.g. lora:16 or lora:hd/4.")
+            modes.append((f"lora-r{size}", "stock", None, int(size)))
+        else:
+            (label, mode, rank), = finetune.parse_modes(name + colon + size, sizes["hd"] // 2, hidden // 2)
+            modes.append((label, mode, rank, None))
+    labels = [m[0] for m in modes]
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"--modes {text!r} names a mode twice ({labels}); give each once.")
+    if "stock" not in labels:
+        raise ValueError(f"--modes {text!r} has no stock: the differences and the same-learning-rate view are "
+                         "relative to it. Add stock to --modes.")
+    return modes
+
+
+def validate(args, ft) -> tuple[list, list[float]]:
+    """Check everything that can be checked before any work; returns (modes, learning-rate grid)."""
+    grid = parse_grid(args.lr_grid)
+    for flag in ("sweep_steps", "final_steps", "checkpointing_steps"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} {getattr(args, flag)} must be >= 1.")
+    if args.seeds < 2:
+        raise ValueError(f"--seeds {args.seeds}: paired differences with a confidence interval need at least 2 seeds "
+                         "(3 or more advised).")
+    if args.num_threads < 0:
+        raise ValueError(f"--num_threads {args.num_threads} must be >= 0 (0: torch's default).")
+    if args.extend_edges < 0 or not 0 <= args.warmup_fraction < 1:
+        raise ValueError(f"--extend_edges {args.extend_edges} must be >= 0 and --warmup_fraction "
+                         f"{args.warmup_fraction} in [0, 1).")
+    if not ft.dataset_name and not Path(args.test_file).is_file():
+        raise FileNotFoundError(f"--test_file {args.test_file!r} does not exist. Pass the held-out test split as a "
+                                ".txt file.")
+    config = AutoConfig.from_pretrained(ft.model_name_or_path)
+    modes = resolve_modes(args.modes, config.hidden_size, config.num_attention_heads)
+    ft.modes = ",".join(sorted({m[1] if m[2] is None else f"{m[1]}:{m[2]}" for m in modes}))
+    finetune.validate(ft)  # data files, model family, block size, ranks against the model
+    saved = Path(args.output_dir) / "settings.json"
+    if saved.is_file():  # finished runs are reused only if they were made with the same settings
+        before, now = json.loads(saved.read_text()), run_settings(args, ft)
+        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+        if changed:
+            diff = ", ".join(f"{k}: {before.get(k)!r} then, {now.get(k)!r} now" for k in changed)
+            raise ValueError(
+                f"--output_dir {args.output_dir!r} holds runs made with other settings ({diff}); its runs cannot be "
+                "reused. Pass the same settings to resume it, or another --output_dir.")
+    return modes, grid
+
+
+def run_settings(args, ft) -> dict:
+    """What makes a run: everything but the list of modes, learning rates and seeds, and where things are written."""
+    skip = {"modes", "seeds", "output_dir", "resume_from_checkpoint", "checkpointing_steps", "push_to_hub",
+            "hub_model_id", "hub_token", "lora", "lora_r", "lora_alpha", "learning_rate", "max_train_steps",
+            "num_warmup_steps", "seed"}
+    study = ("sweep_steps", "final_steps", "warmup_fraction", "init", "seed", "test_file", "test_split", "test_max_tokens")
+    return {**{k: v for k, v in vars(ft).items() if k not in skip}, **{k: getattr(args, k) for k in study}}
+
+
+# ---------------------------------------------------------------- statistics and choices
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with df degrees of freedom (table to 30, Cornish-Fisher expansion beyond)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom {df} must be >= 1.")
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2) \
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3)
+
+
+def paired_differences(values: dict[int, float], reference: dict[int, float]) -> dict:
+    """values[seed] - reference[seed] over the shared seeds: mean, std, and the 95% t-interval of the mean."""
+    if set(values) != set(reference) or len(values) < 2:
+        raise ValueError(f"paired differences need the same >= 2 seeds on both sides; got {sorted(values)} and "
+                         f"{sorted(reference)}.")
+    seeds = sorted(values)
+    diffs = [values[s] - reference[s] for s in seeds]
+    mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
+    half = t_quantile_975(len(diffs) - 1) * std / math.sqrt(len(diffs))
+    return {"mean": mean, "std": std, "n": len(diffs), "low": mean - half, "high": mean + half,
+            "per_seed": dict(zip(seeds, diffs))}
+
+
+def choose_lr(sweep_records: list[dict]) -> float:
+    """The learning rate of the lowest VALIDATION perplexity (a diverged run counts as infinite; ties: the smaller)."""
+    for r in sweep_records:
+        if r["phase"] != "sweep" or "test_perplexity" in r:
+            raise ValueError(f"choose_lr takes sweep records (validation only); got a {r['phase']} record.")
+    finite = lambda ppl: ppl if math.isfinite(ppl) else math.inf  # noqa: E731
+    return min(sweep_records, key=lambda r: (finite(r["val_perplexity"]), r["lr"]))["lr"]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+# ---------------------------------------------------------------- runs
+
+
+def load_test_stream(args, ft, tokenizer) -> torch.Tensor:
+    """The test split as one token stream, tokenized as finetune.load_lm_data tokenizes validation."""
+    if ft.dataset_name:
+        raw = load_dataset(ft.dataset_name, ft.dataset_config_name, split=args.test_split)
+    else:
+        builder = finetune.DATA_EXTENSIONS[Path(args.test_file).suffix]
+        extra = {"keep_linebreaks": True} if builder == "text" else {}
+        raw = load_dataset(builder, data_files={"test": args.test_file}, split="test", **extra)
+    ids = tokenizer(list(raw[ft.text_column]), add_special_tokens=False)["input_ids"]
+    stream = torch.tensor(list(chain(*ids)), dtype=torch.long)
+    return stream[: args.test_max_tokens] if args.test_max_tokens else stream
+
+
+class Study:
+    """The runs of one study: each is finetune.run_one, or its record.json when a previous invocation finished it."""
+
+    def __init__(self, args, ft, modes, accelerator):
+        self.args, self.ft, self.modes, self.accelerator = args, ft, modes, accelerator
+        self.out = Path(args.output_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(ft.model_name_or_path)
+        self.train_data, self.val_stream = finetune.load_lm_data(ft, self.tokenizer, accelerator)
+        self.test_stream = None  # read only in run() of a final run, after every learning rate is chosen
+        self.computed: list[str] = []
+
+    def run(self, phase: str, mode: tuple, lr: float, seed: int) -> dict:
+        label, ft_mode, rank, lora_r = mode
+        steps = self.args.sweep_steps if phase == "sweep" else self.args.final_steps
+        parent = self.out / phase / f"lr{lr:g}"
+        run_dir = parent / f"{label}-seed{seed}"
+        path = run_dir / "record.json"
+        if not path.is_file():
+            start = time.time()
+            ft = copy.copy(self.ft)
+            ft.__dict__.update(
+                learning_rate=lr, max_train_steps=steps, num_warmup_steps=round(self.args.warmup_fraction * steps),
+                seed=seed, output_dir=str(parent), lora=lora_r is not None, lora_r=lora_r or ft.lora_r,
+                lora_alpha=2 * (lora_r or ft.lora_r), checkpointing_steps=self.args.checkpointing_steps,
+                resume_from_checkpoint="latest",
+            )
+            full = finetune.run_one(ft, self.accelerator, label, ft_mode, rank, seed, self.train_data, self.val_stream)
+            if self.accelerator.is_main_process:
+                record = {k: full[k] for k in ("label", "mode", "rank", "seed", "total_params", "trainable_params",
+                                               "kv_cache_bytes_per_token", "perplexity_at_patch", "train_steps",
+                                               "train_tokens", "tokens_per_s", "train_time_s", "final_train_loss",
+                                               "eval_tokens")}
+                record.update(phase=phase, lr=lr, lora_r=lora_r, init=ft.init, val_perplexity=full["perplexity_after"])
+                if phase == "final":
+                    test = self.test_perplexity(ft, run_dir)
+                    record.update(test_perplexity=test["perplexity"], test_tokens=test["tokens"])
+                record["wall_s"] = time.time() - start
+                (run_dir / "history.json").write_text(json.dumps(full["history"]))
+                write_json(path, record)
+                for folder in [*run_dir.glob("step_*"), *run_dir.glob(".step_*.partial")]:  # the record replaces them
+                    shutil.rmtree(folder)
+                if not self.args.keep_models:
+                    for folder in ("model", "adapter"):
+                        shutil.rmtree(run_dir / folder, ignore_errors=True)
+            self.computed.append(str(run_dir.relative_to(self.out)))
+            self.accelerator.wait_for_everyone()
+        return json.loads(path.read_text())
+
+    def before_fine_tuning(self) -> dict:
+        """Perplexity of the pretrained model (every mode's starting point, exactly or nearly) on validation and test."""
+        model = AutoModelForCausalLM.from_pretrained(self.ft.model_name_or_path)
+        return {"validation": finetune.eval_loss(model, self.val_stream, self.ft)["perplexity"],
+                "test": self.test_perplexity(self.ft, None, model)["perplexity"]}
+
+    def test_perplexity(self, ft, run_dir: Path | None, model=None) -> dict:
+        """Score the test split with `model`, or the run's saved model (or stock + its LoRA adapter) reloaded."""
+        if self.test_stream is None:
+            self.test_stream = load_test_stream(self.args, ft, self.tokenizer)
+        if model is not None:
+            return finetune.eval_loss(model, self.test_stream, ft)
+        if ft.lora:
+            from peft import PeftModel
+
+            base = AutoModelForCausalLM.from_pretrained(ft.model_name_or_path)
+            model = PeftModel.from_pretrained(base, run_dir / "adapter")
+        else:
+            model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+        return finetune.eval_loss(model, self.test_stream, ft)
+
+    def sweep(self, mode: tuple, grid: list[float]) -> list[dict]:
+        """Every learning rate of the grid; while the best is at an edge, one more grid step beyond it."""
+        lrs, ratio = list(grid), (grid[-1] / grid[0]) ** (1 / (len(grid) - 1))
+        for extension in range(self.args.extend_edges + 1):
+            records = [self.run("sweep", mode, lr, self.args.seed) for lr in lrs]
+            best = choose_lr(records)
+            if best not in (lrs[0], lrs[-1]) or extension == self.args.extend_edges:
+                return records
+            lrs = [float(f"{lrs[0] / ratio:.3g}")] + lrs if best == lrs[0] else lrs + [float(f"{lrs[-1] * ratio:.3g}")]
+
+
+def write_json(path: Path, data) -> None:
+    """Write atomically: a study killed while writing leaves the old file or none, never half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- report
+
+
+def summarize(modes, sweeps: dict, best: dict, finals: dict, same: dict) -> dict:
+    """Per mode: sizes, the sweep curve, its learning rate, test perplexity over seeds and paired Δ to stock."""
+    test = {label: {r["seed"]: r["test_perplexity"] for r in runs} for label, runs in finals.items()}
+    rows = {}
+    for label, *_ in modes:
+        first = finals[label][0]
+        ppl = list(test[label].values())
+        sweep = {r["lr"]: r["val_perplexity"] for r in sweeps[label]}
+        lrs = sorted(sweep)
+        row = {k: first[k] for k in ("mode", "rank", "lora_r", "init", "total_params", "trainable_params",
+                                     "kv_cache_bytes_per_token", "perplexity_at_patch", "eval_tokens", "test_tokens")}
+        row.update(
+            sweep={f"{lr:g}": sweep[lr] for lr in lrs}, best_lr=best[label],
+            best_lr_at_edge=best[label] in (lrs[0], lrs[-1]),
+            test_perplexity=test[label], val_perplexity={r["seed"]: r["val_perplexity"] for r in finals[label]},
+            tokens_per_s=statistics.fmean(r["tokens_per_s"] for r in finals[label]) if all(
+                r["tokens_per_s"] for r in finals[label]) else None,
+            delta_vs_stock=paired_differences(test[label], test["stock"]),
+            same_lr_val_perplexity=sweep.get(best["stock"]),
+        )
+        row["test_mean"], row["test_std"] = mean_std(ppl)
+        if same:
+            same_test = {r["seed"]: r["test_perplexity"] for r in same[label]}
+            row["same_lr_test_perplexity"] = same_test
+            row["same_lr_test_mean"], row["same_lr_test_std"] = mean_std(list(same_test.values()))
+            row["same_lr_delta_vs_stock"] = paired_differences(same_test, test["stock"])
+        rows[label] = row
+    return rows
+
+
+def verdict(delta: dict) -> str:
+    return "better" if delta["high"] < 0 else "worse" if delta["low"] > 0 else "no clear difference"
+
+
+def fmt_delta(d: dict) -> str:
+    return f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+
+
+def mode_name(label: str, row: dict) -> str:
+    whitened = row["init"] == "whitened" and row["mode"] in finetune.RANKED
+    return f"{label} (whitened)" if whitened else label
+
+
+def markdown(study: dict) -> str:
+    args, rows = study["args"], study["rows"]
+    stock = rows["stock"]
+    n = len(stock["test_perplexity"])
+    ft = study["finetune_args"]
+    per_step = (ft["per_device_train_batch_size"] * ft["block_size"] * ft["gradient_accumulation_steps"]
+                * study["world_size"])  # training tokens per optimizer step
+
+    def answer(key: str) -> str:
+        groups = {v: ", ".join(label for label, r in rows.items() if label != "stock" and verdict(r[key]) == v) or "none"
+                  for v in ("better", "worse", "no clear difference")}
+        return (f"better than stock: {groups['better']}; worse: {groups['worse']}; no difference the interval can "
+                f"resolve: {groups['no clear difference']}")
+
+    same_lr = (f" At stock's learning rate ({stock['best_lr']:g}) for every mode: {answer('same_lr_delta_vs_stock')}."
+               if "same_lr_delta_vs_stock" in stock else "")
+    lines = [
+        f"# Does merging help? A tuned study on {rel(ft['model_name_or_path'])}"
+        + (" (quick smoke run: tiny budgets, not a result)" if args["quick"] else ""),
+        "",
+        "Command (from the repository root):",
+        "",
+        f"```bash\n{study['command']}\n```",
+        "",
+        f"Code: commit {study['commit']}. Machine: {study['machine']}; {study['world_size']} process(es). "
+        f"Wall time: {study['wall_time_s'] / 60:.1f} min for this invocation, {study['runs_time_s'] / 60:.1f} min summed "
+        f"over the {len(study['runs'])} runs (a resumed study reuses finished runs). Started {study['started']}.",
+        "",
+        "## Answer",
+        "",
+        f"Test-split perplexity, {n} seeds, each mode's difference to stock paired by seed with its 95% t-interval. At "
+        f"each mode's own learning rate (chosen on validation): {answer('delta_vs_stock')}.{same_lr} Stock: "
+        f"{stock['test_mean']:.2f} ± {stock['test_std']:.2f} after fine-tuning; before it, test "
+        f"{study['perplexity_before']['test']:.2f} and validation {study['perplexity_before']['validation']:.2f}.",
+        "",
+        "## Each mode at its own learning rate (test split)",
+        "",
+        "| mode | trainable params | KV cache B/token (× stock) | best lr | test ppl (mean ± std) | Δ vs stock [95% CI] | verdict | tokens/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, r in rows.items():
+        edge = " (grid edge)" if r["best_lr_at_edge"] else ""
+        tps = "n/a" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}"
+        delta = "–" if label == "stock" else fmt_delta(r["delta_vs_stock"])
+        lines.append(
+            f"| {mode_name(label, r)} | {r['trainable_params'] / 1e6:.3f}M | {r['kv_cache_bytes_per_token']:,.0f} "
+            f"({r['kv_cache_bytes_per_token'] / stock['kv_cache_bytes_per_token']:.3g}) | {r['best_lr']:g}{edge} "
+            f"| {r['test_mean']:.2f} ± {r['test_std']:.2f} | {delta} | {'–' if label == 'stock' else verdict(r['delta_vs_stock'])} | {tps} |")
+    lines += [
+        "",
+        "Per seed (test perplexity; a seed fixes the data order and dropout, the same for every mode):",
+        "",
+        "| mode | " + " | ".join(f"seed {s}" for s in stock["test_perplexity"]) + " | Δ per seed |",
+        "|---|" + "---|" * (n + 1),
+    ]
+    for label, r in rows.items():
+        per_seed = "–" if label == "stock" else ", ".join(f"{d:+.2f}" for d in r["delta_vs_stock"]["per_seed"].values())
+        lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in r["test_perplexity"].values()) + f" | {per_seed} |")
+    lines += [
+        "",
+        f"## Every mode at stock's learning rate ({stock['best_lr']:g}, the same hyper-parameters)",
+        "",
+    ]
+    if "same_lr_test_mean" in stock:
+        lines += ["| mode | val ppl (sweep, seed {}) | test ppl (mean ± std) | Δ vs stock [95% CI] |".format(args["seed"]),
+                  "|---|---|---|---|"]
+        for label, r in rows.items():
+            delta = "–" if label == "stock" else fmt_delta(r["same_lr_delta_vs_stock"])
+            lines.append(f"| {label} | {r['same_lr_val_perplexity']:.2f} | {r['same_lr_test_mean']:.2f} ± "
+                         f"{r['same_lr_test_std']:.2f} | {delta} |")
+    else:
+        lines += [f"Validation perplexity of the sweep (seed {args['seed']}, {args['sweep_steps']} step(s)); the test-split "
+                  "view with seeds was not run (`--same_lr_runs sweep`).", "",
+                  "| mode | val ppl at stock's lr | val ppl at its own lr |", "|---|---|---|"]
+        for label, r in rows.items():
+            own = r["sweep"][f"{r['best_lr']:g}"]
+            lines.append(f"| {label} | {r['same_lr_val_perplexity']:.2f} | {own:.2f} |")
+    grid = sorted({float(lr) for r in rows.values() for lr in r["sweep"]})
+    lines += [
+        "",
+        f"## Learning-rate sweep (validation perplexity, seed {args['seed']}, {args['sweep_steps']} step(s); best in bold)",
+        "",
+        "| mode | " + " | ".join(f"{lr:g}" for lr in grid) + " |",
+        "|---|" + "---|" * len(grid),
+    ]
+    for label, r in rows.items():
+        cells = []
+        for lr in grid:
+            ppl = r["sweep"].get(f"{lr:g}")
+            cells.append("" if ppl is None else f"**{ppl:.2f}**" if lr == r["best_lr"] else f"{ppl:.2f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "![test perplexity against KV-cache bytes per token](study_pareto_cache.png)",
+        "![test perplexity against trainable parameters](study_pareto_params.png)",
+        "![learning-rate curves](study_lr.png)",
+        "",
+        "## Design",
+        "",
+        f"- Model `{rel(ft['model_name_or_path'])}`; data: train `{ft['dataset_name'] or rel(ft['train_file'])}`, "
+        f"validation (every choice) `{ft['dataset_name'] or rel(ft['validation_file'])}`, test (only reported) "
+        f"`{(ft['dataset_name'] + ':' + args['test_split']) if ft['dataset_name'] else rel(args['test_file'])}`.",
+        f"- Sweep: peak learning rates {args['lr_grid']} (log grid; a best at an edge adds up to {args['extend_edges']} "
+        f"grid step(s) beyond it), seed {args['seed']}, {args['sweep_steps']} step(s) "
+        f"({args['sweep_steps'] * per_step:,} tokens). Final: {args['seeds']} seeds from {args['seed']}, "
+        f"{args['final_steps']} steps ({args['final_steps'] * per_step:,} tokens). Both: AdamW, {ft['lr_scheduler_type']} "
+        f"schedule with {args['warmup_fraction']:.3g} of the steps as warm-up, weight decay {ft['weight_decay']}, batches "
+        f"of {per_step:,} tokens; the same data order for every mode and learning rate of a seed.",
+        f"- Perplexity: finetune.py's evaluator (sliding window {ft['block_size']}, stride "
+        f"{ft['eval_stride'] or ft['block_size'] // 2}); validation: {stock['eval_tokens']:,} "
+        f"tokens; test: {stock['test_tokens']:,} tokens. KV-cache bytes per token are measured on the cache after "
+        "`generate()`.",
+        f"- Init: `{args['init']}` for lowrank and latent (marked in the table; latent at r_c = d is exact with either); "
+        "stock, covariance, covariance+values and LoRA start from the pretrained weights exactly. LoRA (peft): rank R, "
+        "alpha 2R, on stock's q/k/v projection (GPT-2: the fused `c_attn`), only the adapters trained.",
+        f"- Runs: {study['counts']['sweep']} sweep ({study['phase_time_s']['sweep'] / 60:.1f} min), "
+        f"{study['counts']['final']} final ({study['phase_time_s']['final'] / 60:.1f} min, test evaluation included); "
+        "every run is in study.json with its wall time, tokens/s and both perplexities.",
+        f"- Sized for 150 minutes on an idle 2-core CPU (the wall time above says how long it took): by default the "
+        f"sweep at finetune.py's default budget of 60 steps (here {args['sweep_steps']}), the final runs at twice it (here "
+        f"{args['final_steps']}), {len(rows)} modes × a {len(parse_grid(args['lr_grid']))}-value grid with at most "
+        f"{args['extend_edges']} extension per edge, validation scored on a slice in disjoint windows. Other jobs on "
+        "the same cores slow it several times (two torch threads wait on each other): run it alone, or pass "
+        "`--num_threads 1` on a shared machine; a stopped study resumes where it stopped when rerun with the same command.",
+        "",
+        STAND_IN_NOTE,
+        "",
+        "## The same study on GPT-2 small (where the Hub is reachable)",
+        "",
+        "```bash",
+        "accelerate launch examples/study.py --model_name_or_path gpt2 --dataset_name wikitext \\",
+        "    --dataset_config_name wikitext-2-raw-v1 --output_dir runs/study_gpt2 --docs_dir docs/study_gpt2",
+        "```",
+        "",
+        "The mode sizes follow the model (hd/4 = 16, hd/2 = 32, d = 768, d/2 = 384, d/4 = 192 on GPT-2 small); the test "
+        "split is wikitext-2's `test`. GPT-2 small has about 23 times the stand-in's parameters: run it on a GPU (add "
+        "`--mixed_precision bf16` after `accelerate launch` if wanted), where a larger budget is welcome as a second table.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+STAND_IN_NOTE = """## What the stand-in can and cannot tell about GPT-2
+
+The stand-in (`examples/shakespeare-gpt2`) is a real pretrained GPT-2 with GPT-2's head size (64) and attention code,
+fine-tuned on a shifted domain (tragedies and poems after comedies and histories), so this study can tell how the
+parametrisations compare *at matched tuning* on a pretrained model: whether a tuned learning rate closes or keeps the
+gap a shared one shows, how each mode's optimum moves, and what each costs in trainable parameters, KV-cache bytes
+and speed. It cannot tell what GPT-2 small or larger would gain: they have 12+ heads (covariance multiplies the
+query–key parameters by the number of heads over 2: 6× for GPT-2 small instead of 2× here), 12+ layers, a 50k
+vocabulary and far more pretraining; real models' query–key products are far less low-rank than the stand-in's (the
+real MiniLM weights: docs/minilm.md), so low ranks and small latents cost more there; and a fine-tune of a few
+hundred thousand tokens is tiny: whether a difference grows, shrinks or flips with more data is not measured. The
+sweep's budget is shorter than the final runs', so a mode whose optimum moves with the budget may be slightly
+mistuned; a best at the grid's edge is flagged in the table."""
+
+
+def plot(study: dict, docs: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = study["rows"]
+    for key, xlabel, name in (("kv_cache_bytes_per_token", "KV-cache bytes per token (measured after generate)", "cache"),
+                              ("trainable_params", "trainable parameters", "params")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        points = sorted((r[key], r["test_mean"], label) for label, r in rows.items())
+        for i, (x, y, label) in enumerate(points):
+            ax.errorbar(x, y, yerr=rows[label]["test_std"], fmt="o", capsize=3)
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4 - 10 * (i % 3)), fontsize=8)
+        front, best = [], math.inf  # Pareto front: no other mode has both fewer x and a lower perplexity
+        for x, y, _ in points:
+            if y < best:
+                front.append((x, y))
+                best = y
+        ax.step(*zip(*front), where="post", color="grey", alpha=0.6, label="Pareto front")
+        ax.axhline(rows["stock"]["test_mean"], ls="--", color="black", lw=0.8, label="stock")
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test perplexity (mean ± std over seeds)")
+        ax.set_title("each mode at its own learning rate")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(docs / f"study_pareto_{name}.png", dpi=120)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, r in rows.items():
+        lrs = [float(lr) for lr in r["sweep"]]
+        line, = ax.plot(lrs, list(r["sweep"].values()), marker="o", markersize=3, label=label)
+        ax.plot(r["best_lr"], r["sweep"][f"{r['best_lr']:g}"], marker="*", markersize=11, color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("validation perplexity after the sweep budget")
+    ax.set_title("learning-rate sweep (star: the chosen rate)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(docs / "study_lr.png", dpi=120)
+    plt.close(fig)
+
+
+def rel(path: str) -> str:
+    """A path under the repository as a relative path (docs do not name the machine's folders); others unchanged."""
+    try:
+        return str(Path(path).resolve().relative_to(HERE.parent))
+    except ValueError:
+        return path
+
+
+def commit() -> str:
+    """The commit, and whether examples/ or hf_merged_attn/ differ from it (read-only git commands)."""
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=HERE.parent, capture_output=True, text=True)
+
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode:
+        return "unknown (not a git checkout)"
+    changed = git("diff", "--quiet", "HEAD", "--", "examples", "hf_merged_attn").returncode
+    untracked = git("ls-files", "--others", "--exclude-standard", "--", "examples", "hf_merged_attn").stdout.strip()
+    return head.stdout.strip() + (" with uncommitted changes to examples/ or hf_merged_attn/" if changed or untracked else "")
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args, ft = parse_args(argv)
+    modes, grid = validate(args, ft)  # before any long work
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(args.num_threads or threads)
+        return run_study(args, ft, modes, grid)
+    finally:
+        torch.set_num_threads(threads)  # as it was, for a caller in the same process
+
+
+def run_study(args, ft, modes, grid) -> dict | None:
+    accelerator = Accelerator(gradient_accumulation_steps=ft.gradient_accumulation_steps,
+                              cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available())
+    started, start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.time()
+    study = Study(args, ft, modes, accelerator)
+    if accelerator.is_main_process:
+        study.out.mkdir(parents=True, exist_ok=True)
+        write_json(study.out / "settings.json", run_settings(args, ft))
+    stock_mode = next(mode for mode in modes if mode[0] == "stock")
+    sweeps = {"stock": study.sweep(stock_mode, grid)}
+    stock_lr = choose_lr(sweeps["stock"])
+    for mode in modes:  # every mode also at stock's rate (the same-hyper-parameters view), also where the grid grew
+        if mode[0] != "stock":
+            records = study.sweep(mode, grid)
+            if stock_lr not in [r["lr"] for r in records]:
+                records.append(study.run("sweep", mode, stock_lr, args.seed))
+            sweeps[mode[0]] = records
+    sweeps = {mode[0]: sweeps[mode[0]] for mode in modes}  # in --modes order
+    best = {label: choose_lr(records) for label, records in sweeps.items()}  # validation only: no test run exists yet
+    if accelerator.is_main_process:
+        write_json(study.out / "choices.json", {label: f"{lr:g}" for label, lr in best.items()})
+        accelerator.print("learning rates chosen on validation: " + ", ".join(f"{k} {v:g}" for k, v in best.items()))
+    seeds = range(args.seed, args.seed + args.seeds)
+    finals = {mode[0]: [] for mode in modes}
+    for seed in seeds:
+        for mode in modes:
+            finals[mode[0]].append(study.run("final", mode, best[mode[0]], seed))
+    same = {}
+    if args.same_lr_runs == "test":
+        same = {mode[0]: [study.run("final", mode, best["stock"], seed) for seed in seeds] for mode in modes}
+    if not accelerator.is_main_process:
+        return None
+    before = study.before_fine_tuning()  # after every choice, like every other test-split figure
+    rows = summarize(modes, sweeps, best, finals, same)
+    runs = [r for records in (*sweeps.values(), *finals.values(), *same.values()) for r in records]
+    runs = list({(r["phase"], r["label"], r["lr"], r["seed"]): r for r in runs}.values())  # same-lr runs may repeat
+    result = {
+        "command": args.command, "commit": commit(), "machine": machine(), "started": started,
+        "wall_time_s": time.time() - start, "runs_time_s": sum(r["wall_s"] for r in runs),
+        "world_size": accelerator.num_processes, "args": vars(args), "finetune_args": vars(ft),
+        "counts": {phase: sum(r["phase"] == phase for r in runs) for phase in ("sweep", "final")},
+        "phase_time_s": {phase: sum(r["wall_s"] for r in runs if r["phase"] == phase) for phase in ("sweep", "final")},
+        "perplexity_before": before, "best_lr": best, "rows": rows, "runs": runs, "computed": study.computed,
+    }
+    docs = Path(args.docs_dir or args.output_dir)
+    docs.mkdir(parents=True, exist_ok=True)
+    write_json(docs / "study.json", result)
+    (docs / "study.md").write_text(markdown(result))
+    plot(result, docs)
+    accelerator.print(f"{len(study.computed)} run(s) computed, {len(runs) - len(study.computed)} reused; wrote "
+                      f"{docs}/study.md, study.json, study_pareto_cache.png, study_pareto_params.png, study_lr.png "
+                      f"in {result['wall_time_s']:.0f} s")
+    accelerator.end_training()
+    return result
+
+
+if __name__ == "__main__":
+    main()

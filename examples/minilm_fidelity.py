@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from rank_sweep import machine  # examples/ is the script's own folder on sys.path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -315,18 +316,6 @@ def plot_spectra(minilm: list[torch.Tensor], stand_in: list[torch.Tensor], path:
 
 
 # --------------------------------------------------------------------------------------------------- report
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    threads = torch.get_num_threads()
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU only ({threads} torch threads)"
-    return f"{cpu}, {os.cpu_count()} logical cores; {device}"
 
 
 def versions() -> dict:

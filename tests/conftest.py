@@ -58,3 +58,14 @@ def make_gpt2(cls=GPT2LMHeadModel, attn_implementation: str = "eager", **overrid
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
+
+
+# The first lines of a script run in a subprocess that must not import hf_merged_attn (remote-code loading tests).
+BLOCK_PACKAGE = """
+import importlib.abc, json, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "hf_merged_attn":
+            raise ImportError("hf_merged_attn is blocked in this test")
+sys.meta_path.insert(0, Block())
+"""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HEAD_DIM, VOCAB, make_gpt2, max_diff
+from conftest import BLOCK_PACKAGE, HEAD_DIM, VOCAB, make_gpt2, max_diff
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModel,
@@ -94,14 +94,8 @@ def test_bf16_round_trip(tmp_path, ids):
     assert all(torch.equal(t, expected[n]) for n, t in loaded.state_dict().items())
 
 
-REMOTE_LOAD = textwrap.dedent(
+REMOTE_LOAD = BLOCK_PACKAGE + textwrap.dedent(
     """
-    import importlib.abc, json, sys
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "hf_merged_attn":
-                raise ImportError("hf_merged_attn is blocked in this test")
-    sys.meta_path.insert(0, Block())
     import torch
     import transformers
     folder, trust, auto = sys.argv[1], sys.argv[2] == "1", getattr(transformers, sys.argv[4])

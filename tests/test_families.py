@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import BLOCK_PACKAGE
 from families import DECODERS, FAMILIES, FAMILY_IDS, HEAD_DIM, HEADS, HIDDEN, LAYERS, VOCAB, inputs
 from transformers import (
     AutoModel,
@@ -149,14 +150,8 @@ def test_generate_is_token_identical(family, mode, rank, beams):
         assert torch.equal(model.generate(ids, **settings), stock.generate(ids, **settings))
 
 
-REMOTE_LOAD = textwrap.dedent(
+REMOTE_LOAD = BLOCK_PACKAGE + textwrap.dedent(
     """
-    import importlib.abc, json, sys
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "hf_merged_attn":
-                raise ImportError("hf_merged_attn is blocked in this test")
-    sys.meta_path.insert(0, Block())
     import torch, transformers
     folder, auto, causal = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     model = getattr(transformers, auto).from_pretrained(folder, trust_remote_code=True, attn_implementation="eager")

@@ -4,6 +4,7 @@
     accelerate launch examples/finetune.py                      # shipped stand-in model + Shakespeare, ~10 min on 2 CPUs
     accelerate launch examples/finetune.py --seeds 3 --output_dir docs/finetune
     accelerate launch --multi_gpu --num_processes 2 examples/finetune.py   # 2 ranks (DDP; gloo on CPU)
+    accelerate launch --config_file examples/accelerate_configs/fsdp.yaml examples/finetune.py   # sharded (FSDP2)
     accelerate launch --mixed_precision bf16 examples/finetune.py          # mixed precision (on a GPU)
     accelerate launch examples/finetune.py --model_name_or_path gpt2 \\
         --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1   # real GPT-2 (needs the Hub)
@@ -18,7 +19,8 @@ right after patching (equal to stock for exact modes), fine-tunes it with the sa
 optimizer, schedule and token budget, and measures perplexity again. Perplexity always comes from the
 same evaluator (`hf_merged_attn.evaluation.evaluate_perplexity`, the strided sliding-window recipe).
 
-Writes to --output_dir: results.json, results.md (also printed) and loss_curves.png.
+Writes to --output_dir: results.json, results.md (also printed) and loss_curves.png. The first seed's fine-tuned
+model is saved (save_pretrained) and reloaded from disk: its logits must equal those of the model in memory.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from itertools import chain
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, set_seed
 from datasets import load_dataset
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
@@ -237,6 +239,47 @@ def causal_lm_spec(config, name: str):
         f"models of the families: {', '.join(causal)}. Pass a checkpoint of one of them, e.g. gpt2, "
         f"facebook/opt-125m or bigscience/bloom-560m{also}."
     )
+
+
+# ---------------------------------------------------------------- processes
+
+
+def make_accelerator(args, spec) -> Accelerator:
+    """This launch's Accelerator: DDP over gloo or FSDP2 on CPU ranks too; FSDP wraps the family's block (registry)."""
+    # Several processes and no accelerator device: accelerate 1.15 only picks MULTI_CPU (gloo) when told cpu=True;
+    # otherwise each launched process would silently train alone (world size 1).
+    on_cpu_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=on_cpu_ranks)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and \
+            accelerator.distributed_type == DistributedType.MULTI_CPU:
+        # accelerate 1.15 selects FSDP on accelerator devices only (AcceleratorState): on CPU ranks an FSDP config
+        # silently runs DDP, every rank holding the whole model. torch's FSDP2 (fully_shard) shards over gloo on CPU,
+        # so take the FSDP the config asked for: its plugin from the launch environment, and the distributed type
+        # on both shared states (AcceleratorState copies PartialState's whenever it is constructed again).
+        plugin = FullyShardedDataParallelPlugin()
+        if plugin.fsdp_version != 2:
+            raise ValueError(
+                f"the accelerate config asks for FSDP version {plugin.fsdp_version} on CPU processes; FSDP on CPU "
+                "needs version 2 (torch's fully_shard). Set fsdp_version: 2 in its fsdp_config, as "
+                "examples/accelerate_configs/fsdp.yaml does."
+            )
+        PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+    if accelerator.distributed_type == DistributedType.FSDP:
+        plugin = accelerator.state.fsdp_plugin
+        if not plugin.transformer_cls_names_to_wrap:  # the config names no block: the registry knows the family's
+            plugin.transformer_cls_names_to_wrap = [spec.block_class.__name__]
+    return accelerator
+
+
+def is_sharded(accelerator) -> bool:
+    """True when every rank holds only a shard of the model: then every rank must join each forward pass."""
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def local_parameter_count(model) -> int:
+    """Parameters this process holds: its shards only, under FSDP (DTensor parameters)."""
+    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
 
 
 # ---------------------------------------------------------------- data
@@ -458,9 +501,10 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, history: dict) -> Non
     accelerator.wait_for_everyone()  # every process's files (its RNG state too) are written
     if accelerator.is_main_process:
         (partial / "history.json").write_text(json.dumps(history))
-        files = {f.name: _sha256(f) for f in sorted(partial.iterdir())}
+        # every file, also in the sub-folders sharded states are written to (FSDP: one per model / optimizer)
+        files = {str(f.relative_to(partial)): _sha256(f) for f in sorted(partial.rglob("*")) if f.is_file()}
         (partial / MANIFEST).write_text(json.dumps({"step": step, "sha256": files}))
-        for path in [*partial.iterdir(), partial]:  # on disk before the rename makes the folder visible
+        for path in [*sorted(partial.rglob("*"), reverse=True), partial]:  # on disk before the rename shows it
             descriptor = os.open(path, os.O_RDONLY)
             os.fsync(descriptor)
             os.close(descriptor)
@@ -518,6 +562,9 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
                               num_warmup_steps=args.num_warmup_steps * processes,
                               num_training_steps=args.max_train_steps * processes)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    # sharded (FSDP, ZeRO-3): every forward pass gathers the shards, so every rank evaluates; else the main one only
+    evaluates = accelerator.is_main_process or is_sharded(accelerator)
+    held = accelerator.gather_for_metrics([local_parameter_count(model)], use_gather_object=True)
     tokens_per_step = (args.per_device_train_batch_size * args.block_size * args.gradient_accumulation_steps
                        * accelerator.num_processes)
 
@@ -531,7 +578,7 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
         accelerator.print(f"[{label} seed {seed}] resumed from {resume_dir}{newest} at step {step}")
     elif args.resume_from_checkpoint:
         accelerator.print(f"[{label} seed {seed}] no complete checkpoint in {run_dir}: training from step 0")
-    if resume_dir is None and accelerator.is_main_process:
+    if resume_dir is None and evaluates:
         curve = eval_loss(accelerator.unwrap_model(model), stream, args, args.curve_eval_tokens)
         history["eval"].append({"step": 0, "tokens": 0, "loss": curve["loss"]})
 
@@ -573,7 +620,7 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
                 running = []
                 progress.update(1)
                 progress.set_postfix(loss=f"{history['train'][-1]['loss']:.3f}")
-                if accelerator.is_main_process and (step % args.eval_steps == 0 or step == args.max_train_steps):
+                if evaluates and (step % args.eval_steps == 0 or step == args.max_train_steps):
                     curve = eval_loss(accelerator.unwrap_model(model), stream, args, args.curve_eval_tokens)
                     history["eval"].append({"step": step, "tokens": step * tokens_per_step, "loss": curve["loss"]})
                     model.train()
@@ -586,9 +633,17 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
     hashes = accelerator.gather_for_metrics([first_batch_hash], use_gather_object=True)
     unwrapped = accelerator.unwrap_model(model)
     record = None
-    if accelerator.is_main_process:
+    if evaluates:
         after = eval_loss(unwrapped, stream, args)
         cache_bytes = kv_cache_bytes_per_token(unwrapped)  # measured on the cache object of a short generate()
+        probe = stream[: args.block_size][None].to(accelerator.device)
+        with torch.no_grad():
+            unwrapped.eval()
+            in_memory = unwrapped(input_ids=probe).logits.float().cpu()  # what the saved model must reproduce
+    saving = seed == args.seed
+    # the full state dict, gathered from the shards onto the main process (a collective: every rank calls it)
+    state_dict = accelerator.get_state_dict(model) if saving and is_sharded(accelerator) else None
+    if accelerator.is_main_process:
         record = {
             "label": label, "mode": mode, "rank": rank, "seed": seed,
             "ranks_per_block": _ranks_per_block(unwrapped),
@@ -598,19 +653,26 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
             "tokens_per_s": timed_steps * tokens_per_step / train_time if train_time else None,
             "peak_memory_mb": memory.peak_mb, "train_time_s": train_time,
             "final_train_loss": history["train"][-1]["loss"] if history["train"] else None,
-            "first_batch_hash_per_rank": hashes, "resumed_from": resume_dir and str(resume_dir), "history": history,
+            "first_batch_hash_per_rank": hashes, "parameters_held_per_rank": held,
+            "resumed_from": resume_dir and str(resume_dir), "history": history,
         }
-        if seed == args.seed:
-            save_run(args, unwrapped, mode, label, record, run_dir, repo_suffix)
+        if saving:
+            save_run(args, unwrapped, mode, label, record, run_dir, repo_suffix, state_dict)
+            if not args.lora:
+                record["reload_max_abs_diff"] = check_reload(Path(record["saved_to"]), probe, in_memory, accelerator)
     accelerator.wait_for_everyone()
     accelerator.free_memory()
     return record
 
 
-def save_run(args, model, mode, label, record, run_dir: Path, repo_suffix: str) -> None:
-    """Save the fine-tuned model (or its LoRA adapters) and push patched ones if asked."""
+def save_run(args, model, mode, label, record, run_dir: Path, repo_suffix: str, state_dict=None) -> None:
+    """Save the fine-tuned model (or its LoRA adapters) and push patched ones if asked.
+
+    state_dict: the gathered full state dict of a sharded model (its parameters in memory are shards).
+    """
     target = run_dir / ("adapter" if args.lora else "model")
-    model.save_pretrained(target)
+    model.save_pretrained(target, **({"state_dict": state_dict} if state_dict is not None else {}))
+    AutoTokenizer.from_pretrained(args.model_name_or_path).save_pretrained(target)  # a folder others can load alone
     record["saved_to"] = str(target)
     if args.push_to_hub and mode != "stock":
         to_push = model.merge_and_unload() if args.lora else model
@@ -620,6 +682,27 @@ def save_run(args, model, mode, label, record, run_dir: Path, repo_suffix: str) 
             "train tokens": record["train_tokens"], "data": args.dataset_name or Path(args.train_file).name,
         }
         to_push.push_to_hub(args.hub_model_id + repo_suffix, token=args.hub_token, results=results)
+
+
+def check_reload(folder: Path, probe: torch.Tensor, in_memory: torch.Tensor, accelerator) -> float | None:
+    """Max |logit difference| between the saved model, loaded back, and the fine-tuned model in memory.
+
+    Raises if they differ: a checkpoint that does not load back to what was trained is a bug. None under mixed
+    precision, where the model in memory computes in half precision and the reloaded one in fp32.
+    """
+    if accelerator.mixed_precision != "no":
+        return None
+    reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        diff = (reloaded(input_ids=probe.cpu()).logits.float() - in_memory).abs().max().item()
+    # the same fp32 weights through the same kernels: identical up to a summation order (sharded vs whole); 1e-4 is
+    # far below any trained change and above fp32 noise on logits of this size
+    if diff > 1e-4:
+        raise RuntimeError(
+            f"{folder} loads back with logits {diff:.3g} away from the fine-tuned model in memory: the checkpoint "
+            "does not hold what was trained. Please report this with the command you ran."
+        )
+    return diff
 
 
 # ---------------------------------------------------------------- report
@@ -705,11 +788,8 @@ def plot_curves(records: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
-    modes, _ = validate(args)  # before any long work
-    # Several processes and no accelerator: DDP over gloo on the CPU. accelerate 1.15 only picks MULTI_CPU when
-    # told cpu=True; otherwise each launched process would silently train alone (world size 1).
-    on_cpu_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=on_cpu_ranks)
+    modes, config = validate(args)  # before any long work
+    accelerator = make_accelerator(args, causal_lm_spec(config, args.model_name_or_path))
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     train_data, stream = load_lm_data(args, tokenizer, accelerator)
     output_dir = Path(args.output_dir)
@@ -743,7 +823,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     table = markdown_table(summary, args, accelerator.num_processes)
     results = {
         "args": vars(args), "world_size": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
-        "mixed_precision": accelerator.mixed_precision, "torch": torch.__version__, "wall_time_s": time.time() - start,
+        "mixed_precision": accelerator.mixed_precision, "torch": torch.__version__,
+        "fsdp_wrapped_blocks": (accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap
+                                if accelerator.distributed_type == DistributedType.FSDP else None),
+        "wall_time_s": time.time() - start,
         "perplexity_before": stock_before, "summary": summary, "runs": records,
     }
     (output_dir / "results.json").write_text(json.dumps(results, indent=1))

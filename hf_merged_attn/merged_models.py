@@ -127,17 +127,25 @@ class MergedModelMixin:
     def save_pretrained(self, save_directory, *args, model_card_results: dict | None = None, **kwargs):
         """`PreTrainedModel.save_pretrained` (safetensors only) plus a README.md model card if none is there."""
         kwargs.pop("safe_serialization", None)  # only safetensors are ever written
+        merged = {m for m, _ in self.merged_spec.model_classes.values()}
+        own = next((c for c in type(self).__mro__ if c in merged), type(self))
         # remote code: every Auto class of the family loads the checkpoint as its merged class (transformers itself
         # would write only this class's own Auto name)
-        module = type(self).__module__.rsplit(".", 1)[-1]
+        module = own.__module__.rsplit(".", 1)[-1]
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **{
-            auto: f"{module}.{merged.__name__}" for merged, auto in self.merged_spec.model_classes.values() if auto
+            auto: f"{module}.{m.__name__}" for m, auto in self.merged_spec.model_classes.values() if auto
         }}
-        super().save_pretrained(save_directory, *args, **kwargs)
-        card = os.path.join(save_directory, "README.md")
-        if kwargs.get("is_main_process", True) and (model_card_results is not None or not os.path.exists(card)):
-            with open(card, "w", encoding="utf-8") as f:
-                f.write(self.create_model_card(results=model_card_results))
+        # a subclass made at run time around the model (FSDP2's FSDP<Name>) would be written as the remote-code class,
+        # with torch's own source files beside it: save as the merged class the checkpoint is of
+        wrapper, self.__class__ = self.__class__, own
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+            card = os.path.join(save_directory, "README.md")
+            if kwargs.get("is_main_process", True) and (model_card_results is not None or not os.path.exists(card)):
+                with open(card, "w", encoding="utf-8") as f:
+                    f.write(self.create_model_card(results=model_card_results))
+        finally:
+            self.__class__ = wrapper
 
     def create_model_card(self, results: dict | None = None, repo_id: str | None = None) -> str:
         """A README.md: base model, mode, rank, parameter counts vs stock, how to load, optional results."""

@@ -228,3 +228,16 @@ def test_inductor_whole_model(mode, rank):
         got = torch.compile(model, fullgraph=True)(ids).logits
         expected = model(ids).logits
     assert max_diff(got, expected) < COMPILE_TOL
+
+
+@pytest.mark.parametrize("patch", [None, dict(mode="covariance"), dict(mode="covariance", values="merged"),
+                                   dict(mode="lowrank", rank=3), dict(mode="latent", rank=8)])
+def test_memory_table_counts_what_patch_model_builds(patch, monkeypatch):
+    """benchmarks/memory.py counts meta-device models; they must have the parameters of really patched ones."""
+    memory = load_script("memory", monkeypatch)
+    model = make_gpt2()
+    if patch:
+        patch_model(model, **patch)
+    expected = sum(p.numel() for p in model.parameters())
+    c = model.config
+    assert memory.count(c.n_embd, c.n_layer, c.n_head, patch, vocab=c.vocab_size, positions=c.n_positions) == expected

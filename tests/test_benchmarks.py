@@ -174,16 +174,19 @@ def test_profile_decode_of_bloom_uses_eager(capsys, monkeypatch):
 # difference is round-off from a reordered reduction (scores here are O(1-10), outputs O(1): ~1e-7), while a
 # wrong mask, scaling or head layout moves outputs by > 1e-2.
 COMPILE_TOL = 1e-5
-CASES = [("stock", None), ("covariance", None), ("lowrank", HEAD_DIM), ("lowrank", 3)]
-CASE_IDS = ["stock", "covariance", "lowrank_r=hd", "lowrank_r=3"]
+CASES = [("stock", None, {}), ("covariance", None, {}), ("lowrank", HEAD_DIM, {}), ("lowrank", 3, {}),
+         ("covariance", None, {"values": "merged"}), ("lowrank", 3, {"value_rank": 5}), ("latent", 12, {}),
+         ("latent", HIDDEN, {})]
+CASE_IDS = ["stock", "covariance", "lowrank_r=hd", "lowrank_r=3", "covariance+merged_values", "lowrank_r=3+value_rank=5",
+            "latent_r=12", "latent_r=d"]
 
 
-@pytest.mark.parametrize("mode,rank", CASES, ids=CASE_IDS)
-def test_compiled_attention_is_one_graph_and_matches_eager(mode, rank):
+@pytest.mark.parametrize("mode,rank,extra", CASES, ids=CASE_IDS)
+def test_compiled_attention_is_one_graph_and_matches_eager(mode, rank, extra):
     torch._dynamo.reset()
     model = make_gpt2(attn_implementation="sdpa", n_positions=320)
     if mode != "stock":
-        patch_model(model, mode, rank=rank)
+        patch_model(model, mode, rank=rank, **extra)
     attn = model.transformer.h[0].attn.train()
     compiled = torch.compile(copy.deepcopy(attn), fullgraph=True, backend="aot_eager")
     # T = 300 > 64: the covariance sdpa path multiplies causal blocks of 64 queries (recomputed in backward).
@@ -208,21 +211,21 @@ def test_patched_model_has_no_graph_breaks_where_stock_has_none():
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding: the masked paths
     counts = {}
-    for (mode, rank), impl in [*((case, "sdpa") for case in CASES), (("covariance", None), "eager")]:
+    for (mode, rank, extra), impl in [*((case, "sdpa") for case in CASES), (("covariance", None, {}), "eager")]:
         model = make_gpt2(attn_implementation=impl)
         if mode != "stock":
-            patch_model(model, mode, rank=rank)
+            patch_model(model, mode, rank=rank, **extra)
         torch._dynamo.reset()
         explained = torch._dynamo.explain(model)(ids, attention_mask=mask)
-        counts[mode, rank, impl] = (explained.graph_count, explained.graph_break_count)
-    assert counts[("stock", None, "sdpa")] == (1, 0)
+        counts[mode, rank, str(extra), impl] = (explained.graph_count, explained.graph_break_count)
+    assert counts[("stock", None, "{}", "sdpa")] == (1, 0)
     assert all(c == (1, 0) for c in counts.values()), counts
 
 
-@pytest.mark.parametrize("mode,rank", CASES[1:], ids=CASE_IDS[1:])
-def test_inductor_whole_model(mode, rank):
+@pytest.mark.parametrize("mode,rank,extra", CASES[1:], ids=CASE_IDS[1:])
+def test_inductor_whole_model(mode, rank, extra):
     torch._dynamo.reset()
-    model = patch_model(make_gpt2(attn_implementation="sdpa"), mode, rank=rank)
+    model = patch_model(make_gpt2(attn_implementation="sdpa"), mode, rank=rank, **extra)
     ids = torch.randint(1, 100, (2, 12))
     with torch.no_grad():
         got = torch.compile(model, fullgraph=True)(ids).logits

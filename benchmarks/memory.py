@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Parameters and training-state memory of stock vs patched GPT-2 at the four published sizes (no weights needed).
 
-    python benchmarks/memory.py            # prints the markdown table of the README's "Scale out" section
+    python benchmarks/memory.py            # prints the markdown table (the README's "Scale out" section shows part)
 
 Every model is built on the meta device (shapes only, no memory) from its published config, patched classes from a
 `merged_attn` record exactly as from_pretrained builds them, and its parameters counted. Training state: fp32

@@ -20,7 +20,8 @@ optimizer, schedule and token budget, and measures perplexity again. Perplexity 
 same evaluator (`hf_merged_attn.evaluation.evaluate_perplexity`, the strided sliding-window recipe).
 
 Writes to --output_dir: results.json, results.md (also printed) and loss_curves.png. The first seed's fine-tuned
-model is saved (save_pretrained) and reloaded from disk: its logits must equal those of the model in memory.
+model is saved (save_pretrained, with its tokenizer) and, in full precision and without --lora, reloaded from disk:
+its logits must equal those of the model in memory (`reload_max_abs_diff` in results.json; a warning if not).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import shutil
 import statistics
 import threading
 import time
+import warnings
 from itertools import chain
 from pathlib import Path
 
@@ -263,12 +265,23 @@ def make_accelerator(args, spec) -> Accelerator:
                 "needs version 2 (torch's fully_shard). Set fsdp_version: 2 in its fsdp_config, as "
                 "examples/accelerate_configs/fsdp.yaml does."
             )
+        if accelerator.mixed_precision != "no":  # as accelerate's own FSDP set-up does
+            plugin.set_mixed_precision(accelerator.mixed_precision)
         PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = plugin
     if accelerator.distributed_type == DistributedType.FSDP:
         plugin = accelerator.state.fsdp_plugin
-        if not plugin.transformer_cls_names_to_wrap:  # the config names no block: the registry knows the family's
+        if not plugin.transformer_cls_names_to_wrap:
+            # the config names no block: wrap the family's, from the registry (accelerate would fall back to the
+            # model's _no_split_modules, which a custom or remote-code class may not declare)
             plugin.transformer_cls_names_to_wrap = [spec.block_class.__name__]
+    if args.push_to_hub and is_sharded(accelerator):
+        raise ValueError(
+            f"--push_to_hub with {accelerator.distributed_type.value}: the model in memory is sharded across the "
+            "processes, and push_to_hub would upload one process's shards. Run without --push_to_hub; the first "
+            "seed's model is saved whole (gathered) under --output_dir/<mode>-seed<N>/model: push that folder "
+            "(AutoModelForCausalLM.from_pretrained(folder).push_to_hub(repo), or `hf upload repo folder`)."
+        )
     return accelerator
 
 
@@ -278,8 +291,12 @@ def is_sharded(accelerator) -> bool:
 
 
 def local_parameter_count(model) -> int:
-    """Parameters this process holds: its shards only, under FSDP (DTensor parameters)."""
-    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
+    """Parameters this process holds: its shards only, under FSDP (DTensor) or ZeRO-3 (ds_tensor partitions)."""
+    def held(p):
+        if hasattr(p, "ds_tensor"):
+            return p.ds_tensor.numel()
+        return (p.to_local() if hasattr(p, "to_local") else p).numel()
+    return sum(held(p) for p in model.parameters())
 
 
 # ---------------------------------------------------------------- data
@@ -565,8 +582,8 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
     # sharded (FSDP, ZeRO-3): every forward pass gathers the shards, so every rank evaluates; else the main one only
     evaluates = accelerator.is_main_process or is_sharded(accelerator)
     held = accelerator.gather_for_metrics([local_parameter_count(model)], use_gather_object=True)
-    tokens_per_step = (args.per_device_train_batch_size * args.block_size * args.gradient_accumulation_steps
-                       * accelerator.num_processes)
+    accumulation = accelerator.gradient_accumulation_steps  # a DeepSpeed config's value wins over the flag
+    tokens_per_step = args.per_device_train_batch_size * args.block_size * accumulation * accelerator.num_processes
 
     step, history = 0, {"train": [], "eval": []}
     resume_dir, skipped = resume_point(args, run_dir)
@@ -582,7 +599,7 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
         curve = eval_loss(accelerator.unwrap_model(model), stream, args, args.curve_eval_tokens)
         history["eval"].append({"step": 0, "tokens": 0, "loss": curve["loss"]})
 
-    micro_done = step * args.gradient_accumulation_steps
+    micro_done = step * accumulation
     epoch, offset = divmod(micro_done, len(loader))
     first_batch_hash = None
     train_time, timed_steps, running = 0.0, 0, []  # the run's first step is warm-up and is not timed
@@ -658,6 +675,7 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
         }
         if saving:
             save_run(args, unwrapped, mode, label, record, run_dir, repo_suffix, state_dict)
+            del state_dict  # the gathered copy: not held beside the reloaded one
             if not args.lora:
                 record["reload_max_abs_diff"] = check_reload(Path(record["saved_to"]), probe, in_memory, accelerator)
     accelerator.wait_for_everyone()
@@ -685,22 +703,25 @@ def save_run(args, model, mode, label, record, run_dir: Path, repo_suffix: str, 
 
 
 def check_reload(folder: Path, probe: torch.Tensor, in_memory: torch.Tensor, accelerator) -> float | None:
-    """Max |logit difference| between the saved model, loaded back, and the fine-tuned model in memory.
+    """Max |logit difference| between the saved model, loaded back onto the training device, and the fine-tuned
+    model in memory; warns loudly when they differ beyond round-off (the run's results are still written).
 
-    Raises if they differ: a checkpoint that does not load back to what was trained is a bug. None under mixed
-    precision, where the model in memory computes in half precision and the reloaded one in fp32.
+    None under mixed precision, where the model in memory computes in half precision and the reloaded one in fp32.
     """
     if accelerator.mixed_precision != "no":
         return None
-    reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(folder).to(accelerator.device).eval()
     with torch.no_grad():
-        diff = (reloaded(input_ids=probe.cpu()).logits.float() - in_memory).abs().max().item()
-    # the same fp32 weights through the same kernels: identical up to a summation order (sharded vs whole); 1e-4 is
-    # far below any trained change and above fp32 noise on logits of this size
-    if diff > 1e-4:
-        raise RuntimeError(
-            f"{folder} loads back with logits {diff:.3g} away from the fine-tuned model in memory: the checkpoint "
-            "does not hold what was trained. Please report this with the command you ran."
+        diff = (reloaded(input_ids=probe).logits.float().cpu() - in_memory).abs().max().item()
+    del reloaded
+    # the same fp32 weights through the same kernels: equal up to a summation order (sharded vs whole forward),
+    # ~1e-7 of the logits' scale; 1e-5 of it is far below any trained change
+    scale = in_memory.abs().max().item()
+    if diff > 1e-5 * max(scale, 1.0):
+        warnings.warn(
+            f"{folder} loads back with logits up to {diff:.3g} away from the fine-tuned model in memory (logits up to "
+            f"{scale:.3g}): the checkpoint may not hold what was trained. Please report this with the command you ran.",
+            stacklevel=2,
         )
     return diff
 

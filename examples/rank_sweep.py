@@ -3,13 +3,18 @@
 
     python examples/rank_sweep.py                       # shipped stand-in model + Shakespeare, CPU
     python examples/rank_sweep.py --ranks 8,32 --max_train_steps 20 --output_dir runs/rank_sweep_quick
+    python examples/rank_sweep.py --mode latent --ranks 32,64,128,256 --output_dir runs/latent_sweep   # the latent
+
+--mode lowrank (default) sweeps the query-key rank r per head; --mode latent the rank r_c of the one latent per
+layer that keys and values come from (its KV cache is r_c numbers per token and layer, stock's 2·d).
 
 For every init in --inits the sweep runs `examples/finetune.py` (the same script, data order, optimizer,
 schedule, token budget and evaluator as the main stock / covariance / lowrank comparison) with
-`--modes stock,lowrank:R1,lowrank:R2,... --init INIT`, which records, per rank, the perplexity right after
-patching and after fine-tuning. "whitened" is calibrated on --calibration_samples evenly spaced training
-blocks. For rank >= head size both inits are exact and identical (whitening changes nothing), so that rank
-is run once (with svd) and reported for both. Stock is fine-tuned once, as the reference.
+`--modes stock,MODE:R1,MODE:R2,... --init INIT`, which records, per rank, the perplexity right after
+patching and after fine-tuning, and the KV-cache bytes per token measured after a generate() call. "whitened" is
+calibrated on --calibration_samples evenly spaced training blocks. Where the rank makes the patch exact (lowrank:
+r >= head size; latent: r_c >= hidden size) both inits are identical, so that rank is run once (with svd) and
+reported for both. Stock is fine-tuned once, as the reference.
 
 Writes to --output_dir: results.json (the merged finetune.py results), rank_sweep.md and rank_sweep.png.
 Copy those to docs/ (or pass --docs_dir docs) to publish them.
@@ -30,12 +35,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "shakespeare-gpt2"
 INITS = ("svd", "whitened")
+MODES = ("lowrank", "latent")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name_or_path", default=str(DEFAULT_MODEL))
-    p.add_argument("--ranks", default="4,8,16,32,48,64", help="comma-separated lowrank ranks")
+    p.add_argument("--mode", default="lowrank", choices=MODES, help="the ranked mode to sweep")
+    p.add_argument("--ranks", default="4,8,16,32,48,64", help="comma-separated ranks (lowrank: r; latent: r_c)")
     p.add_argument("--inits", default="svd,whitened", help="comma-separated: svd, whitened")
     p.add_argument("--calibration_samples", type=int, default=16, help="training blocks for init=whitened")
     p.add_argument("--max_train_steps", type=int, default=60)
@@ -81,7 +88,7 @@ def machine() -> str:
 
 
 def run_finetune(args, init: str, ranks: list[int], with_stock: bool, out: Path) -> dict:
-    modes = (["stock"] if with_stock else []) + [f"lowrank:{r}" for r in ranks]
+    modes = (["stock"] if with_stock else []) + [f"{args.mode}:{r}" for r in ranks]
     cmd = [
         sys.executable, str(HERE / "finetune.py"),
         "--model_name_or_path", args.model_name_or_path,
@@ -103,13 +110,16 @@ def run_finetune(args, init: str, ranks: list[int], with_stock: bool, out: Path)
     return json.loads((out / "results.json").read_text())
 
 
-def collect(args, head_dim: int) -> tuple[dict, dict]:
-    """Run finetune.py once per init; returns ({(init, rank): record}, {"stock": record or None, ...})."""
+def collect(args, exact_at: int) -> tuple[dict, dict]:
+    """Run finetune.py once per init; returns ({(init, rank): record}, {"stock": record or None, ...}).
+
+    exact_at: the smallest rank at which the patch is exact (then both inits are the same: run once).
+    """
     out = Path(args.output_dir)
     rows, extra = {}, {"stock": None, "stock_before": None, "runs": {}}
-    shared = [r for r in args.rank_list if r >= head_dim]  # whitening changes nothing there: run once
+    shared = [r for r in args.rank_list if r >= exact_at]  # whitening changes nothing there: run once
     for index, init in enumerate(args.init_list):
-        ranks = [r for r in args.rank_list if r < head_dim or index == 0]
+        ranks = [r for r in args.rank_list if r < exact_at or index == 0]
         with_stock = index == 0 and not args.no_stock
         if not ranks and not with_stock:
             continue
@@ -130,10 +140,23 @@ def collect(args, head_dim: int) -> tuple[dict, dict]:
     return rows, extra
 
 
+SEEDING = {
+    "lowrank": "- svd: best rank-r factors of each head's S̃_h = [S_h; u_h] (Frobenius norm on the weights). whitened: "
+    "least error of the scores on {samples} evenly spaced training blocks of {block} tokens — SVD of L_qᵀ S̃_h L_k "
+    "(Cholesky factors of the damped second moments of [x, 1] and x, the attention input), un-whitened "
+    "(`hf_merged_attn.seeding.whitened_lowrank_from_qk`, docs/MATH.md).",
+    "latent": "- svd: the balanced joint SVD of the stacked key and value weights [Wk | Wv] at rank r_c (one latent "
+    "c = x·W_c per layer, per-head up-projections). whitened: the same SVD of L_xᵀ [Wk | Wv], the second moment of "
+    "the attention input on {samples} evenly spaced training blocks of {block} tokens, un-whitened "
+    "(`hf_merged_attn.seeding.latent_from_kv`, docs/MATH.md).",
+}
+
+
 def report(args, rows: dict, extra: dict, wall_s: float, command: str) -> str:
     inits = args.init_list
-    header = "| rank | " + " | ".join(f"{i} at patch" for i in inits) + " | " + " | ".join(f"{i} after FT" for i in inits) + " |"
-    lines = [header, "|" + "---|" * (1 + 2 * len(inits))]
+    header = ("| rank | KV cache B/token | " + " | ".join(f"{i} at patch" for i in inits) + " | "
+              + " | ".join(f"{i} after FT" for i in inits) + " |")
+    lines = [header, "|" + "---|" * (2 + 2 * len(inits))]
     for rank in args.rank_list:
         cells = []
         shared = any(rows.get((i, rank), {}).get("shared_with") for i in inits)
@@ -144,18 +167,21 @@ def report(args, rows: dict, extra: dict, wall_s: float, command: str) -> str:
                 v = values.get(i)
                 text = "–" if v is None else f"{v:.2f}"
                 cells.append(f"**{text}**" if v is not None and len(values) > 1 and v == best and not shared else text)
-        lines.append(f"| {rank}{' (= head size or more: exact, identical)' if shared else ''} | " + " | ".join(cells) + " |")
+        cache = next((rows[i, rank]["kv_cache_bytes_per_token"] for i in inits if (i, rank) in rows), None)
+        lines.append(f"| {rank}{' (exact: inits identical)' if shared else ''} | {cache:,.0f} | " + " | ".join(cells) + " |")
     stock = extra["stock"]
     first = next(iter(rows.values()))
     text = [
-        "# Rank sweep: plain-SVD vs activation-aware (whitened) low-rank seeding",
+        f"# Rank sweep ({args.mode}): plain-SVD vs activation-aware (whitened) seeding",
         "",
         f"Validation perplexity of the GPT-2 `{os.path.relpath(args.model_name_or_path)}` with every attention layer in "
-        "lowrank mode, right after patching and after a short equal-budget fine-tune (lower is better; bold: the "
-        "better init at that rank).",
+        f"{args.mode} mode, right after patching and after a short equal-budget fine-tune (lower is better; bold: the "
+        "better init at that rank). KV-cache bytes per token (fp32, all layers) measured on the cache after "
+        "`generate()`.",
         "",
         f"Stock model: **{extra['stock_before']:.2f}** before fine-tuning"
-        + (f", **{stock['perplexity_after']:.2f}** after the same fine-tune." if stock else "."),
+        + (f", **{stock['perplexity_after']:.2f}** after the same fine-tune" if stock else "")
+        + (f"; KV cache {stock['kv_cache_bytes_per_token']:,.0f} B/token." if stock else "."),
         "",
         *lines,
         "",
@@ -163,10 +189,7 @@ def report(args, rows: dict, extra: dict, wall_s: float, command: str) -> str:
         "",
         "## Setup",
         "",
-        f"- svd: best rank-r factors of each head's S̃_h = [S_h; u_h] (Frobenius norm on the weights). whitened: "
-        f"least error of the scores on {args.calibration_samples} evenly spaced training blocks of {args.block_size} "
-        "tokens — SVD of L_qᵀ S̃_h L_k (Cholesky factors of the damped second moments of [x, 1] and x, the attention "
-        "input after ln_1), un-whitened (`hf_merged_attn.seeding.whitened_lowrank_from_qk`, docs/MATH.md).",
+        SEEDING[args.mode].format(samples=args.calibration_samples, block=args.block_size),
         f"- Fine-tune: `examples/finetune.py`, {args.max_train_steps} steps of {args.per_device_train_batch_size}×"
         f"{args.block_size} tokens ({first['train_tokens']:,} tokens) on the train split, AdamW, seed {args.seed}, the "
         "same data order for every run.",
@@ -206,12 +229,12 @@ def plot(args, rows: dict, extra: dict, path: Path) -> None:
         ax.axhline(0.0, color="gray", linestyle="--", label=f"stock ({reference:.2f})" if reference else "0")
         ax.set_xscale("log", base=2)
         ax.set_xticks(args.rank_list, [str(r) for r in args.rank_list])
-        ax.set_xlabel("rank r per head")
+        ax.set_xlabel("rank r per head" if args.mode == "lowrank" else "latent rank r_c per layer")
         ax.set_ylabel("validation perplexity − stock" if reference else "validation perplexity")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"lowrank seeding: svd vs whitened ({os.path.basename(os.path.normpath(args.model_name_or_path))})")
+    fig.suptitle(f"{args.mode} seeding: svd vs whitened ({os.path.basename(os.path.normpath(args.model_name_or_path))})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -223,10 +246,10 @@ def main(argv=None) -> None:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(args.model_name_or_path)
-    head_dim = config.n_embd // config.n_head
+    exact_at = config.hidden_size // config.num_attention_heads if args.mode == "lowrank" else config.hidden_size
     command = args.command or "python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     start = time.time()
-    rows, extra = collect(args, head_dim)
+    rows, extra = collect(args, exact_at)
     wall_s = time.time() - start
     if args.report_only:  # the time of the sweep that produced the results (else: of its finetune.py runs)
         previous = Path(args.output_dir) / "results.json"

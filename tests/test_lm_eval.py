@@ -11,19 +11,27 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import BLOCK_PACKAGE
 from transformers import AutoModelForCausalLM
 
 from hf_merged_attn import patch_model
 
 ROOT = Path(__file__).resolve().parents[1]
 STAND_IN = ROOT / "examples" / "shakespeare-gpt2"
+# `python -m lm_eval ARGS` in a process that cannot import hf_merged_attn: the patched checkpoints load through
+# trust_remote_code alone, as for a user who never installed the package
+LM_EVAL = BLOCK_PACKAGE + """
+import runpy
+sys.argv = ["lm_eval", *sys.argv[1:]]
+runpy.run_module("lm_eval", run_name="__main__", alter_sys=True)
+"""
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def lm_eval(folder: Path, out: Path, remote_code: bool) -> dict:
     """`lm_eval --model hf ... --tasks shakespeare` on the first 2 test documents; the task's metrics."""
     model_args = f"pretrained={folder}" + (",trust_remote_code=True" if remote_code else "")
-    command = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", model_args,
+    command = [sys.executable, "-c", LM_EVAL, "--model", "hf", "--model_args", model_args,
                "--include_path", str(ROOT / "examples" / "lm_eval_tasks"), "--tasks", "shakespeare",
                "--device", "cpu", "--batch_size", "8", "--limit", "2", "--output_path", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=OFFLINE, cwd=out.parent)

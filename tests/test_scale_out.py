@@ -65,9 +65,13 @@ def test_fsdp_config_shards_and_saves_a_model_that_reloads_exactly(assets, tmp_p
     # the same weights through the same code (the remote copy is the package's own source): identical
     assert torch.equal(torch.tensor(json.loads(remote.stdout.strip().splitlines()[-1])), package)
 
-    # the sharded checkpoints resume: drop the last one, rerun, and reach the same result from step 2
+    # the sharded checkpoints (each rank's shards in sub-folders, all in the manifest) resume: drop the last one,
+    # rerun, and reach the same result from step 2
     run_dir = folder.parent
     assert (run_dir / "step_2" / "manifest.json").is_file() and (run_dir / "step_4" / "manifest.json").is_file()
+    listed = json.loads((run_dir / "step_2" / "manifest.json").read_text())["sha256"]
+    shards = [name for name in listed if "/" in name]  # e.g. pytorch_model_fsdp_0/__0_0.distcp, one per rank
+    assert len(shards) >= 2, listed
     shutil.rmtree(run_dir / "step_4")
     resumed = launch("fsdp.yaml", [*args, "--resume_from_checkpoint", "latest"], 29532)["runs"][0]
     assert resumed["resumed_from"].endswith("step_2")
@@ -93,9 +97,20 @@ def test_shipped_configs_name_what_they_promise():
     assert fsdp["distributed_type"] == "FSDP" and fsdp["num_processes"] == 2
     assert fsdp["fsdp_config"]["fsdp_version"] == 2
     assert fsdp["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-    assert fsdp["fsdp_config"]["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    assert fsdp["fsdp_config"]["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"  # checkpoints stay sharded
     assert "fsdp_transformer_layer_cls_to_wrap" not in fsdp["fsdp_config"]  # taken from the registry
     zero3 = yaml.safe_load((CONFIGS / "deepspeed_zero3.yaml").read_text())
     assert zero3["distributed_type"] == "DEEPSPEED" and zero3["deepspeed_config"]["zero_stage"] == 3
     assert zero3["deepspeed_config"]["zero3_init_flag"] is False  # seeding needs the whole pretrained weights
     assert zero3["deepspeed_config"]["zero3_save_16bit_model"] is True
+
+
+def test_push_to_hub_is_refused_when_sharded(assets, tmp_path):
+    """push_to_hub on a sharded model would upload one rank's shards: refused before any work, with what to do."""
+    args = tiny_args(assets, tmp_path / "push", "--modes", "covariance", "--push_to_hub", "--hub_model_id", "me/x")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp.yaml"),
+               "--main_process_port", "29534", str(ROOT / "examples" / "finetune.py"), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=LAUNCH_ENV)
+    assert result.returncode != 0
+    assert "--push_to_hub with FSDP" in result.stderr and "push that folder" in result.stderr
+    assert not (tmp_path / "push" / "covariance-seed0").exists()  # nothing trained

@@ -123,8 +123,8 @@ def calibration_batches(
                 )
         if max_length is not None and ids.shape[1] > max_length:
             raise ValueError(
-                f"calibration batch {index} has sequences of {ids.shape[1]} tokens, more than the model's "
-                f"max_position_embeddings={max_length}. Cut them into blocks of at most {max_length} tokens."
+                f"calibration batch {index} has sequences of {ids.shape[1]} tokens, more than the "
+                f"model's position limit of {max_length}. Cut them into blocks of at most {max_length} tokens."
             )
         count = int(ids.numel() if mask is None else mask.sum())
         tokens += count
@@ -207,7 +207,7 @@ def collect_attention_moments(
     try:
         model.eval()
         cache = {"use_cache": False} if spec.has_cache else {}
-        max_length = getattr(config, "max_position_embeddings", None)  # None for ALiBi (BLOOM)
+        max_length = spec.max_length(config)  # None for ALiBi (BLOOM)
         for ids, mask in calibration_batches(calibration, config.vocab_size, max_length):
             current_mask[0] = None if mask is None else mask.to(device)
             runner(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device), **cache)

@@ -336,6 +336,8 @@ class ArchitectureSpec:
         qkv_names: the stock attention's query/key/value submodules (what `read_weights` reads; like-for-like LoRA
             targets on a stock model).
         check_model: raises NotImplementedError for variants of the family that are not supported.
+        max_length: config -> the longest input the model takes (None: no limit, e.g. ALiBi); default
+            config.max_position_embeddings. RoBERTa's positions start after its padding index, so it takes fewer.
         model_classes: stock model class -> (merged class, Auto class name or None), filled by `merged_class`.
     """
 
@@ -352,6 +354,7 @@ class ArchitectureSpec:
     causal: bool = True
     has_cache: bool = True
     check_model: Callable[[object], None] = lambda config: None
+    max_length: Callable[[object], int | None] = lambda config: getattr(config, "max_position_embeddings", None)
     model_classes: dict = field(default_factory=dict)
 
     def stock_attentions(self, model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:

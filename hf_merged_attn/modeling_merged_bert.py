@@ -95,16 +95,19 @@ def check_model(config: BertConfig | RobertaConfig) -> None:
         )
 
 
-def _spec(family, model_type, attention, merged, config_class, block) -> ArchitectureSpec:
+def _spec(family, model_type, attention, merged, config_class, block, **extra) -> ArchitectureSpec:
     return ArchitectureSpec(
         family, (model_type,), attention, merged, config_class, block, read_weights, write_weights,
         new_stock_attention=lambda config, layer_idx: attention(config, is_causal=False, layer_idx=layer_idx),
-        qkv_names=("query", "key", "value"), causal=False, has_cache=False, check_model=check_model,
+        qkv_names=("query", "key", "value"), causal=False, has_cache=False, check_model=check_model, **extra,
     )
 
 
 SPEC = _spec("BERT", "bert", BertSelfAttention, MergedBertSelfAttention, MergedBertConfig, BertLayer)
-ROBERTA_SPEC = _spec("RoBERTa", "roberta", RobertaSelfAttention, MergedRobertaSelfAttention, MergedRobertaConfig, RobertaLayer)
+# RoBERTa numbers positions from padding_idx + 1 (transformers' create_position_ids_from_input_ids): 514 embeddings
+# hold 512 tokens
+ROBERTA_SPEC = _spec("RoBERTa", "roberta", RobertaSelfAttention, MergedRobertaSelfAttention, MergedRobertaConfig,
+                     RobertaLayer, max_length=lambda config: config.max_position_embeddings - config.pad_token_id - 1)
 
 # The Auto class of each head, in the order of the class lists below (the same heads for BERT and RoBERTa).
 _AUTO = ("AutoModel", "AutoModelForMaskedLM", "AutoModelForSequenceClassification", "AutoModelForTokenClassification",

@@ -244,3 +244,11 @@ def test_memory_table_counts_what_patch_model_builds(patch, monkeypatch):
     expected = sum(p.numel() for p in model.parameters())
     c = model.config
     assert memory.count(c.n_embd, c.n_layer, c.n_head, patch, vocab=c.vocab_size, positions=c.n_positions) == expected
+
+
+def test_fused_projection_benchmark_runs(monkeypatch, capsys):
+    """benchmarks/fused_projections.py at a tiny width: the fused and separate GEMMs agree and both are timed."""
+    rows = load_script("fused_projections", monkeypatch).main(["--hidden", "32", "--repeats", "2", "--iterations", "4"])
+    assert [(r["batch"], r["tokens"]) for r in rows] == [(1, 1), (8, 1), (1, 256)]
+    assert all(r["separate_us"] > 0 and r["fused_us"] > 0 for r in rows)
+    assert "| 1 × 1 |" in capsys.readouterr().out

@@ -419,3 +419,14 @@ def test_covariance_value_modes_count_stock_parameters_right(kwargs):
     stock = DECODERS[0].make()
     model = patch_model(copy.deepcopy(stock), "covariance", **kwargs)
     assert parameter_counts(model)["stock"] == sum(p.numel() for p in stock.parameters())
+
+
+def test_roberta_calibration_length_counts_its_position_offset():
+    """RoBERTa numbers positions from padding_idx + 1: 66 position embeddings (pad 1) hold 64 tokens. A longer
+    calibration batch is refused by name before any forward pass (not an IndexError from the embedding)."""
+    family = next(f for f in FAMILIES if f.model_type == "roberta")
+    model = family.make()
+    ids = torch.randint(2, VOCAB, (1, 64))
+    patch_model(copy.deepcopy(model), "lowrank", rank=4, init="whitened", calibration=[ids])  # the longest it takes
+    with pytest.raises(ValueError, match="sequences of 65 tokens, more than the model's position limit of 64"):
+        patch_model(model, "lowrank", rank=4, init="whitened", calibration=[torch.randint(2, VOCAB, (1, 65))])

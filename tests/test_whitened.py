@@ -322,7 +322,7 @@ def exploding_batches():
         ({"mode": "lowrank", "rank": 2, "init": "whitened", "calibration": [[[1, 2], [3]]]},
          r"calibration batch 0 .* cannot be read as a tensor of token ids"),
         ({"mode": "lowrank", "rank": 2, "init": "whitened", "calibration": [torch.ones(1, 65, dtype=torch.long)]},
-         r"calibration batch 0 has sequences of 65 tokens, more than the model's max_position_embeddings=64"),
+         r"calibration batch 0 has sequences of 65 tokens, more than the model's position limit of 64"),
         ({"mode": "lowrank", "rank": 2, "init": "whitened",
           "calibration": [{"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 3)}]},
          r"attention_mask has shape \(2, 3\) but input_ids \(2, 4\)"),

@@ -72,3 +72,20 @@ def test_latent_whitened_loses_less_than_svd(stand_in):
         model = patch_model(copy.deepcopy(stock), "latent", rank=64, init=init, **extra)
         ppl[init] = evaluate_perplexity(model, ids, max_length=256, stride=256)["perplexity"]
     assert ppl["stock"] < ppl["whitened"] < ppl["svd"] < 1.05 * ppl["stock"], ppl
+
+
+def test_init_splits_script(tmp_path):
+    """examples/init_splits.py at tiny settings: both splits, svd once, whitened per calibration draw, the report."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    import init_splits
+
+    result = init_splits.main(["--ranks", "2", "--latent_ranks", "32", "--draws", "2", "--eval_tokens", "512",
+                               "--output_dir", str(tmp_path)])
+    stock, lowrank, latent = result["rows"]
+    assert set(stock["svd"]) == {"validation", "test"} and lowrank["rank"] == 2 and latent["mode"] == "latent"
+    assert len(lowrank["whitened"]) == 2 and lowrank["whitened"][0] != lowrank["whitened"][1]  # the draws differ
+    assert lowrank["svd"]["test"] != stock["svd"]["test"]  # rank 2 of 64 is not exact
+    report = (tmp_path / "init_splits.md").read_text()
+    assert "| lowrank r=2 | validation |" in report and "| latent r_c=32 | test |" in report

@@ -286,8 +286,10 @@ def make_accelerator(args, spec) -> Accelerator:
 
 
 def is_sharded(accelerator) -> bool:
-    """True when every rank holds only a shard of the model: then every rank must join each forward pass."""
-    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    """True when every rank holds only a shard of the model (FSDP, ZeRO-3): then every rank joins each forward pass."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return accelerator.distributed_type == DistributedType.FSDP
 
 
 def local_parameter_count(model) -> int:
@@ -755,7 +757,9 @@ def summarize(records: list[dict], stock_before: float) -> dict:
     return summary
 
 
-def markdown_table(summary: dict, args, world_size: int) -> str:
+def markdown_table(summary: dict, args, world_size: int, accumulation: int | None = None) -> str:
+    """results.md: one row per mode; accumulation: the steps accelerate accumulated (a DeepSpeed config's wins)."""
+    accumulation = accumulation or args.gradient_accumulation_steps
     n = len(next(iter(summary.values()))["seeds"])
     spread = " ± std over seeds" if n > 1 else ""
     lines = [
@@ -775,7 +779,7 @@ def markdown_table(summary: dict, args, world_size: int) -> str:
     lines.append("")
     lines.append(
         f"{n} seed(s) from {args.seed}; {args.max_train_steps} steps of {args.per_device_train_batch_size}×{args.block_size} "
-        f"tokens × {args.gradient_accumulation_steps} accumulation × {world_size} process(es); perplexity: sliding window "
+        f"tokens × {accumulation} accumulation × {world_size} process(es); perplexity: sliding window "
         f"{args.block_size}, stride {args.eval_stride or args.block_size // 2}, on the first "
         f"{next(iter(summary.values())).get('eval_tokens', 'all')} validation tokens."
     )
@@ -841,7 +845,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     summary = summarize(records, stock_before)
     for e in summary.values():
         e["eval_tokens"] = records[0]["eval_tokens"]
-    table = markdown_table(summary, args, accelerator.num_processes)
+    table = markdown_table(summary, args, accelerator.num_processes, accelerator.gradient_accumulation_steps)
     results = {
         "args": vars(args), "world_size": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
         "mixed_precision": accelerator.mixed_precision, "torch": torch.__version__,

@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Does the whitened init's advantage at patch hold on held-out data? svd vs whitened on validation AND test.
 
-    python examples/init_splits.py --output_dir docs        # ~5 min on a 2-core CPU
+    python examples/init_splits.py --output_dir docs        # ~6 min on an idle 2-core CPU
 
 The shipped stand-in right after patching (no fine-tune), lowrank at r per head and latent at r_c per layer, seeded
 by svd (weights only) and by whitened (calibrated on 16 blocks of 256 training tokens). The whitened seed depends on
-which blocks it saw: it is drawn --draws times (the blocks evenly spaced from a different offset each time), so the
+which blocks it saw: it is drawn --draws times (16 evenly spaced blocks, all shifted by k/draws of their spacing for
+draw k: disjoint sets), so the
 spread of its perplexity is visible beside the deterministic svd one. Perplexity on the first --eval_tokens tokens of
 the validation and of the test split (windows of 256, stride 256). Writes init_splits.json and init_splits.md.
 """
@@ -15,7 +16,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -23,10 +26,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_merged_attn import patch_model
-from hf_merged_attn.calibration import evenly_spaced_blocks
 from hf_merged_attn.evaluation import evaluate_perplexity
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from rank_sweep import machine  # noqa: E402
+
 SPLITS = ("validation", "test")
 
 
@@ -51,8 +56,12 @@ def main(argv=None) -> dict:
 
     held_out = {split: tokens(split)[: args.eval_tokens] for split in SPLITS}
     train = tokens("train")
-    step = len(train) // 16  # draw k: 16 blocks evenly spaced over the stream, shifted by k/draws of their spacing
-    draws = [list(evenly_spaced_blocks(train[k * step // args.draws:], 16, 256).split(4)) for k in range(args.draws)]
+    step = len(train) // 16  # draw k: block i starts at i*step + k*step/draws (disjoint for step >= draws * 256)
+    if step < args.draws * 256:
+        raise ValueError(f"the training split ({len(train)} tokens) is too short for {args.draws} disjoint draws of 16 "
+                         "blocks of 256 tokens; pass fewer --draws.")
+    draws = [torch.stack([train[i * step + k * step // args.draws:][:256] for i in range(16)]).split(4)
+             for k in range(args.draws)]
 
     def perplexities(model) -> dict:
         return {s: evaluate_perplexity(model, held_out[s], max_length=256, stride=256)["perplexity"] for s in SPLITS}
@@ -67,20 +76,21 @@ def main(argv=None) -> dict:
                 row["whitened"].append(perplexities(model))
             rows.append(row)
             print(row["label"], row["svd"], row["whitened"], flush=True)
-    result = {"rows": rows, "args": vars(args), "seconds": round(time.time() - start),
-              "command": "python examples/init_splits.py " + " ".join(argv or [])}
+    command = "python examples/init_splits.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    result = {"rows": rows, "args": vars(args), "seconds": round(time.time() - start), "command": command,
+              "machine": machine()}
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "init_splits.json").write_text(json.dumps(result, indent=1))
-    (out / "init_splits.md").write_text(report(rows, args, result["seconds"]))
+    (out / "init_splits.md").write_text(report(rows, args, result))
     return result
 
 
-def report(rows: list[dict], args, seconds: int) -> str:
+def report(rows: list[dict], args, result: dict) -> str:
     stock = rows[0]["svd"]
     lines = [
         "# svd vs whitened seeding, at patch, on the validation and the test split", "",
-        f"`python examples/init_splits.py --output_dir docs` ({seconds / 60:.1f} min on a 2-core CPU). The shipped stand-in "
+        f"`{result['command']}` ({result['seconds'] / 60:.1f} min; {result['machine']}). The shipped stand-in "
         f"right after patching; perplexity on the first {args.eval_tokens:,} tokens of each split (windows of 256, stride "
         f"256). whitened: {args.draws} calibration sets of 16 × 256 training tokens (mean ± std over them, and the "
         "range); svd is deterministic. Δ: perplexity minus stock's on the same split; better: the init ahead of every "

@@ -476,14 +476,16 @@ def discussion(result: dict, by: dict, hd: int) -> list[str]:
         + ", so part of the stand-in's apparent low rank is its larger head. Whether the difference comes from "
         "the amount of training, the objective or the architecture cannot be separated with two models."
     ]
-    exact = [r for r in result["fidelity"]["rows"] if r["mode"] == "covariance" or r["rank"] >= hd]
+    d = result["model"]["hidden_size"]
+    exact_at = {"covariance": 0, "lowrank": hd, "latent": d}  # lowrank is exact from the head size, latent at r_c = d
+    exact = [r for r in result["fidelity"]["rows"] if (r["rank"] or 0) >= exact_at[r["mode"]]]
     if exact:
         worst = min(r["cosine"]["min"] for r in exact)
+        present = {r["mode"] for r in exact}
+        names = [name for mode, name in (("covariance", "covariance"), ("lowrank", f"lowrank r ≥ {hd} (the head size)"),
+                                         ("latent", f"latent r_c = {d}")) if mode in present]
         out.append(
-            "- **The exact modes are exact:** "
-            + ("covariance" if any(r["mode"] == "covariance" for r in exact) else "")
-            + (" and " if len({r["mode"] for r in exact}) == 2 else "")
-            + (f"lowrank r ≥ {hd} (the head size)" if any(r["mode"] == "lowrank" for r in exact) else "")
+            "- **The exact modes are exact:** " + (", ".join(names[:-1]) + " and " if len(names) > 1 else "") + names[-1]
             + f" give{'s' if len(exact) == 1 else ''} min cosine {worst:.7f} over all held-out sentences "
             "(fp32 round-off)."
         )

@@ -52,8 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_stride", type=int, default=256, help="sliding-window stride (256 = disjoint blocks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_stock", action="store_true", help="skip the stock reference run")
-    p.add_argument("--output_dir", default="runs/rank_sweep")
-    p.add_argument("--docs_dir", default=None, help="also copy rank_sweep.md / .png here (e.g. docs)")
+    p.add_argument("--output_dir", default=None, help="default: runs/rank_sweep (lowrank), runs/latent_sweep (latent)")
+    p.add_argument("--docs_dir", default=None,
+                   help="also copy the report here (e.g. docs): rank_sweep.md / .png, latent_sweep.md / .png for latent")
     p.add_argument("--command", default=None, help="the command line to print in the report (default: this one)")
     p.add_argument("--report_only", action="store_true",
                    help="do not train: rebuild the report from the finetune.py results.json already in --output_dir")
@@ -68,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [i for i in args.init_list if i not in INITS]
     if bad or not args.init_list or not args.rank_list or min(args.rank_list) < 1:
         raise SystemExit(f"--inits must be from {INITS} and --ranks positive integers; got {args.inits!r}, {args.ranks!r}.")
+    args.name = "rank_sweep" if args.mode == "lowrank" else "latent_sweep"  # file names: the two sweeps coexist
+    args.output_dir = args.output_dir or f"runs/{args.name}"
     if args.finetune_args and args.finetune_args[0] == "--":
         args.finetune_args = args.finetune_args[1:]
     return args
@@ -125,6 +128,10 @@ def collect(args, exact_at: int) -> tuple[dict, dict]:
             continue
         if args.report_only:
             results = json.loads((out / init / "results.json").read_text())
+            found = {r["mode"] for r in results["runs"]} - {"stock"}
+            if found - {args.mode}:
+                raise SystemExit(f"{out / init} holds {sorted(found)} runs, not --mode {args.mode}: pass the "
+                                 "--output_dir of a sweep of that mode.")
         else:
             results = run_finetune(args, init, ranks, with_stock, out / init)
         extra["runs"][init] = results
@@ -167,8 +174,9 @@ def report(args, rows: dict, extra: dict, wall_s: float, command: str) -> str:
                 v = values.get(i)
                 text = "–" if v is None else f"{v:.2f}"
                 cells.append(f"**{text}**" if v is not None and len(values) > 1 and v == best and not shared else text)
-        cache = next((rows[i, rank]["kv_cache_bytes_per_token"] for i in inits if (i, rank) in rows), None)
-        lines.append(f"| {rank}{' (exact: inits identical)' if shared else ''} | {cache:,.0f} | " + " | ".join(cells) + " |")
+        cache = next((rows[i, rank].get("kv_cache_bytes_per_token") for i in inits if (i, rank) in rows), None)
+        cache = "–" if cache is None else f"{cache:,.0f}"
+        lines.append(f"| {rank}{' (exact: inits identical)' if shared else ''} | {cache} | " + " | ".join(cells) + " |")
     stock = extra["stock"]
     first = next(iter(rows.values()))
     text = [
@@ -185,7 +193,7 @@ def report(args, rows: dict, extra: dict, wall_s: float, command: str) -> str:
         "",
         *lines,
         "",
-        "![rank sweep](rank_sweep.png)",
+        f"![rank sweep]({args.name}.png)",
         "",
         "## Setup",
         "",
@@ -269,15 +277,15 @@ def main(argv=None) -> None:
     }
     (out / "results.json").write_text(json.dumps(merged, indent=1))
     md = report(args, rows, extra, wall_s, command)
-    (out / "rank_sweep.md").write_text(md)
-    plot(args, rows, extra, out / "rank_sweep.png")
+    (out / f"{args.name}.md").write_text(md)
+    plot(args, rows, extra, out / f"{args.name}.png")
     print(md)
     if args.docs_dir:
         docs = Path(args.docs_dir)
         docs.mkdir(parents=True, exist_ok=True)
-        (docs / "rank_sweep.md").write_text(md)
-        plot(args, rows, extra, docs / "rank_sweep.png")
-        print(f"wrote {docs}/rank_sweep.md and rank_sweep.png")
+        (docs / f"{args.name}.md").write_text(md)
+        plot(args, rows, extra, docs / f"{args.name}.png")
+        print(f"wrote {docs}/{args.name}.md and {args.name}.png")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ moment of the homogeneous attention input x̃ = [x, 1] (x = the input of the att
               [E[x],   1    ]]
 
 averaged over every non-padding token. Hooks are removed and the train/eval mode restored even on error,
-and every batch is checked (integer dtype, ids in [0, vocab_size), length <= max_position_embeddings) before it is run,
+and every batch is checked (integer dtype, ids in [0, vocab_size), length <= the model's position limit) before it is run,
 so bad calibration input fails before any weight is touched.
 """
 

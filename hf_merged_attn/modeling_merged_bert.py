@@ -107,7 +107,7 @@ SPEC = _spec("BERT", "bert", BertSelfAttention, MergedBertSelfAttention, MergedB
 # RoBERTa numbers positions from padding_idx + 1 (transformers' create_position_ids_from_input_ids): 514 embeddings
 # hold 512 tokens
 ROBERTA_SPEC = _spec("RoBERTa", "roberta", RobertaSelfAttention, MergedRobertaSelfAttention, MergedRobertaConfig,
-                     RobertaLayer, max_length=lambda config: config.max_position_embeddings - config.pad_token_id - 1)
+                     RobertaLayer, max_length=lambda config: config.max_position_embeddings - (config.pad_token_id or 0) - 1)
 
 # The Auto class of each head, in the order of the class lists below (the same heads for BERT and RoBERTa).
 _AUTO = ("AutoModel", "AutoModelForMaskedLM", "AutoModelForSequenceClassification", "AutoModelForTokenClassification",

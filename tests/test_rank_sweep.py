@@ -28,6 +28,6 @@ def test_latent_sweep_reports_both_inits_and_measured_cache(assets, tmp_path, ca
     # measured on the cache after generate(): one latent of r_c fp32 numbers per token and layer (stock: 2 x 64)
     assert rows["svd", 8]["kv_cache_bytes_per_token"] == 2 * 8 * 4
     assert rows["svd", 64]["kv_cache_bytes_per_token"] == 2 * 64 * 4
-    report = (out / "rank_sweep.md").read_text()
+    report = (out / "latent_sweep.md").read_text()  # its own name: a lowrank sweep's report is not overwritten
     assert "Rank sweep (latent)" in report and "| rank | KV cache B/token |" in report and "| 8 | 64 |" in report
-    assert (out / "rank_sweep.png").stat().st_size > 0
+    assert (out / "latent_sweep.png").stat().st_size > 0 and not (out / "rank_sweep.md").exists()

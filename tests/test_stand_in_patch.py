@@ -74,11 +74,9 @@ def test_latent_whitened_loses_less_than_svd(stand_in):
     assert ppl["stock"] < ppl["whitened"] < ppl["svd"] < 1.05 * ppl["stock"], ppl
 
 
-def test_init_splits_script(tmp_path):
+def test_init_splits_script(tmp_path, monkeypatch):
     """examples/init_splits.py at tiny settings: both splits, svd once, whitened per calibration draw, the report."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "examples"))
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
     import init_splits
 
     result = init_splits.main(["--ranks", "2", "--latent_ranks", "32", "--draws", "2", "--eval_tokens", "512",

@@ -409,7 +409,9 @@ def markdown(study: dict) -> str:
         "",
         f"```bash\n{study['command']}\n```",
         "",
-        f"Code: commit {study['commit']}. Machine: {study['machine']}; {study['world_size']} process(es). "
+        f"Code: commit {study['commit']} (when the study started"
+        + (f"; HEAD was {study['commit_at_end']} when it finished" if study.get("commit_at_end", study["commit"]) != study["commit"] else "")
+        + f"). Machine: {study['machine']}; {study['world_size']} process(es). "
         f"Wall time: {study['wall_time_s'] / 60:.1f} min for this invocation, {study['runs_time_s'] / 60:.1f} min summed "
         f"over the {len(study['runs'])} runs (a resumed study reuses finished runs). Started {study['started']}.",
         "",
@@ -628,6 +630,7 @@ def run_study(args, ft, modes, grid) -> dict | None:
     accelerator = Accelerator(gradient_accumulation_steps=ft.gradient_accumulation_steps,
                               cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available())
     started, start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.time()
+    code = commit()  # the code this process loaded: HEAD may move on during a long study
     study = Study(args, ft, modes, accelerator)
     if accelerator.is_main_process:
         study.out.mkdir(parents=True, exist_ok=True)
@@ -661,7 +664,7 @@ def run_study(args, ft, modes, grid) -> dict | None:
     runs = [r for records in (*sweeps.values(), *finals.values(), *same.values()) for r in records]
     runs = list({(r["phase"], r["label"], r["lr"], r["seed"]): r for r in runs}.values())  # same-lr runs may repeat
     result = {
-        "command": args.command, "commit": commit(), "machine": machine(), "started": started,
+        "command": args.command, "commit": code, "commit_at_end": commit(), "machine": machine(), "started": started,
         "wall_time_s": time.time() - start, "runs_time_s": sum(r["wall_s"] for r in runs),
         "world_size": accelerator.num_processes, "args": vars(args), "finetune_args": vars(ft),
         "counts": {phase: sum(r["phase"] == phase for r in runs) for phase in ("sweep", "final")},

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import gc
 import hashlib
 import json
 import os
@@ -859,6 +860,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     plot_curves(records, output_dir / "loss_curves.png")
     accelerator.print("\n" + table)
     accelerator.print(f"wrote {output_dir}/results.json, results.md, loss_curves.png in {time.time() - start:.0f} s")
+    gc.collect()  # DDP wrappers left in reference cycles go now, not after the process group (see pretrain.py's end)
     accelerator.end_training()
     return results
 

@@ -26,6 +26,7 @@ Pipeline (modelled on transformers' ``run_clm_no_trainer.py``):
    are written to ``--output_dir``.
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -293,6 +294,13 @@ def main(argv=None):
         log["wall_time_s"] = round(time.time() - t_start, 1)
         with open(os.path.join(args.output_dir, "training_log.json"), "w") as f:
             json.dump(log, f, indent=1)
+    # Free the DDP wrapper before the process group is destroyed. Its Reducer holds the group: were the Reducer's
+    # destructor to drop the group's last reference (after end_training), ~ProcessGroupGloo would join gloo's worker
+    # threads while holding the GIL that a worker may need to free a finished barrier's tensors — a shutdown deadlock
+    # seen here with torch 2.13 on 2 CPU ranks. Dropped through destroy_process_group, the group is freed without it.
+    del model, optimizer, train_dl, scheduler, eval_dls, periodic_dls, unwrapped
+    accelerator.free_memory()
+    gc.collect()
     accelerator.end_training()
 
 

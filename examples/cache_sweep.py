@@ -38,6 +38,11 @@ def configurations(d: int, hd: int, latent_ranks: list[int]) -> list[tuple[str, 
     return out
 
 
+def split_tokens(tokenizer, data_dir: str | Path, split: str) -> torch.Tensor:
+    """The token ids of `<data_dir>/<split>.txt` as one 1-D stream."""
+    return torch.tensor(tokenizer((Path(data_dir) / f"{split}.txt").read_text(encoding="utf-8"))["input_ids"])
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name_or_path", default=str(HERE / "shakespeare-gpt2"))
@@ -55,11 +60,8 @@ def main(argv=None) -> dict:
     d, hd = stock.config.hidden_size, stock.config.hidden_size // stock.config.num_attention_heads
     ranks = args.latent_ranks or [d, 3 * d // 4, d // 2, 3 * d // 8, d // 4, d // 8]
 
-    def tokens(split: str) -> torch.Tensor:
-        return torch.tensor(tokenizer((Path(args.data_dir) / f"{split}.txt").read_text(encoding="utf-8"))["input_ids"])
-
-    held_out = tokens("validation")[: args.eval_tokens]
-    calibration = list(evenly_spaced_blocks(tokens("train"), 16, 256).split(4))  # 4 batches of (4, 256)
+    held_out = split_tokens(tokenizer, args.data_dir, "validation")[: args.eval_tokens]
+    calibration = list(evenly_spaced_blocks(split_tokens(tokenizer, args.data_dir, "train"), 16, 256).split(4))  # 4 batches of (4, 256)
     rows = []
     for label, mode, kwargs in configurations(d, hd, ranks):
         approximate = mode == "latent" or "value_rank" in kwargs

@@ -247,12 +247,15 @@ def causal_lm_spec(config, name: str):
 # ---------------------------------------------------------------- processes
 
 
+def on_cpu_ranks() -> bool:
+    """Several launched processes and no accelerator device: accelerate 1.15 only picks MULTI_CPU (gloo) when told
+    cpu=True; otherwise each launched process would silently train alone (world size 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
+
+
 def make_accelerator(args, spec) -> Accelerator:
     """This launch's Accelerator: DDP over gloo or FSDP2 on CPU ranks too; FSDP wraps the family's block (registry)."""
-    # Several processes and no accelerator device: accelerate 1.15 only picks MULTI_CPU (gloo) when told cpu=True;
-    # otherwise each launched process would silently train alone (world size 1).
-    on_cpu_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=on_cpu_ranks)
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=on_cpu_ranks())
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and \
             accelerator.distributed_type == DistributedType.MULTI_CPU:
         # accelerate 1.15 selects FSDP on accelerator devices only (AcceleratorState): on CPU ranks an FSDP config

@@ -30,6 +30,7 @@ from hf_merged_attn.evaluation import evaluate_perplexity
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from cache_sweep import split_tokens  # noqa: E402
 from rank_sweep import machine  # noqa: E402
 
 SPLITS = ("validation", "test")
@@ -51,11 +52,8 @@ def main(argv=None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     stock = AutoModelForCausalLM.from_pretrained(args.model_name_or_path).eval()
 
-    def tokens(split: str) -> torch.Tensor:
-        return torch.tensor(tokenizer((Path(args.data_dir) / f"{split}.txt").read_text(encoding="utf-8"))["input_ids"])
-
-    held_out = {split: tokens(split)[: args.eval_tokens] for split in SPLITS}
-    train = tokens("train")
+    held_out = {split: split_tokens(tokenizer, args.data_dir, split)[: args.eval_tokens] for split in SPLITS}
+    train = split_tokens(tokenizer, args.data_dir, "train")
     step = len(train) // 16  # draw k: block i starts at i*step + k*step/draws (disjoint for step >= draws * 256)
     if step < args.draws * 256:
         raise ValueError(f"the training split ({len(train)} tokens) is too short for {args.draws} disjoint draws of 16 "

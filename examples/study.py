@@ -628,7 +628,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 def run_study(args, ft, modes, grid) -> dict | None:
     accelerator = Accelerator(gradient_accumulation_steps=ft.gradient_accumulation_steps,
-                              cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available())
+                              cpu=finetune.on_cpu_ranks())
     started, start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.time()
     code = commit()  # the code this process loaded: HEAD may move on during a long study
     study = Study(args, ft, modes, accelerator)

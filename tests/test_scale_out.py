@@ -19,11 +19,16 @@ from transformers import AutoModelForCausalLM
 CONFIGS = ROOT / "examples" / "accelerate_configs"
 
 
+def launch_command(config: str, args: list[str], port: int) -> list[str]:
+    """`accelerate launch --config_file examples/accelerate_configs/<config> examples/finetune.py ARGS`."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
+            "--main_process_port", str(port), str(ROOT / "examples" / "finetune.py"), *args]
+
+
 def launch(config: str, args: list[str], port: int) -> dict:
-    """`accelerate launch --config_file examples/accelerate_configs/<config> examples/finetune.py ARGS`; results.json."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
-               "--main_process_port", str(port), str(ROOT / "examples" / "finetune.py"), *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=LAUNCH_ENV)
+    """Run launch_command, which must succeed; its results.json."""
+    result = subprocess.run(launch_command(config, args, port), capture_output=True, text=True, timeout=600,
+                            env=LAUNCH_ENV)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads((Path(args[args.index("--output_dir") + 1]) / "results.json").read_text())
 
@@ -109,9 +114,8 @@ def test_shipped_configs_name_what_they_promise():
 def test_push_to_hub_is_refused_when_sharded(assets, tmp_path):
     """push_to_hub on a sharded model would upload one rank's shards: refused before any work, with what to do."""
     args = tiny_args(assets, tmp_path / "push", "--modes", "covariance", "--push_to_hub", "--hub_model_id", "me/x")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp.yaml"),
-               "--main_process_port", "29534", str(ROOT / "examples" / "finetune.py"), *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=LAUNCH_ENV)
+    result = subprocess.run(launch_command("fsdp.yaml", args, 29534), capture_output=True, text=True, timeout=300,
+                            env=LAUNCH_ENV)
     assert result.returncode != 0
     assert "--push_to_hub with FSDP" in result.stderr and "push that folder" in result.stderr
     assert not (tmp_path / "push" / "covariance-seed0").exists()  # nothing trained

@@ -147,16 +147,18 @@ class PatchConfig:
                 )
             self.value_rank = self._integer_rank(self.value_rank, "value_rank")
 
-    @staticmethod
-    def _integer_rank(rank, name: str) -> int:
+    def _integer_rank(self, rank, name: str) -> int:
+        if name == "value_rank":
+            allowed = ("value_rank takes an integer r_v with 1 <= r_v <= the head size (r_v = head size, e.g. 64 for "
+                       "GPT-2, is exact), or values='merged' for M_h whole")
+        else:
+            exact = "r = head size is exact" if self.mode == "lowrank" else "r_c = hidden size is exact"
+            allowed = (f"mode={self.mode!r} takes an integer rank >= 1 ({exact}), a dict {{block: rank}}, or a float "
+                       "in (0, 1) (the spectral energy to keep)")
         if isinstance(rank, bool) or not isinstance(rank, Integral):
-            raise ValueError(
-                f"{name}={rank!r} ({type(rank).__name__}) is not an integer; lowrank and latent need an integer rank "
-                "r >= 1 (lowrank: r = head size is exact; latent: r_c = hidden size is exact), a dict {block: r}, "
-                "or a float in (0, 1) (the spectral energy to keep)."
-            )
+            raise ValueError(f"{name}={rank!r} ({type(rank).__name__}) is not an integer; {allowed}.")
         if rank < 1:
-            raise ValueError(f"{name}={rank} is below 1; lowrank and latent need an integer rank r >= 1.")
+            raise ValueError(f"{name}={rank} is below 1; {allowed}.")
         return int(rank)
 
     @staticmethod
@@ -215,12 +217,20 @@ class PatchConfig:
                 "the attention inputs on. Pass e.g. 16 blocks of 256 tokens of training text, or use init='svd'."
             )
 
-    def check_against(self, hidden_size: int, num_layers: int) -> None:
-        """Check rank and layers against a model's sizes and resolve `layers` (None -> all blocks).
+    def check_against(self, hidden_size: int, num_layers: int, num_heads: int | None = None) -> None:
+        """Check rank, value_rank (given `num_heads`) and layers against a model's sizes and resolve `layers`
+        (None -> all blocks).
 
         Raises:
-            ValueError: rank above the hidden size, or a layer index out of range / not an integer.
+            ValueError: rank above the hidden size, value_rank above the head size, or a layer index out of range /
+                not an integer.
         """
+        head_dim = hidden_size // num_heads if num_heads else None
+        if head_dim and self.value_rank is not None and self.value_rank > head_dim:
+            raise ValueError(
+                f"value_rank={self.value_rank} exceeds the head size {head_dim}: M_h = Wv_h Wo_h has rank <= {head_dim}, "
+                f"so r_v = {head_dim} is already exact. Use 1 <= value_rank <= {head_dim}, or values='merged'."
+            )
         if isinstance(self.rank, dict) and not all(0 <= i < num_layers for i in self.rank):
             raise ValueError(
                 f"rank={self.rank!r} names blocks outside this model's 0..{num_layers - 1}; key each rank by a block "
@@ -239,8 +249,13 @@ class PatchConfig:
         given = self.layers
         if isinstance(given, (str, bytes)) or not hasattr(given, "__iter__"):
             raise ValueError(f"layers={given!r} is not a list of block indices; pass e.g. layers=[0, 1] or None (all).")
+        if not given:
+            raise ValueError(
+                f"layers={given!r} names no block; pass a non-empty list of block indices in 0..{num_layers - 1}, or "
+                "None for all blocks. (To leave the model stock, do not patch it.)"
+            )
         bad = [i for i in given if isinstance(i, bool) or not isinstance(i, Integral) or not 0 <= i < num_layers]
-        if bad or not given:
+        if bad:
             raise ValueError(
                 f"layers={list(given)!r} has indices out of range {bad!r}; this model has {num_layers} blocks, so "
                 f"allowed indices are 0..{num_layers - 1}. Pass a non-empty list of those, or None for all."
@@ -258,7 +273,7 @@ class PatchConfig:
         return record
 
 
-def check_record(record, num_layers: int, hidden_size: int) -> PatchConfig:
+def check_record(record, num_layers: int, hidden_size: int, num_heads: int | None = None) -> PatchConfig:
     """Rebuild and check the `PatchConfig` of a checkpoint's `merged_attn` record against the model's sizes.
 
     The same validation as `patch_model` (through `PatchConfig`), plus what only a saved record can get wrong:
@@ -290,7 +305,7 @@ def check_record(record, num_layers: int, hidden_size: int) -> PatchConfig:
             mode, rank, None if isinstance(rank, dict) else layers, record.get("init"), record.get("values"),
             record.get("value_rank"),
         )
-        patch.check_against(hidden_size, num_layers)
+        patch.check_against(hidden_size, num_layers, num_heads)
     except ValueError as error:
         raise corrupt(f"merged_attn: {error}".rstrip(".")) from error
     patch.energy = energy
@@ -314,7 +329,8 @@ class ArchitectureSpec:
          family's scaling rule, causality and dropout (its default reads the common config names; override it
          where the family differs, e.g. GPT-2's layer-dependent scaling); `output_name` names the stock output projection the merged
          module keeps (shared by reference; None where it lives outside the self-attention module, as in BERT);
-         `forward` keeps the stock signature and return value and calls `self.attend(...)`, passing any additive
+         `forward` keeps the stock signature and return value and calls `self.attend(...)` (which applies the output
+         projection the module owns, and the per-head value bias of merged values), passing any additive
          score bias (ALiBi) as `score_bias`.
       4. `read_weights(stock_attention)` -> the canonical per-head dict {wq, wk, wv: (H, d, hd); bq, bk, bv:
          (H, hd)} and `write_weights(stock_attention, parts)`, its inverse (for export back to stock).
@@ -429,6 +445,10 @@ class MergedAttention:
             nn.Linear(d, H*r_v, bias=False) holding the P_h; None for latent and values="merged" (the value is x).
         latent_proj, k_up, v_up: latent only. latent_proj = nn.Linear(d, r_c, bias=False) (W_cᵀ); k_up, v_up =
             nn.Linear(r_c, d) (rows h*hd .. are Bk_hᵀ, Bv_hᵀ; v_up's bias is the stock value bias).
+        value_bias: with merged or low-rank values, (H, d): c_h = bv_h Wo_h, each head's value bias after the output
+            map. The output adds Σ_h rowsum(A_h) c_h, which is Σ_h c_h where every attention row sums to 1 and stays
+            exact where one does not (a query whose mask hides every key under SDPA; attention dropout). None
+            otherwise.
     The stock output projection, where the self-attention module owns one, keeps its stock attribute name
     `output_name` and is shared with the stock module it replaces (not copied).
     """
@@ -508,8 +528,10 @@ class MergedAttention:
         else:  # stock values (head size hd, with bias) or P_h of low-rank values (r_v; the bias is folded into the output)
             self.v_proj = nn.Linear(hidden_size, num_heads * self.value_head_dim, bias=value_rank is None, **factory)
         self.attn_dropout = nn.Dropout(settings["dropout"])
-        if own_output:  # M_h (or Q_h) of every head and the folded bias b̃ = bo + Σ_h bv_h Wo_h, as ONE linear map
+        self.value_bias = None
+        if own_output:  # M_h (or Q_h) of every head and bo as ONE linear map; c_h = bv_h Wo_h per head beside it
             setattr(self, self.output_name, nn.Linear(num_heads * self.value_head_dim, hidden_size, **factory))
+            self.value_bias = nn.Parameter(torch.zeros(num_heads, hidden_size, **factory))  # (H, d)
         elif self.output_name is not None:
             setattr(self, self.output_name, output if output is not None else self.new_output(config).to(**factory))
         elif output is not None:
@@ -558,7 +580,7 @@ class MergedAttention:
         score_bias: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Merged self-attention of `hidden_states` (B, T, d), before any output projection.
+        """Merged self-attention of `hidden_states` (B, T, d), through the output projection the module owns.
 
         Args:
             attention_mask: as the family's model passes it — additive float (eager) or boolean, True = attend
@@ -568,8 +590,9 @@ class MergedAttention:
             kwargs: passed on to the attention function (as stock does), and to the cache update.
 
         Returns:
-            The attention output (B, T, H*v) — (B, T, d) with stock values, H*d or H*r_v wide with merged or low-rank
-            values, for the output projection — and the weights (B, H, T, Tk), or None where none are computed.
+            The attention output through the module's output projection `output_name` (B, T, d) — or, where the
+            family keeps that projection outside the module (`output_name` None: BERT), before it, (B, T, d) — and
+            the weights (B, H, T, Tk), or None where none are computed.
         """
         implementation = self.config._attn_implementation or "eager"
         if implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
@@ -608,11 +631,16 @@ class MergedAttention:
             key, value = layer_cache.update(key, value, self.layer_idx, kwargs=kwargs)  # (B, Hk, Tk, qk), (B, Hv, Tk, v)
         if one_tensor:
             value = key
+        # under attention dropout the rows of A_h do not sum to 1: carry a constant 1 channel through A·V to get the row
+        # sums the per-head value bias c_h needs (training only: no cache is copied at decode time)
+        count_rows = self.value_bias is not None and self.training and self.attn_dropout.p > 0
+        if count_rows:
+            value = torch.cat([value, value.new_ones(*value.shape[:-1], 1)], dim=-1)  # (B, Hv, Tk, v + 1)
         if score_bias is not None:
             attention_mask = _bias_mask(score_bias, attention_mask, query.shape[2], key.shape[2], self.is_causal)
         absorbed = self.mode == "latent" and key.shape[2] > query.shape[2]  # decoding against cached tokens
         if absorbed:  # scores q_h·(c Bk_h) = (q_h Bk_hᵀ)·c: the queries move to the latent, the cache stays as it is
-            k_up = self.k_up.weight.view(self.num_heads, self.head_dim, -1)  # (H, hd, r_c): rows of head h = Bk_hᵀ
+            k_up = _linear_map(self.k_up, self.rank)[0].view(self.num_heads, self.head_dim, -1)  # (H, hd, r_c): Bk_hᵀ
             query, value = query @ k_up, key  # (B, H, T, r_c); the latent is the value too
         elif self.mode == "latent":  # training / prefill: expand the latent per head, fused SDPA kernels apply
             latent = key[:, 0]  # (B, Tk, r_c)
@@ -651,10 +679,27 @@ class MergedAttention:
                 scaling=self.scaling,
                 **kwargs,
             )
-        if absorbed:  # z_h = (A_h c) Bv_h + bv_h (a row of A_h sums to 1)
-            v_up = self.v_up.weight.view(self.num_heads, self.head_dim, -1)  # (H, hd, r_c)
-            attn_output = (attn_output.unsqueeze(-2) @ v_up.mT).squeeze(-2) + self.v_up.bias.view(self.num_heads, -1)
-        return attn_output.reshape(*lead, -1).contiguous(), attn_weights  # (B, T, H, v) -> (B, T, H*v)
+        if absorbed:  # z_h = (A_h c) Bv_h + rowsum(A_h) bv_h
+            v_up, v_bias = _linear_map(self.v_up, self.rank)  # (H*hd, r_c), (H*hd,)
+            v_up = v_up.view(self.num_heads, self.head_dim, -1)  # (H, hd, r_c)
+            v_bias = v_bias.view(self.num_heads, -1)  # (H, hd)
+            rows = _row_sums(attention_mask)  # (B, T, 1 or H), or None: every row sums to 1
+            attn_output = (attn_output.unsqueeze(-2) @ v_up.mT).squeeze(-2)  # (B, T, H, hd)
+            attn_output = attn_output + (v_bias if rows is None else rows.unsqueeze(-1).to(v_bias.dtype) * v_bias)
+        rows = None
+        if count_rows:
+            attn_output, rows = attn_output[..., :-1], attn_output[..., -1]  # (B, T, H, v), (B, T, H)
+        elif self.value_bias is not None:
+            rows = _row_sums(attention_mask)
+        attn_output = attn_output.reshape(*lead, -1)  # (B, T, H, v) -> (B, T, H*v)
+        if self.output_name is None:  # the family applies its output projection outside this module (BERT)
+            return attn_output.contiguous(), attn_weights
+        output = getattr(self, self.output_name)(attn_output)  # (B, T, d)
+        if self.value_bias is not None:  # + Σ_h rowsum(A_h) c_h
+            bias = self.value_bias.to(output.dtype)
+            output = output + (bias.sum(0) if rows is None else rows.to(bias.dtype) @ bias if rows.shape[-1] > 1
+                               else rows.to(bias.dtype) * bias.sum(0))
+        return output, attn_weights
 
     def _eager_attention(
         self,
@@ -748,6 +793,32 @@ class MergedAttention:
             scores = (query @ key[:, :, :kv_length].mT) * self.scaling  # (B, H, T, Tk)
         weights = self.attn_dropout(_masked_softmax(scores, attention_mask, value.dtype))
         return _weighted_values(weights, value[:, :, :kv_length]), weights  # (B, T, H, v)
+
+
+def _linear_map(module: nn.Module, in_features: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight (out, in), bias (out,) or None) of a linear projection, including any adapter wrapped around it.
+
+    A plain nn.Linear gives its own tensors. A wrapped one (a peft LoRA / DoRA layer on `k_up`, `v_up`) is read by
+    probing it with 0 and the unit vectors, so that its adapter acts in the absorbed decode exactly as in the
+    expanded forward (eval mode: the adapter's dropout is off).
+    """
+    if isinstance(module, nn.Linear):
+        return module.weight, module.bias
+    weight = next(p for p in module.parameters())
+    probe = torch.cat([weight.new_zeros(1, in_features), torch.eye(in_features, dtype=weight.dtype, device=weight.device)])
+    out = module(probe)  # (1 + in, out): row 0 = the bias, row 1 + i = column i of the weight + the bias
+    return (out[1:] - out[:1]).mT, out[0]
+
+
+def _row_sums(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The row sums of the attention weights implied by a mask, (B, T, 1 or H), or None where every row sums to 1.
+
+    Only a boolean (SDPA-style) mask can hide every key of a query; SDPA (and this module's kernels) then give that
+    query all-zero weights. An additive float mask (eager) leaves a softmax that sums to 1 in every row.
+    """
+    if mask is None or mask.dtype != torch.bool:
+        return None
+    return mask.any(dim=-1).transpose(1, 2)  # (B, 1 or H, T) -> (B, T, 1 or H)
 
 
 def _weighted_values(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

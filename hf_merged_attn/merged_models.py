@@ -6,13 +6,17 @@ An adapter makes each of its family's model classes with `merged_class(StockClas
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 
+import torch
 from torch import nn
 from transformers.utils.hub import CommitOperationAdd, hf_api
 
 from .merged_attention import ArchitectureSpec, CorruptRecordError, MergedAttention, check_record
+
+logger = logging.getLogger(__name__)
 
 
 def num_layers_of(config) -> int:
@@ -25,7 +29,7 @@ def merge_attention_modules(model: nn.Module, spec: ArchitectureSpec, record: di
 
     Used when building a model from a merged config, whose weights then come from a checkpoint.
     """
-    patch = check_record(record, num_layers_of(model.config), model.config.hidden_size)
+    patch = check_record(record, num_layers_of(model.config), model.config.hidden_size, model.config.num_attention_heads)
     for parent, name, child in spec.stock_attentions(model):
         if child.layer_idx in patch.layers:
             setattr(parent, name, spec.merged_attention_class.like(
@@ -63,6 +67,29 @@ def cache_summary(model: nn.Module, has_cache: bool) -> str:
     )
 
 
+def _load_folded_value_bias(model: nn.Module, info: dict, where) -> None:
+    """Checkpoints of merged / low-rank values saved before `value_bias` existed hold b̃ = bo + Σ_h c_h in the output
+    bias: with c_h = 0 they compute exactly what they computed when saved. Zero those, drop them from the missing
+    keys, and say what that folded form does not reproduce."""
+    old = [key for key in info.get("missing_keys", []) if key.endswith(".value_bias")]
+    if not old:
+        return
+    params = dict(model.named_parameters())
+    prefix = getattr(model, "base_model_prefix", "")
+    for key in old:
+        param = params.get(key, params.get(f"{prefix}.{key}"))
+        if param is not None:
+            with torch.no_grad():
+                param.zero_()
+            info["missing_keys"] = [k for k in info["missing_keys"] if k != key]
+    logger.warning(
+        "%s was saved before the per-head value bias c_h = bv_h Wo_h had its own weight (value_bias): its output bias "
+        "holds bo + Σ_h c_h, which it keeps (value_bias = 0). That equals stock wherever every attention row sums to 1, "
+        "not for queries whose mask hides every key (SDPA) or under attention dropout. Re-patch the stock model for "
+        "the exact form.", where,
+    )
+
+
 class MergedModelMixin:
     """What every merged model class adds to its stock transformers class: build, check, save, card, push.
 
@@ -72,7 +99,7 @@ class MergedModelMixin:
     merged_spec: ArchitectureSpec
 
     def __init__(self, config, *args, **kwargs):
-        check_record(config.merged_attn, num_layers_of(config), config.hidden_size)
+        check_record(config.merged_attn, num_layers_of(config), config.hidden_size, config.num_attention_heads)
         self.merged_spec.check_model(config)
         super().__init__(config, *args, **kwargs)
         merge_attention_modules(self, self.merged_spec, config.merged_attn)
@@ -99,6 +126,7 @@ class MergedModelMixin:
         except CorruptRecordError as error:
             raise ValueError(f"{pretrained_model_name_or_path}/config.json: {error}") from error
         attention = tuple(name + "." for name in model._merged_attention_names())
+        _load_folded_value_bias(model, info, pretrained_model_name_or_path)
         # mismatched keys come as (name, shape in the checkpoint, shape the config gives)
         mismatched = {key: f"{key}: checkpoint {list(saved)}, config {list(wanted)}"
                       for key, saved, wanted in info.get("mismatched_keys", [])}
@@ -148,31 +176,56 @@ class MergedModelMixin:
             self.__class__ = wrapper
 
     def create_model_card(self, results: dict | None = None, repo_id: str | None = None) -> str:
-        """A README.md: base model, mode, rank, parameter counts vs stock, how to load, optional results."""
+        """A README.md: base model, every choice of the patch (both sides) and whether it is exact, parameter counts
+        vs stock, the cache, how to load, optional results."""
         spec, record = self.merged_spec, self.config.merged_attn
         counts = parameter_counts(self)
         base = record.get("base_model")
+        base_text = f" (`{base}`)" if base else (f" (from a local folder `{record['base_model_folder']}`)"
+                                                 if record.get("base_model_folder") else "")
         where = repo_id or "path/to/this/folder"
         rank = record["rank"]
+        modules = [m for m in self.modules() if isinstance(m, MergedAttention)]
+        hidden, head_dim = modules[0].embed_dim, modules[0].head_dim
+        ranks = list(rank.values()) if isinstance(rank, dict) else [rank]
         if isinstance(rank, dict):
-            ranks = ", ".join(f"block {i}: {r}" for i, r in rank.items())
             energy = record.get("energy")
-            energy = f", the smallest keeping a share {energy:g} of each head's spectral energy" if energy else ""
-            rank_text = f"ranks per block ({ranks}{energy})"
+            source = "each head's S̃_h = [S_h; u_h]" if record["mode"] == "lowrank" else "the layer's stacked [Wk | Wv]"
+            energy = f", the smallest keeping a share {energy:g} of the spectral energy of {source}" if energy else ""
+            rank_text = f"ranks per block ({', '.join(f'block {i}: {r}' for i, r in rank.items())}{energy})"
         else:
             rank_text = f"rank {rank}"
         seed = "activation-whitened SVD" if record.get("init") == "whitened" else "SVD"
+        cached = "only c is cached" if spec.has_cache else "keys and values are expanded from c; an encoder caches nothing"
         what = {
             "covariance": "whose query–key product is held as one d x d matrix per head (S_h = Wq_h·Wk_hᵀ, covariance mode)",
             "lowrank": f"whose query–key product is held factored at {rank_text} (S_h ≈ U_h·V_hᵀ, lowrank mode, "
             f"seeded by {seed})",
             "latent": f"whose keys and values come from one shared latent per layer, c = x·W_c at {rank_text} "
-            f"(latent mode, seeded by {seed} of the stacked [Wk | Wv]; only c is cached)",
+            f"(latent mode, seeded by {seed} of the layer's stacked [Wk | Wv]; {cached})",
         }[record["mode"]]
+        value_rank = record.get("value_rank")
+        if record.get("values") == "merged":
+            values = ("Values are merged: the value is the layer input x, shared by every head, and each head's output "
+                      "map holds M_h = Wv_h·Wo_h (d x d), with the value bias c_h = bv_h·Wo_h beside it (exact).")
+        elif value_rank is not None:
+            values = (f"Values are low-rank at r_v = {value_rank}: M_h = Wv_h·Wo_h ≈ P_h·Q_hᵀ, seeded by {seed} "
+                      f"({'exact: r_v is the head size' if value_rank >= head_dim else f'an approximation: the head size is {head_dim}'}).")
+        else:
+            values = "Values and the output projection are the stock ones."
+        exact_keys = record["mode"] == "covariance" or all(
+            r >= (head_dim if record["mode"] == "lowrank" else hidden) for r in ranks
+        )
+        exact = exact_keys and (value_rank is None or value_rank >= head_dim)
+        exact_text = ("At patch time it computed exactly what the base model computed (up to round-off)." if exact
+                      else "At patch time it approximated the base model (" + ", ".join(
+                          side for side, ok in (("the query–key side", exact_keys),
+                                                ("the value side", value_rank is None or value_rank >= head_dim)) if not ok
+                      ) + " below full rank); fine-tuning may have recovered part of the difference.")
         auto = next((a for m, a in spec.model_classes.values() if m is type(self) and a), "AutoModel")
         stock_type = spec.model_types[0]
         front = ["---", "library_name: transformers", f"tags: [hf_merged_attn, {stock_type}, merged-attention]"]
-        if base and not os.path.isdir(str(base)):  # a hub id, not a local folder
+        if base:  # a Hub id (a local folder is recorded by its name only, as base_model_folder)
             front.append(f"base_model: {base}")
         lines = front + [
             "---",
@@ -180,8 +233,9 @@ class MergedModelMixin:
             f"# {type(self).__name__}: {record['mode']} attention"
             + ("" if not rank else ", ranks per block" if isinstance(rank, dict) else f", rank {rank}"),
             "",
-            f"{spec.family}{f' (`{base}`)' if base else ''} {what}, made with hf_merged_attn. Patched blocks: "
-            f"{record['layers']}.",
+            f"{spec.family}{base_text} {what}, made with hf_merged_attn. Patched blocks: {record['layers']}.",
+            "",
+            f"{values} {exact_text}",
             "",
             cache_summary(self, spec.has_cache),
             "",

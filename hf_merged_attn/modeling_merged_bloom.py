@@ -58,9 +58,9 @@ class MergedBloomAttention(MergedAttention, BloomAttention):
         """Same contract as `BloomAttention.forward`: returns (dropout(dense(attention)) + residual, weights)."""
         batch = hidden_states.shape[0]
         bias = alibi.view(batch, self.num_heads, 1, -1)  # (B*H, 1, Tk) -> (B, H, 1, Tk)
-        context, weights = self.attend(hidden_states, attention_mask, layer_past, score_bias=bias, **kwargs)
+        output, weights = self.attend(hidden_states, attention_mask, layer_past, score_bias=bias, **kwargs)  # through dense
         # (pretraining_tp > 1 with slow_but_exact applies `dense` in column slices: the same sum, other rounding)
-        return dropout_add(self.dense(context), residual, self.hidden_dropout, self.training), weights
+        return dropout_add(output, residual, self.hidden_dropout, self.training), weights
 
 
 def read_weights(attn: BloomAttention) -> dict[str, torch.Tensor]:

@@ -94,8 +94,8 @@ class MergedGPT2Attention(MergedAttention, GPT2Attention):
             raise NotImplementedError(
                 "MergedGPT2Attention is self-attention only; got encoder_hidden_states. Cross-attention is not patched."
             )
-        attn_output, attn_weights = self.attend(hidden_states, attention_mask, cache, **kwargs)
-        return self.resid_dropout(self.c_proj(attn_output)), attn_weights
+        attn_output, attn_weights = self.attend(hidden_states, attention_mask, cache, **kwargs)  # through c_proj
+        return self.resid_dropout(attn_output), attn_weights
 
 
 def read_weights(attn: GPT2Attention) -> dict[str, torch.Tensor]:

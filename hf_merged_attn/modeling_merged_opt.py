@@ -52,8 +52,7 @@ class MergedOPTAttention(MergedAttention, OPTAttention):
         output_attentions: bool = False, **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Same contract as `OPTAttention.forward`: returns (attn_output, attn_weights)."""
-        attn_output, attn_weights = self.attend(hidden_states, attention_mask, cache, **kwargs)
-        return self.out_proj(attn_output), attn_weights
+        return self.attend(hidden_states, attention_mask, cache, **kwargs)  # through out_proj
 
 
 def read_weights(attn: OPTAttention) -> dict[str, torch.Tensor]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 from importlib import import_module
 
 import torch
@@ -22,7 +24,6 @@ from .registry import SPECS, spec_for_model
 from .seeding import (
     best_rank_factors,
     covariance_from_qk,
-    folded_output_bias,
     values_from_vo,
     latent_from_kv,
     latent_singular_values,
@@ -30,6 +31,7 @@ from .seeding import (
     qk_from_homogeneous,
     qk_singular_values,
     rank_for_energy,
+    value_bias_per_head,
     whitened_lowrank_from_qk,
 )
 
@@ -113,7 +115,8 @@ def seeded_weights(parts: dict[str, torch.Tensor], mode: str, rank: int | None, 
         weights[f"{output_name}.weight"] = up.permute(1, 0, 2).reshape(d, heads * width) if down is not None else (
             up.permute(2, 0, 1).reshape(d, heads * width)  # column h*d + i of the map = row i of M_h
         )  # (d, H*k): the output of head h (k numbers) multiplies columns h*k .. (h+1)*k - 1
-        weights[f"{output_name}.bias"] = folded_output_bias(parts["bv"], parts["wo"], parts["bo"])
+        weights[f"{output_name}.bias"] = parts["bo"]
+        weights["value_bias"] = value_bias_per_head(parts["bv"], parts["wo"])  # (H, d): c_h = bv_h Wo_h
         if down is not None:
             weights["v_proj.weight"] = heads_to_linear(down)
     elif mode != "latent":
@@ -149,14 +152,17 @@ def seeded_attention(
                              value_rank=value_rank, output_name=new.output_name)
     # a new weight is trainable only if every stock weight it is seeded from is: the query/key/value weights, and
     # for an output map that holds M_h (merged or low-rank values) also the stock output projection
+    # (the P_h of low-rank values and the value bias c_h = bv_h Wo_h are seeded from both sides as well)
     output = f"{new.output_name}." if new.output_name else None
     qkv_trainable = all(p.requires_grad for n, p in attn.named_parameters() if not (output and n.startswith(output)))
     all_trainable = all(p.requires_grad for p in attn.parameters())
+    both_sides = (output,) if value_rank is None else (output, "v_proj.")
     params = dict(new.named_parameters())
     with torch.no_grad():
         for name, tensor in weights.items():
-            params[name].copy_(tensor)
-            params[name].requires_grad_(all_trainable if output and name.startswith(output) else qkv_trainable)
+            params[name].copy_(tensor.reshape(params[name].shape))
+            from_both = name == "value_bias" or (output is not None and name.startswith(both_sides))
+            params[name].requires_grad_(all_trainable if from_both else qkv_trainable)
     return new
 
 
@@ -253,13 +259,7 @@ def patch_model(
             "module to patch. Pass the transformers model itself (e.g. AutoModel.from_pretrained(...)), not a part "
             "of it."
         )
-    patch.check_against(config.hidden_size, len(found))
-    head_dim = config.hidden_size // config.num_attention_heads
-    if patch.value_rank is not None and patch.value_rank > head_dim:
-        raise ValueError(
-            f"value_rank={patch.value_rank} exceeds the head size {head_dim}: M_h = Wv_h Wo_h has rank <= {head_dim}, "
-            f"so r_v = {head_dim} is already exact. Use 1 <= value_rank <= {head_dim}, or values='merged'."
-        )
+    patch.check_against(config.hidden_size, len(found), config.num_attention_heads)
     patched = [(parent, name, old) for parent, name, old in found if old.layer_idx in patch.layers]
     _refuse_adapters(model, spec, patch, [old for _, _, old in patched])
     moments, calibration_tokens = {}, None
@@ -273,6 +273,9 @@ def patch_model(
                 "weights first, or pass an integer rank or a dict {block: rank}."
             )
         patch.rank = {old.layer_idx: _rank_for_energy(spec, old, patch.mode, patch.energy) for _, _, old in patched}
+    # The patched model gets its own copy of the config: another model built from the same config object must not
+    # start reporting a patch (and a merged model_type) it does not have.
+    shared_config, config = config, copy.deepcopy(config)
     seeded = [  # every new module is built before the first swap: a seeding error leaves the model untouched
         (parent, name, old, seeded_attention(
             spec, old, config, patch.mode, patch.rank_for(old.layer_idx), moment=moments.get(old.layer_idx),
@@ -282,11 +285,14 @@ def patch_model(
     ]
     for parent, name, old, new in seeded:
         _swap(parent, name, old, new)
+    for module in model.modules():  # the config becomes the patched model's own (see `_own_config`)
+        if module.__dict__.get("config") is shared_config:
+            module.config = config
 
     if type(config) is spec.config_class.__base__:  # the stock config class: same fields plus merged_attn
         config.__class__ = spec.config_class  # model_type "merged_<family>"
     _forget_merged_names(config)
-    config.merged_attn = {**patch.to_dict(), "base_model": config._name_or_path or None}
+    config.merged_attn = {**patch.to_dict(), **base_model_record(config._name_or_path)}
     if calibration_tokens is not None:
         config.merged_attn["calibration_tokens"] = calibration_tokens
     inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # under peft
@@ -301,15 +307,32 @@ def patch_model(
     return model
 
 
+def _adapters_on(model: nn.Module, modules: list[tuple[nn.Module, str | None]]) -> list[str]:
+    """Paths of the peft-wrapped projections (LoRA, ...) inside each module of (module, name of a submodule to skip)."""
+    paths = {module: path for path, module in model.named_modules()}
+    return [
+        f"{paths[parent]}.{name}" for parent, kept in modules for name, module in parent.named_modules()
+        if isinstance(getattr(module, "base_layer", None), nn.Module) and name.split(".")[0] != kept
+    ]
+
+
+def base_model_record(name_or_path) -> dict[str, str | None]:
+    """What a patch record says about the model it was made from: {"base_model": a Hub id} — or, for a model loaded
+    from a local folder, {"base_model": None, "base_model_folder": the folder's name}: a user's path never goes into
+    a config, a model card or the Hub."""
+    path = str(name_or_path or "")
+    if not path:
+        return {"base_model": None}
+    if os.path.isabs(path) or os.path.exists(path) or path.startswith((".", "~")) or "\\" in path:
+        return {"base_model": None, "base_model_folder": os.path.basename(os.path.normpath(path)) or None}
+    return {"base_model": path}
+
+
 def _refuse_adapters(model: nn.Module, spec: ArchitectureSpec, patch: PatchConfig, attentions: list[nn.Module]) -> None:
     """Raise if a peft adapter (LoRA, ...) sits on a weight that the patch replaces: seeding reads the base weights
     only, so it would be silently dropped. An output projection the merged module keeps (shared) keeps its adapter."""
     kept = spec.merged_attention_class.output_name if patch.values is None and patch.value_rank is None else None
-    paths = {module: path for path, module in model.named_modules()}
-    adapters = [
-        f"{paths[attn]}.{name}" for attn in attentions for name, module in attn.named_modules()
-        if isinstance(getattr(module, "base_layer", None), nn.Module) and name.split(".")[0] != kept
-    ]
+    adapters = _adapters_on(model, [(attn, kept) for attn in attentions])
     if adapters:
         raise ValueError(
             f"{', '.join(adapters)} carry peft adapters (e.g. LoRA) on weights that patch_model replaces; the merged "
@@ -336,15 +359,18 @@ def homogeneous_factors(attn: MergedAttention) -> tuple[torch.Tensor, torch.Tens
     return left, right
 
 
-def stock_attention(spec: ArchitectureSpec, attn: MergedAttention, config) -> tuple[nn.Module, float]:
+def stock_attention(spec: ArchitectureSpec, attn: MergedAttention, config) -> tuple[nn.Module, dict[str, float]]:
     """A stock attention module of family `spec` computing `attn`'s scores and values (bk = 0), or their best
     rank-hd approximation.
 
     Latent modules are always exact (Wk_h = W_c Bk_h, Wv_h = W_c Bv_h); covariance and lowrank keep the best
-    rank-hd part of each head's S̃_h = [S_h; u_h].
+    rank-hd part of each head's S̃_h = [S_h; u_h]; merged and low-rank values the best rank-hd part of each
+    M_h = Wv_h Wo_h, with the value bias bv_h solving bv_h Wo_h = c_h (any part of c_h outside the rows of Wo_h goes
+    to the output bias, exact wherever attention rows sum to 1).
 
     Returns:
-        The module and the largest per-head relative error ‖S̃ − Ŝ‖_F / ‖S̃‖_F (0 up to round-off when exact).
+        The module and the largest per-head relative errors by side: {"query_key": ‖S̃ − Ŝ‖_F / ‖S̃‖_F} plus
+        {"value_output": ‖M − M̂‖_F / ‖M‖_F} where the values are merged (0 up to round-off when exact).
     """
     heads = attn.num_heads
     weight = attn.q_proj.weight
@@ -356,18 +382,23 @@ def stock_attention(spec: ArchitectureSpec, attn: MergedAttention, config) -> tu
         wq, bq = linear_to_heads(weight.detach(), heads), attn.q_proj.bias.detach().view(heads, -1)  # stock queries
         wk = down @ linear_to_heads(attn.k_up.weight.detach(), heads)  # (d, r_c) @ (H, r_c, hd) -> (H, d, hd)
         wv = down @ linear_to_heads(attn.v_up.weight.detach(), heads)
-        bv, rel_error = attn.v_up.bias.detach().view(heads, -1), torch.zeros(heads)
+        bv, qk_error = attn.v_up.bias.detach().view(heads, -1), torch.zeros(heads)
     else:
-        wq, bq, wk, rel_error = qk_from_homogeneous(*homogeneous_factors(attn), attn.head_dim)  # (H,d,hd), (H,hd), ..
-    if attn.values is not None or attn.value_rank is not None:  # the output map holds M_h (or Q_h) and b̃
-        wv, wo, value_error = _stock_values(attn)
-        write_output(getattr(stock, attn.output_name), wo, getattr(attn, attn.output_name).bias.detach())
-        bv, rel_error = torch.zeros_like(bq), torch.maximum(rel_error, value_error)
+        wq, bq, wk, qk_error = qk_from_homogeneous(*homogeneous_factors(attn), attn.head_dim)  # (H,d,hd), (H,hd), ..
+    errors = {"query_key": qk_error.max().item()}
+    if attn.values is not None or attn.value_rank is not None:  # the output map holds M_h (or Q_h), c_h beside it
+        wv, wo, value_error = _stock_values(attn)  # (H, d, hd), (H, hd, d)
+        c = attn.value_bias.detach().to(wo.dtype)  # (H, d)
+        bv = torch.einsum("hd,hdk->hk", c, torch.linalg.pinv(wo))  # (H, hd): least squares bv_h Wo_h ≈ c_h
+        rest = (c - torch.einsum("hk,hkd->hd", bv, wo)).sum(0)  # (d,): 0 unless c_h left the rows of Wo_h
+        output = getattr(attn, attn.output_name).bias.detach()
+        write_output(getattr(stock, attn.output_name), wo, output + rest.to(output.dtype))
+        errors["value_output"] = value_error.max().item()
     elif attn.mode != "latent":
         wv = linear_to_heads(attn.v_proj.weight.detach(), heads)  # (H, d, hd)
         bv = attn.v_proj.bias.detach().view(heads, -1)  # (H, hd)
     spec.write_weights(stock, {"wq": wq, "bq": bq, "wk": wk, "bk": torch.zeros_like(bq), "wv": wv, "bv": bv})
-    return stock, rel_error.max().item()
+    return stock, errors
 
 
 def _stock_values(attn: MergedAttention) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -391,20 +422,28 @@ def _stock_values(attn: MergedAttention) -> tuple[torch.Tensor, torch.Tensor, to
 def unpatch_model(model: nn.Module, *, strict: bool = False, return_errors: bool = False):
     """Turn a patched model back into the stock model of its family (stock attention and config), in place.
 
-    Each head's S̃_h = [S_h; u_h] is factored by SVD and its best rank-hd part written to Wq_h, bq_h, Wk_h (bk = 0).
-    That is exact whenever rank(S̃_h) <= hd: lowrank r <= hd, or covariance before S_h has learned extra
-    rank. Otherwise it is truncated, and the per-layer relative error is logged (and returned).
+    Each head's S̃_h = [S_h; u_h] is factored by SVD and its best rank-hd part written to Wq_h, bq_h, Wk_h (bk = 0);
+    with merged or low-rank values, each M_h = Wv_h Wo_h likewise into Wv_h, Wo_h. That is exact whenever the
+    ranks fit the head size: lowrank r <= hd, value_rank, latent, or covariance / merged values before S_h / M_h have
+    learned extra rank. Otherwise it is truncated, and the per-layer relative error of each side is logged (and
+    returned).
+
+    A peft model (`PeftModel`) is unpatched inside: its adapters elsewhere (LoRA on the MLP, or on an output
+    projection the patch kept) stay. Adapters on the merged projections themselves are refused: the export reads
+    base weights only, so they would be dropped — merge them first (`model.merge_and_unload()`).
 
     Args:
-        model: a model patched by `patch_model` or loaded as a merged checkpoint.
+        model: a model patched by `patch_model` or loaded as a merged checkpoint (or a peft model around one).
         strict: raise instead of truncating when some layer cannot be exported exactly.
-        return_errors: also return {layer index: max relative error over its heads}.
+        return_errors: also return {layer index: {"query_key": error of S_h, "value_output": error of M_h}} (the
+            largest relative error over the layer's heads; "value_output" only with merged or low-rank values).
 
     Returns:
         The same model object (and the errors dict if `return_errors`).
 
     Raises:
-        ValueError: the model is not patched, or `strict` and some layer's error exceeds round-off.
+        ValueError: the model is not patched, peft adapters sit on merged projections, or `strict` and some
+            layer's error exceeds round-off.
     """
     found = [
         (parent, name, child)
@@ -414,26 +453,53 @@ def unpatch_model(model: nn.Module, *, strict: bool = False, return_errors: bool
     ]
     if not found:
         raise ValueError(f"{type(model).__name__} is not patched (no merged attention module); nothing to unpatch.")
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # under peft
     spec = next(s for s in SPECS if type(found[0][2]) is s.merged_attention_class)
-    config = model.config
+    _refuse_merged_adapters(model, [attn for _, _, attn in found])
+    config = inner.config
     exported = [(parent, name, old, *stock_attention(spec, old, config)) for parent, name, old in found]
     errors = {old.layer_idx: error for _, _, old, _, error in exported}
-    inexact = {i: e for i, e in errors.items() if e > EXACT_EXPORT_TOL}
-    if inexact and strict:
-        raise ValueError(
-            f"unpatch_model(strict=True): layers {sorted(inexact)} hold S_h of rank > head size "
-            f"{found[0][2].head_dim}; a stock {spec.family} would lose relative error {inexact}. Pass strict=False "
-            "to truncate (and check perplexity), or keep the patched model."
+    inexact = {i: {side: e for side, e in sides.items() if e > EXACT_EXPORT_TOL} for i, sides in errors.items()}
+    inexact = {i: sides for i, sides in inexact.items() if sides}
+    head_dim = found[0][2].head_dim
+    if inexact:
+        what = "; ".join(
+            f"layer {i}: " + ", ".join(f"{_SIDES[side]} (relative error {e:.3g})" for side, e in sides.items())
+            for i, sides in sorted(inexact.items())
         )
+        text = f"a stock {spec.family} keeps rank <= head size {head_dim} per head, so these lose their tail: {what}"
+        if strict:
+            raise ValueError(
+                f"unpatch_model(strict=True): {text}. Pass strict=False to truncate (and check perplexity), or keep "
+                "the patched model."
+            )
     for parent, name, old, new, _ in exported:
         _swap(parent, name, old, new)
     if inexact:
-        logger.warning("unpatch_model truncated S_h to rank %d; per-layer relative error: %s", found[0][2].head_dim, inexact)
+        logger.warning("unpatch_model truncated: %s", text)
     del config.merged_attn
     if type(config) is spec.config_class:
         config.__class__ = spec.config_class.__base__  # the stock config class
     _forget_merged_names(config)
     for stock_cls, (merged_cls, _) in spec.model_classes.items():
-        if type(model) is merged_cls:
-            _set_class(model, stock_cls)
+        if type(inner) is merged_cls:
+            _set_class(inner, stock_cls)
     return (model, errors) if return_errors else model
+
+
+# what each side of the export holds, for messages
+_SIDES = {"query_key": "S_h = Wq_h·Wk_hᵀ", "value_output": "M_h = Wv_h·Wo_h"}
+
+
+def _refuse_merged_adapters(model: nn.Module, attentions: list[MergedAttention]) -> None:
+    """Raise if a peft adapter sits on a projection of a merged module that the export rebuilds (all but an output
+    projection shared with the stock model, i.e. with stock values)."""
+    adapters = _adapters_on(model, [
+        (attn, attn.output_name if attn.values is None and attn.value_rank is None else None) for attn in attentions
+    ])
+    if adapters:
+        raise ValueError(
+            f"{', '.join(adapters)} carry peft adapters (e.g. LoRA) on merged projections that unpatch_model rebuilds "
+            "as stock weights; the export reads the base weights only, so the adapters would be lost. Merge them into "
+            "the weights first (model = model.merge_and_unload(), then unpatch_model(model))."
+        )

@@ -432,9 +432,14 @@ def latent_from_kv(
 # ---------------------------------------------------------------------------------------------------
 
 
-def folded_output_bias(bv: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor) -> torch.Tensor:
-    """b̃ = bo + Σ_h bv_h Wo_h (d,): the value bias applied once after attention (a row of A_h sums to 1)."""
-    return bo.to(_SEED_DTYPE) + torch.einsum("hk,hkd->d", bv.to(_SEED_DTYPE), wo.to(_SEED_DTYPE))
+def value_bias_per_head(bv: torch.Tensor, wo: torch.Tensor) -> torch.Tensor:
+    """c_h = bv_h Wo_h (H, d): each head's value bias carried through the output projection.
+
+    With merged or low-rank values it cannot stay a value bias (the value is x, or P_h has no bias), so the output
+    adds Σ_h (Σ_j A_h[i, j]) c_h: the row sums of A_h are 1 in most places, but 0 for a query whose mask hides every
+    key (SDPA) and anything under attention dropout, where folding Σ_h c_h into the output bias would be wrong.
+    """
+    return torch.einsum("hk,hkd->hd", bv.to(_SEED_DTYPE), wo.to(_SEED_DTYPE))
 
 
 def values_from_vo(

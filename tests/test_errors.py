@@ -20,7 +20,8 @@ from hf_merged_attn import patch_model
         ({"values": "shared"}, ValueError, r"values='shared' is not a value mode; allowed: None .* or 'merged'"),
         ({"mode": "latent", "rank": 4, "values": "merged"}, ValueError, r"with mode='latent', whose latent already serves"),
         ({"values": "merged", "value_rank": 2}, ValueError, r"value_rank=2 was given with values='merged'"),
-        ({"value_rank": 0}, ValueError, r"value_rank=0 is below 1"),
+        ({"value_rank": 0}, ValueError, r"value_rank=0 is below 1; value_rank takes an integer r_v with 1 <= r_v <= the head size"),
+        ({"value_rank": 0.9}, ValueError, r"value_rank=0.9 \(float\) is not an integer; value_rank takes an integer r_v"),
         ({"value_rank": HIDDEN // 4 + 1}, ValueError, r"value_rank=9 exceeds the head size 8"),
         ({"mode": "lowrank"}, ValueError, r"mode='lowrank' needs rank=r"),
         ({"mode": "lowrank", "rank": 2.5}, ValueError, r"rank=2.5 is a float, i.e. a spectral-energy target, but not in \(0, 1\)"),
@@ -42,7 +43,7 @@ from hf_merged_attn import patch_model
         ({"mode": "covariance", "rank": 8}, ValueError, r"rank=8 was given with mode='covariance'"),
         ({"layers": [0, LAYERS]}, ValueError, rf"layers=\[0, {LAYERS}\] has indices out of range \[{LAYERS}\].*0\.\.{LAYERS - 1}"),
         ({"layers": [-1]}, ValueError, r"out of range \[-1\]"),
-        ({"layers": []}, ValueError, r"layers=\[\] has indices out of range"),
+        ({"layers": []}, ValueError, r"layers=\[\] names no block; pass a non-empty list of block indices in 0\.\.1"),
         ({"layers": 1}, ValueError, r"layers=1 is not a list of block indices"),
     ],
 )
@@ -116,3 +117,13 @@ def test_a_static_cache_is_refused_up_front(mode, kwargs):
         model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False, cache_implementation="static")
     out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)  # the dynamic cache works
     assert out.shape == (1, 5)
+
+
+def test_messages_name_the_argument_and_the_mode():
+    """value_rank's messages speak of value_rank (no energy floats, no "lowrank and latent"); rank's of the mode."""
+    for kwargs, absent in (({"value_rank": 0.9}, "(0, 1)"), ({"value_rank": 0}, "lowrank and latent")):
+        with pytest.raises(ValueError) as info:
+            patch_model(make_gpt2(), **kwargs)
+        assert absent not in str(info.value)
+    with pytest.raises(ValueError, match=r"rank=0 is below 1; mode='latent' takes an integer rank >= 1 \(r_c = hidden"):
+        patch_model(make_gpt2(), "latent", rank=0)

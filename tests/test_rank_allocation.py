@@ -161,7 +161,7 @@ def test_per_block_ranks_save_reload_and_export(rank, tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
         expected = model(ids).logits
         _, errors = unpatch_model(loaded, return_errors=True)  # ranks <= hd, or padded with zero key columns
-        assert max(errors.values()) < 1e-5
+        assert max(max(sides.values()) for sides in errors.values()) < 1e-5
         assert max_diff(loaded(ids).logits, expected) < FP32_TOL
 
 

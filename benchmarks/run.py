@@ -177,13 +177,13 @@ def bench_decode(models: dict, specs: list[dict], args, device, impl: str, conte
         model.set_attn_implementation(impl)
         model.eval()
         cache = DynamicCache()
-        model(prefix, cache=cache, use_cache=True)
+        model(prefix, past_key_values=cache, use_cache=True)
         caches[spec["name"]] = cache
         sizes[spec["name"]] = cache_bytes(cache)
 
     def decode(model, cache):
         for i in range(args.decode_steps):
-            model(steps[:, i : i + 1], cache=cache, use_cache=True)
+            model(steps[:, i : i + 1], past_key_values=cache, use_cache=True)
 
     def reset(cache):
         extra = cache.get_seq_length() - context
@@ -195,7 +195,7 @@ def bench_decode(models: dict, specs: list[dict], args, device, impl: str, conte
         for spec in rotated(specs, rep):
             model, cache = models[spec["name"]], caches[spec["name"]]
             reset(cache)
-            model(steps[:, :1], cache=cache, use_cache=True)  # one untimed step: this model's weights back in cache
+            model(steps[:, :1], past_key_values=cache, use_cache=True)  # one untimed step: this model's weights back in cache
             reset(cache)
             elapsed = timed(lambda: decode(model, cache), device)
             if rep >= args.warmup:

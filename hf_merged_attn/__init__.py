@@ -11,7 +11,7 @@ checkpoints load with `AutoModelForCausalLM.from_pretrained(folder)` (or `AutoMo
 
 import transformers
 
-from .merged_attention import ArchitectureSpec, MergedAttention, PatchConfig
+from .merged_attention import ArchitectureSpec, MergedAttention, PatchConfig, use_kernels
 from .modeling_merged_bert import (
     MergedBertConfig,
     MergedBertModel,
@@ -69,5 +69,6 @@ __all__ = [
     "PatchConfig",
     "patch_model",
     "unpatch_model",
+    "use_kernels",
 ]
 __version__ = "0.2.0"

@@ -30,7 +30,8 @@ from typing import Callable
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, EncoderDecoderCache
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .attention_kernels import KERNELS, PHASES, CacheLayout, Kernel, KernelQuery, phase_of, resolve_kernel
 
 MODES = ("covariance", "lowrank", "latent")
 RANKED_MODES = ("lowrank", "latent")  # the modes that take rank=...
@@ -559,12 +560,34 @@ class MergedAttention:
         """A fresh output projection (d -> d) of the family's type, for `output_name`."""
         return nn.Linear(self.embed_dim, self.embed_dim)
 
+    @property
+    def cache_layout(self) -> CacheLayout:
+        """What this layer caches per token: the latent c (r_c), the shared key x (covariance, d) or per-head keys
+        (lowrank, H x r); per-head values (H x hd or r_v), the shared x (merged values, d), or none (the keys serve)."""
+        heads, d = self.num_heads, self.embed_dim
+        if self.mode == "latent":
+            return CacheLayout(1, self.rank, 1, 0)
+        key = (1, d) if self.mode == "covariance" else (heads, self.rank)
+        if self.values == "merged":
+            return CacheLayout(*key, 1, 0 if self.mode == "covariance" else d)
+        return CacheLayout(*key, heads, self.value_head_dim)
+
     def cache_numbers_per_token(self) -> int:
         """Numbers this layer caches per token (keys + values; x2 bytes in bf16): stock caches 2·d."""
-        keys = {"covariance": self.embed_dim, "lowrank": self.num_heads * (self.rank or 0), "latent": self.rank}[self.mode]
-        if self.mode == "latent" or (self.mode == "covariance" and self.values == "merged"):
-            return keys  # one tensor serves as keys and values
-        return keys + (self.embed_dim if self.values == "merged" else self.num_heads * self.value_head_dim)
+        return self.cache_layout.numbers_per_token()
+
+    kernel_overrides: dict[str, str] | None = None  # {phase: kernel name}, set by `use_kernels`
+
+    def _kernel(self, query: KernelQuery) -> Kernel:
+        """The kernel for `query`, resolved once per distinct query (implementation, device, phase, shapes) and
+        memoised, so `set_attn_implementation` and `.to()` re-resolve it; traced through under torch.compile."""
+        forced = (self.kernel_overrides or {}).get(query.phase)
+        if torch.compiler.is_compiling():
+            return resolve_kernel(query, forced)
+        memo = self.__dict__.setdefault("_kernel_memo", {})
+        if (query, forced) not in memo:
+            memo[(query, forced)] = resolve_kernel(query, forced)
+        return memo[(query, forced)]
 
     def extra_repr(self) -> str:
         rank = f", rank={self.rank}" if self.rank is not None else ""
@@ -601,44 +624,40 @@ class MergedAttention:
                 f"size {self.qk_head_dim}, value head size {self.head_dim}); supported: "
                 f"{', '.join(SUPPORTED_ATTN_IMPLEMENTATIONS)}. Call model.set_attn_implementation('sdpa')."
             )
+        layout = self.cache_layout
         lead = hidden_states.shape[:-1]  # (B, T)
+        length = lead[-1]
         query = self.q_proj(hidden_states).view(*lead, self.num_heads, -1).transpose(1, 2)  # (B, H, T, qk)
+        # The new tokens' keys and values in the layout the cache stores them (see CacheLayout): the latent c, the
+        # shared key x (covariance), or per-head keys (lowrank); values per head, x (merged), or none (= the keys).
         if self.mode == "latent":
-            key = self.latent_proj(hidden_states).unsqueeze(1)  # (B, 1, T, r_c): keys AND values, cached once
-            value = key[..., :0]  # (B, 1, T, 0): the cache's value slot holds nothing
+            fresh_key = self.latent_proj(hidden_states)  # (B, T, r_c)
         elif self.k_proj is None:
-            key = hidden_states.unsqueeze(1)  # (B, 1, T, d): the shared key, cached once per layer
+            fresh_key = hidden_states  # (B, T, d)
         else:
-            key = self.k_proj(hidden_states).view(*lead, self.num_heads, -1).transpose(1, 2)  # (B, H, T, r)
-        one_tensor = self.mode == "covariance" and self.values == "merged"  # keys and values are both x
-        if one_tensor:
-            value = key[..., :0]  # (B, 1, T, 0): x is cached once, in the key slot
-        elif self.values == "merged":
-            value = hidden_states.unsqueeze(1)  # (B, 1, T, d): the shared value
-        elif self.mode != "latent":
-            value = self.v_proj(hidden_states).view(*lead, self.num_heads, -1).transpose(1, 2)  # (B, H, T, hd or r_v)
+            fresh_key = self.k_proj(hidden_states)  # (B, T, H*r)
+        key = layout.stored(fresh_key, layout.key_heads)  # (B, 1, T, w) shared or packed, or (B, H, T, r)
+        if layout.values_are_keys:
+            value = key[..., :0]  # (B, 1, T, 0): the cache's value slot holds nothing
+        else:
+            fresh_value = hidden_states if self.values == "merged" else self.v_proj(hidden_states)  # (B, T, d or H*v)
+            value = layout.stored(fresh_value, layout.value_heads)
 
+        phase = "train"
         if cache is not None:
             layer_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-            if getattr(layer_cache, "is_compileable", False):  # StaticCache: pre-allocated in stock's layout
-                raise NotImplementedError(
-                    f"{type(layer_cache).__name__} (cache_implementation='static') is not supported by the {self.mode} "
-                    f"patch: it is pre-allocated in stock's layout, keys and values (B, {self.num_heads}, max_len, "
-                    f"{self.head_dim}), while this layer caches keys (B, {key.shape[1]}, T, {key.shape[-1]}) and values "
-                    f"(B, {value.shape[1]}, T, {value.shape[-1]}). Use the default dynamic cache: drop "
-                    "cache_implementation (or pass cache_implementation='dynamic')."
-                )
-            key, value = layer_cache.update(key, value, self.layer_idx, kwargs=kwargs)  # (B, Hk, Tk, qk), (B, Hv, Tk, v)
-        if one_tensor:
-            value = key
-        # under attention dropout the rows of A_h do not sum to 1: carry a constant 1 channel through A·V to get the row
-        # sums the per-head value bias c_h needs (training only: no cache is copied at decode time)
-        count_rows = self.value_bias is not None and self.training and self.attn_dropout.p > 0
-        if count_rows:
-            value = torch.cat([value, value.new_ones(*value.shape[:-1], 1)], dim=-1)  # (B, Hv, Tk, v + 1)
-        if score_bias is not None:
-            attention_mask = _bias_mask(score_bias, attention_mask, query.shape[2], key.shape[2], self.is_causal)
-        absorbed = self.mode == "latent" and key.shape[2] > query.shape[2]  # decoding against cached tokens
+            phase = phase_of(layer_cache, self.layer_idx)  # read before the update
+            cached = layer_cache.update(key, value, self.layer_idx, kwargs=kwargs)  # (B, Hk, Tk, .), (B, Hv, Tk, .)
+            if phase == "decode":  # attend the cache; a prefill attends its own fresh tokens (a static buffer is longer)
+                key, value = cached
+        if phase != "decode" and attention_mask is not None and attention_mask.shape[-1] > length:
+            attention_mask = attention_mask[..., :length]  # a static cache's mask spans its whole buffer
+        if phase != "decode" and score_bias is not None and score_bias.shape[-1] > length:
+            score_bias = score_bias[..., :length]
+        key = layout.unpacked(key, layout.key_heads)  # (B, Hk, Tk, .): a view
+        value = key if layout.values_are_keys else layout.unpacked(value, layout.value_heads)
+
+        absorbed = self.mode == "latent" and phase == "decode"
         if absorbed:  # scores q_h·(c Bk_h) = (q_h Bk_hᵀ)·c: the queries move to the latent, the cache stays as it is
             k_up = _linear_map(self.k_up, self.rank)[0].view(self.num_heads, self.head_dim, -1)  # (H, hd, r_c): Bk_hᵀ
             query, value = query @ k_up, key  # (B, H, T, r_c); the latent is the value too
@@ -646,39 +665,25 @@ class MergedAttention:
             latent = key[:, 0]  # (B, Tk, r_c)
             key = self.k_up(latent).view(*latent.shape[:2], self.num_heads, -1).transpose(1, 2)  # (B, H, Tk, hd)
             value = self.v_up(latent).view(*latent.shape[:2], self.num_heads, -1).transpose(1, 2)  # (B, H, Tk, hd)
+        # under attention dropout the rows of A_h do not sum to 1: carry a constant 1 channel through A·V to get the row
+        # sums the per-head value bias c_h needs (training only: no cache is copied at decode time)
+        count_rows = self.value_bias is not None and self.training and self.attn_dropout.p > 0
+        if count_rows:
+            value = torch.cat([value, value.new_ones(*value.shape[:-1], 1)], dim=-1)  # (B, Hv, Tk, v + 1)
+        if score_bias is not None:
+            attention_mask = _bias_mask(score_bias, attention_mask, length, key.shape[2], self.is_causal)
 
-        shared_key = (key.shape[1] == 1 or value.shape[1] == 1) and self.num_heads > 1  # a head-shared key or value
-        unequal = query.shape[-1] != value.shape[-1]  # q/k head size != v head size: SDPA has no fused kernel
-        if implementation == "eager":
-            attn_output, attn_weights = self._eager_attention(query, key, value, attention_mask)
-        elif shared_key or (unequal and query.shape[2] == 1):
-            # Covariance, a head-shared value (merged values), the absorbed latent, and lowrank r != hd decoding one
-            # token: SDPA would take its math fallback (or refuse a value with one head), which (for the
-            # shared key) copies the key to every head and computes all T x Tk scores, and (for one token) scales a
-            # copy of the whole K cache. _eager_attention does one GEMM per block of queries against the shared key,
-            # skips the keys above the diagonal when sdpa would be causal (no mask, T > 1), and gives the same
-            # results as SDPA, including a zero output for a query whose mask hides every key. No weights, like SDPA.
-            causal = attention_mask is None and query.shape[2] > 1 and kwargs.get("is_causal", self.is_causal)
-            attn_output, attn_weights = self._eager_attention(
-                query, key, value, attention_mask, causal=bool(causal), need_weights=False
-            )
-        else:
-            if unequal and query.shape[-1] < value.shape[-1]:
-                # lowrank r < hd over T > 1 tokens: zero-pad q and k to hd (q·k is unchanged, the cache keeps r) so
-                # that SDPA can use a fused kernel (CPU flash attention needs equal q/k and v head sizes) instead of
-                # its math fallback, which materialises the T x Tk scores.
-                pad = value.shape[-1] - query.shape[-1]
-                query, key = nn.functional.pad(query, (0, pad)), nn.functional.pad(key, (0, pad))
-            attn_output, attn_weights = ALL_ATTENTION_FUNCTIONS[implementation](
-                self,
-                query,
-                key,
-                value,
-                attention_mask,
-                dropout=self.attn_dropout.p if self.training else 0.0,
-                scaling=self.scaling,
-                **kwargs,
-            )
+        dropout = self.training and self.attn_dropout.p > 0
+        kernel = self._kernel(KernelQuery(
+            implementation, query.device.type, phase, shared=key.shape[1] == 1 or value.shape[1] == 1,
+            mqa=key.shape[1] == 1 and value.shape[1] == 1 and self.num_heads > 1,
+            equal_widths=query.shape[-1] == value.shape[-1], width=query.shape[-1], dropout=dropout,
+            score_bias=score_bias is not None,
+        ))
+        # sdpa's is_causal (no mask, several fresh tokens): query i sees keys 0..i
+        causal = bool(attention_mask is None and length > 1 and kwargs.get("is_causal", self.is_causal))
+        attn_output, attn_weights = kernel.run(self, query, key, value, attention_mask, causal,
+                                               implementation == "eager", kwargs)
         if absorbed:  # z_h = (A_h c) Bv_h + rowsum(A_h) bv_h
             v_up, v_bias = _linear_map(self.v_up, self.rank)  # (H*hd, r_c), (H*hd,)
             v_up = v_up.view(self.num_heads, self.head_dim, -1)  # (H, hd, r_c)
@@ -793,6 +798,20 @@ class MergedAttention:
             scores = (query @ key[:, :, :kv_length].mT) * self.scaling  # (B, H, T, Tk)
         weights = self.attn_dropout(_masked_softmax(scores, attention_mask, value.dtype))
         return _weighted_values(weights, value[:, :, :kv_length]), weights  # (B, T, H, v)
+
+
+def use_kernels(model: nn.Module, **by_phase: str | None) -> nn.Module:
+    """Force attention kernels by phase on every merged layer of `model`, e.g. `use_kernels(model, decode="sdpa_mqa")`
+    (None: back to the automatic choice). Phases: "train", "prefill", "decode"; kernels: `attention_kernels.KERNELS`.
+    A forced kernel must fit the attention it is asked to compute (checked when it runs). Returns `model`."""
+    bad = {p: k for p, k in by_phase.items() if p not in PHASES or (k is not None and k not in KERNELS)}
+    if bad:
+        raise ValueError(f"use_kernels({bad}): phases are {PHASES}, kernels {list(KERNELS)} (or None for automatic).")
+    for module in model.modules():
+        if isinstance(module, MergedAttention):
+            overrides = {**(module.kernel_overrides or {}), **by_phase}
+            module.kernel_overrides = {p: k for p, k in overrides.items() if k is not None} or None
+    return model
 
 
 def _linear_map(module: nn.Module, in_features: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -108,17 +108,6 @@ def test_an_energy_target_on_a_meta_device_model():
     assert not hasattr(model.config, "merged_attn")
 
 
-@pytest.mark.parametrize("mode,kwargs", [("covariance", {}), ("lowrank", {"rank": 8}), ("latent", {"rank": 8}),
-                                         ("covariance", {"values": "merged"})])
-def test_a_static_cache_is_refused_up_front(mode, kwargs):
-    model = patch_model(make_gpt2(), mode, **kwargs)
-    with pytest.raises(NotImplementedError, match=rf"StaticCache \(cache_implementation='static'\) is not supported by "
-                                                  rf"the {mode} patch: .*Use the default dynamic cache"):
-        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False, cache_implementation="static")
-    out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)  # the dynamic cache works
-    assert out.shape == (1, 5)
-
-
 def test_messages_name_the_argument_and_the_mode():
     """value_rank's messages speak of value_rank (no energy floats, no "lowrank and latent"); rank's of the mode."""
     for kwargs, absent in (({"value_rank": 0.9}, "(0, 1)"), ({"value_rank": 0}, "lowrank and latent")):

@@ -56,7 +56,7 @@ def test_cache_equals_no_cache_with_an_adapter_on_each_projection(name, attn_imp
         with torch.no_grad():
             full = model(ids).logits[:, -1]
             prefix = model(ids[:, :-1], use_cache=True)
-            step = model(ids[:, -1:], cache=prefix.past_key_values).logits[:, -1]
+            step = model(ids[:, -1:], past_key_values=prefix.past_key_values).logits[:, -1]
             without = base(ids).logits[:, -1]
         assert max_diff(full, without) > 1e-3, target  # the adapter acts (else the check below proves nothing)
         assert max_diff(step, full) < 1e-4, target  # fp32 round-off of a different summation order (~1e-6)

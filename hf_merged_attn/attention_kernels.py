@@ -1,0 +1,182 @@
+"""What a merged attention layer caches, which phase a call is in, and the table of kernels that compute it.
+
+Self-contained (torch and transformers only): it travels next to every checkpoint with `merged_attention.py`.
+
+- `CacheLayout`: per layer, the key and value tensors the cache holds — heads × width, or "values are the keys"
+  (width 0). transformers' cache layers (dynamic and static) hold keys and values with ONE head count; where one
+  side is shared by all heads (1 head) and the other is per head, the per-head side is stored packed as one head
+  of H·w numbers — `(B, 1, T, H·w)`, exactly the projection's output, no copy — and unpacked as a view. The static
+  cache is then pre-allocated from the layout and holds only what the mode caches; bytes per token follow from it.
+- The phase of a call comes from the cache's state, never from shapes: "train" (no cache), "prefill" (a cache that
+  held no token of this layer) or "decode" (it held some). A static cache's buffer is always longer than the prompt,
+  so shapes would mistake its prefill for decoding.
+- `KERNELS`: each (score form × phase × backend) is a named kernel with a `fits` test (what it can compute) and a
+  `prefers` test (where it is the fastest measured choice). A layer resolves its kernel once per (implementation,
+  device, phase, shape class) and re-resolves when one changes (`set_attn_implementation`, `.to()`). A new kernel
+  is one entry in the table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.nn import functional as F
+
+PHASES = ("train", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """What one layer caches per token: keys (key_heads × key_width) and values (value_heads × value_width; width 0
+    when the values are the keys, as for the latent and covariance with merged values)."""
+
+    key_heads: int
+    key_width: int
+    value_heads: int
+    value_width: int
+
+    @property
+    def values_are_keys(self) -> bool:
+        return self.value_width == 0
+
+    @property
+    def packed(self) -> bool:
+        """One side shared by all heads, the other per head: the per-head side is stored as one head of H·w."""
+        return not self.values_are_keys and self.key_heads != self.value_heads
+
+    def numbers_per_token(self) -> int:
+        """Numbers this layer caches per token (x 2 bytes in bf16/fp16); stock caches 2·d."""
+        return self.key_heads * self.key_width + self.value_heads * self.value_width
+
+    def stored(self, tensor: torch.Tensor, heads: int) -> torch.Tensor:
+        """A (B, T, heads·w) projection output as the cache stores it: (B, 1, T, heads·w) packed, else (B, heads, T, w)."""
+        if heads == 1 or self.packed:
+            return tensor.unsqueeze(1)  # (B, 1, T, heads·w): a view
+        batch, length, _ = tensor.shape
+        return tensor.view(batch, length, heads, -1).transpose(1, 2)  # (B, heads, T, w)
+
+    @staticmethod
+    def unpacked(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+        """Inverse of `stored` for a packed side: (B, 1, Tk, heads·w) -> (B, heads, Tk, w), a view."""
+        if heads == 1 or tensor.shape[1] == heads:
+            return tensor
+        batch, _, length, _ = tensor.shape
+        return tensor.view(batch, length, heads, -1).transpose(1, 2)
+
+
+def phase_of(cache, layer_idx: int) -> str:
+    """"train" without a cache, "prefill" when the cache holds no token of this layer yet, "decode" when it does.
+
+    Read before the layer's update. A static layer's length is a tensor: under torch.compile (where transformers runs
+    only decode steps; prefill runs eagerly) an initialised static layer counts as holding tokens, so no value is
+    read and nothing recompiles; in eager mode its length is read. Either answer is exact — the phase only picks
+    the kernel and whether fresh or cached keys are attended.
+    """
+    if cache is None:
+        return "train"
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx >= len(layers):
+        return "prefill"
+    layer = layers[layer_idx]
+    if not getattr(layer, "is_initialized", False):
+        return "prefill"
+    if getattr(layer, "is_compileable", False) and torch.compiler.is_compiling():
+        return "decode"
+    return "decode" if int(layer.get_seq_length()) > 0 else "prefill"
+
+
+@dataclass(frozen=True)
+class KernelQuery:
+    """What a kernel choice depends on (hashable: the resolution is memoised per module on it)."""
+
+    implementation: str  # "eager" or "sdpa"
+    device: str  # "cpu", "cuda", ...
+    phase: str
+    shared: bool  # the key or the value has one head shared by all heads
+    mqa: bool  # key and value are both one shared head (the absorbed latent; covariance + merged values)
+    equal_widths: bool  # query/key width == value width
+    width: int  # query/key width
+    dropout: bool  # attention dropout acts (training with p > 0)
+    score_bias: bool  # an additive score bias (ALiBi) comes as a float mask
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A named attention kernel: `run(module, query, key, value, mask, causal, need_weights, kwargs)` returns the
+    output (B, T, H, v) and the weights or None."""
+
+    name: str
+    fits: Callable[[KernelQuery], bool]
+    prefers: Callable[[KernelQuery], bool]
+    run: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def _eager(module, query, key, value, mask, causal, need_weights, kwargs):
+    return module._eager_attention(query, key, value, mask)
+
+
+def _shared_blocks(module, query, key, value, mask, causal, need_weights, kwargs):
+    return module._eager_attention(query, key, value, mask, causal=causal, need_weights=False)
+
+
+def _sdpa_mqa(module, query, key, value, mask, causal, need_weights, kwargs):
+    """One fused SDPA call with ONE key/value head for all query heads (`enable_gqa`): the shared cache is read once
+    per step for every head, no per-head copy, the stock scale (hd^-½, not the width's)."""
+    output = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=causal, scale=module.scaling, enable_gqa=True,
+    )  # (B, H, T, v)
+    if mask is not None and mask.dtype == torch.bool:  # a query whose mask hides every key: 0, as stock SDPA gives
+        output = output.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+    return output.transpose(1, 2), None
+
+
+def _sdpa(module, query, key, value, mask, causal, need_weights, kwargs):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if query.shape[-1] < value.shape[-1]:
+        # lowrank r < hd: zero-pad q and k to hd (q·k is unchanged, the cache keeps r) so that SDPA can use a fused
+        # kernel (CPU flash attention needs equal q/k and v head sizes) instead of its math fallback
+        pad = value.shape[-1] - query.shape[-1]
+        query, key = F.pad(query, (0, pad)), F.pad(key, (0, pad))
+    return ALL_ATTENTION_FUNCTIONS["sdpa"](
+        module, query, key, value, mask, dropout=module.attn_dropout.p if module.training else 0.0,
+        scaling=module.scaling, **kwargs,
+    )
+
+
+# In order of preference; the first kernel that fits and prefers the query wins, else the first that fits.
+KERNELS: dict[str, Kernel] = {k.name: k for k in (
+    # eager: stock's eager math (weights returned, GPT-2's reorder_and_upcast_attn); a shared key in one GEMM
+    Kernel("eager", fits=lambda q: q.implementation == "eager", prefers=lambda q: True, run=_eager),
+    # SDPA with one KV head: fused flash / memory-efficient kernels on GPUs (head size <= 256); on a CPU its GQA
+    # path copies the shared head H times, so the CPU prefers shared_blocks
+    Kernel("sdpa_mqa", fits=lambda q: q.implementation == "sdpa" and q.mqa and q.equal_widths and not q.dropout
+           and q.width <= 256, prefers=lambda q: q.device != "cpu", run=_sdpa_mqa),
+    # a head-shared key or value: one GEMM per block of 64 queries with the heads folded into the rows, causal blocks
+    # skipped, scores recomputed in backward
+    Kernel("shared_blocks", fits=lambda q: q.shared, prefers=lambda q: True, run=_shared_blocks),
+    # per-head keys and values of one width: transformers' SDPA attention
+    Kernel("sdpa", fits=lambda q: q.implementation == "sdpa" and not q.shared and (q.equal_widths or q.phase != "decode"),
+           prefers=lambda q: True, run=_sdpa),
+    # per-head keys and values of unequal widths decoding one token: SDPA would scale a copy of the whole cache
+    Kernel("per_head_blocks", fits=lambda q: not q.shared, prefers=lambda q: True,
+           run=lambda m, q, k, v, mask, causal, w, kw: m._eager_attention(q, k, v, mask, causal=causal, need_weights=False)),
+)}
+
+
+def resolve_kernel(query: KernelQuery, forced: str | None = None) -> Kernel:
+    """The kernel for `query`: `forced` (a name in KERNELS, checked to fit), else the first that fits and prefers it,
+    else the first that fits."""
+    if forced is not None:
+        kernel = KERNELS.get(forced)
+        if kernel is None or not kernel.fits(query):
+            fitting = [k.name for k in KERNELS.values() if k.fits(query)]
+            raise ValueError(
+                f"kernel {forced!r} cannot compute this attention ({query}); kernels that can: {fitting}. "
+                f"Known kernels: {list(KERNELS)}."
+            )
+        return kernel
+    fitting = [k for k in KERNELS.values() if k.fits(query)]
+    return next((k for k in fitting if k.prefers(query)), fitting[0])

@@ -72,11 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         caches = {key: DynamicCache(config=config) for key in models}
         for key, model in models.items():
-            model(prefix, cache=caches[key], use_cache=True)
+            model(prefix, past_key_values=caches[key], use_cache=True)
 
         def steps(key: str, count: int) -> None:
             for _ in range(count):
-                models[key](token, cache=caches[key], use_cache=True)
+                models[key](token, past_key_values=caches[key], use_cache=True)
             caches[key].crop(-count)  # back to the prefilled context
 
         for repeat in range(args.repeats):

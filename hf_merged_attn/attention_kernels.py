@@ -46,6 +46,15 @@ class CacheLayout:
         """One side shared by all heads, the other per head: the per-head side is stored as one head of H·w."""
         return not self.values_are_keys and self.key_heads != self.value_heads
 
+    def stored_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((heads, width) of the key buffer, (heads, width) of the value buffer) as the cache holds them."""
+        key, value = (self.key_heads, self.key_width), (self.value_heads, self.value_width)
+        if self.values_are_keys:
+            return key, (self.key_heads, 0)
+        if self.packed:
+            return (1, key[0] * key[1]), (1, value[0] * value[1])
+        return key, value
+
     def numbers_per_token(self) -> int:
         """Numbers this layer caches per token (x 2 bytes in bf16/fp16); stock caches 2·d."""
         return self.key_heads * self.key_width + self.value_heads * self.value_width

@@ -253,3 +253,30 @@ def test_fused_projection_benchmark_runs(monkeypatch, capsys):
     assert all(r["separate_us"] > 0 and r["fused_us"] > 0 for r in rows)
     assert all(r["max_abs_diff"] < 1e-5 for r in rows)  # the same projections (fp32 round-off in the GEMM blocking)
     assert "| 1 × 1 |" in capsys.readouterr().out
+
+
+def test_gpu_benchmark_dry_run_on_cpu(tmp_path, monkeypatch):
+    """The prepared GPU benchmark (benchmarks/gpu.sh -> gpu.py) end to end on tiny sizes, so that it cannot rot
+    between GPU sessions: every mode decodes at its best (static cache + compiled forward, Dynamo's eager backend
+    here) and stock also as users run it; training ratios; gpu.json / gpu.md / gpu.png."""
+    gpu = load_script("gpu", monkeypatch)
+    result = gpu.main(["--device", "cpu", "--dry_run", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    assert list(saved["decode"]) == ["stock", "covariance", "covariance+values", "lowrank8", "latent16"]
+    assert set(saved["decode"]["stock"]) == {"static", "dynamic"}
+    for name, kinds in saved["decode"].items():
+        for row in kinds["static"].values():
+            assert row["tokens_per_s"] > 0 and row["achieved_gbs"] > 0 and row["warmup_s"] > 0
+    # the cache bytes each step reads follow the layouts: the latent at r_c = 16 reads 16 numbers per token and layer,
+    # stock 2·d = 128
+    stock, latent = (saved["decode"][m]["static"]["b2-32"]["cache_bytes_read"] for m in ("stock", "latent16"))
+    assert stock == 2 * 32 * 2 * 128 * 2 and latent == 2 * 32 * 2 * 16 * 2  # batch, context, layers, numbers, bf16
+    assert set(saved["train"]) == set(saved["decode"]) and saved["train"]["stock"]["time_ratio"] == 1.0
+    text = (tmp_path / "gpu.md").read_text()
+    assert "| latent16 (static, compiled) |" in text and "## Training step at T = 32" in text
+    assert (tmp_path / "gpu.png").stat().st_size > 0 and result["machine"]["torch"] == torch.__version__
+    (tmp_path / "gpu.md").unlink()
+    gpu.main(["--replot", str(tmp_path / "gpu.json")])  # tables and plot again from the JSON alone
+    assert (tmp_path / "gpu.md").read_text() == text
+    with pytest.raises(SystemExit):
+        gpu.main(["--modes", "latent256"])  # no stock to compare with (and, here, no CUDA)

@@ -40,7 +40,7 @@ sys.path.insert(1, str(HERE.parent))  # a clean clone without `pip install -e .`
 import flops  # noqa: E402
 from run import DTYPES, stock_config, synchronize  # noqa: E402
 
-from hf_merged_attn import MergedAttention, patch_model  # noqa: E402
+from hf_merged_attn import MergedAttention, patch_model, use_kernels  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=32, help="decode steps per timed repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backend", default="cudagraphs", help="torch.compile backend of the best decode (or 'inductor')")
+    p.add_argument("--kernels", nargs="*", default=["shared_blocks", "sdpa_folded", "sdpa_expand"],
+                   help="decode kernels to time against the automatic choice (hf_merged_attn.attention_kernels)")
+    p.add_argument("--kernel_shapes", nargs="*", default=["b64-8192", "b8-2048"], help="where to compare kernels")
     p.add_argument("--train_tokens", type=int, default=1024)
     p.add_argument("--train_batch", type=int, default=8)
     p.add_argument("--peak_gbs", type=float, default=None, help="the device's peak memory bandwidth (GB/s)")
@@ -81,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.dry_run:
         args.layers, args.hidden, args.heads, args.vocab = 2, 64, 4, 101
         args.batches, args.contexts, args.steps, args.repeats = [1, 2], [32], 4, 1
-        args.train_tokens, args.train_batch = 32, 2
+        args.train_tokens, args.train_batch, args.kernel_shapes = 32, 2, ["b2-32"]
         MODES.update(lowrank8={"mode": "lowrank", "rank": 8}, latent16={"mode": "latent", "rank": 16})
         args.modes = ["stock", "covariance", "covariance+values", "lowrank8", "latent16"]
         args.backend = "eager" if args.device == "cpu" else args.backend
@@ -179,29 +182,57 @@ def bench_decode(model, name: str, kind: str, batch: int, context: int, args, de
             "achieved_gbs": (weights + read) / step / 1e9}
 
 
+def bench_kernels(models: dict, args, device, log) -> dict:
+    """Decode at its best with each shared-key kernel forced (where it fits), to confirm the automatic choice."""
+    out = {}
+    for name, model in models.items():
+        if MODES[name] is None or MODES[name]["mode"] == "lowrank":  # per-head keys: no shared-key kernel applies
+            continue
+        out[name] = {}
+        for kernel in args.kernels:
+            try:
+                use_kernels(model, decode=kernel)
+                for key in args.kernel_shapes:
+                    batch, context = (int(x) for x in key[1:].split("-"))
+                    row = bench_decode(model, f"{name}/{kernel}", "static", batch, context, args, device, log)
+                    out[name].setdefault(kernel, {})[key] = row
+            except Exception as error:  # noqa: BLE001 - a kernel that does not fit this mode is recorded, not fatal
+                out[name][kernel] = {"error": str(error).splitlines()[0][:200]}
+            finally:
+                use_kernels(model, decode=None)
+    return out
+
+
 def bench_train(models: dict, args, device, log) -> dict:
     ids = torch.randint(0, args.vocab, (args.train_batch, args.train_tokens), device=device,
                         generator=torch.Generator(device=device).manual_seed(1))
-    times = {name: [] for name in models}
+    # the covariance modes also with the blocked kernel the CPU uses, to show what the fused one changes
+    runs = {name: (name, None) for name in models}
+    runs.update({f"{name} (shared_blocks)": (name, "shared_blocks") for name in models
+                 if MODES[name] and MODES[name]["mode"] == "covariance"})
+    times = {run: [] for run in runs}
     for rep in range(args.repeats + 1):
-        for name, model in models.items():
+        for run, (name, kernel) in runs.items():
+            model = models[name]
+            use_kernels(model, train=kernel) if MODES[name] else None
             model.train()
             synchronize(device)
             start = time.perf_counter()
-            model(ids, labels=ids).loss.backward()
+            model(ids, labels=ids, use_cache=False).loss.backward()
             synchronize(device)
             if rep:  # the first round warms up
-                times[name].append(time.perf_counter() - start)
+                times[run].append(time.perf_counter() - start)
             model.zero_grad(set_to_none=True)
             model.eval()
+            use_kernels(model, train=None) if MODES[name] else None
     out = {}
     d, heads, layers, vocab = args.hidden, args.heads, args.layers, args.vocab
     stock_flops = flops.step_flops("stock", None, tokens=args.train_tokens, d=d, heads=heads, layers=layers, vocab=vocab)
-    for name in models:
+    for run, (name, _) in runs.items():
         spec = MODES[name] or {"mode": "stock"}
         analytic = flops.step_flops(spec["mode"], spec.get("rank"), tokens=args.train_tokens, d=d, heads=heads,
                                     layers=layers, vocab=vocab, values=spec.get("values"))
-        out[name] = {"step_s": statistics.median(times[name]), "analytic_flop_ratio": analytic["total"] / stock_flops["total"]}
+        out[run] = {"step_s": statistics.median(times[run]), "analytic_flop_ratio": analytic["total"] / stock_flops["total"]}
     for name, row in out.items():
         row["time_ratio"] = row["step_s"] / out["stock"]["step_s"]
         row["time_over_flops"] = row["time_ratio"] / row["analytic_flop_ratio"]
@@ -241,6 +272,17 @@ def report(result: dict, out: Path) -> None:
             f"{kinds['static'][k]['tokens_per_s'] / stock_best[k]:.2f}x ({kinds['static'][k]['tokens_per_s']:,.0f} tok/s, "
             + (f"{kinds['static'][k]['achieved_gbs'] / result['peak_gbs']:.0%} of peak bw)" if result["peak_gbs"]
                else f"{kinds['static'][k]['achieved_gbs']:.1f} GB/s)") for k in keys) + " |")
+    kernels = result.get("kernels", {})
+    if kernels:
+        lines += ["", "## Decode kernels (static cache, compiled), forced", "",
+                  "| mode | kernel | " + " | ".join(result["settings"]["kernel_shapes"]) + " |",
+                  "|---|---|" + "---|" * len(result["settings"]["kernel_shapes"])]
+        for name, by_kernel in kernels.items():
+            for kernel, shapes in by_kernel.items():
+                cells = [shapes["error"][:60]] if "error" in shapes else [
+                    f"{shapes[k]['tokens_per_s'] / stock_best[k]:.2f}x stock" if k in shapes else "–"
+                    for k in result["settings"]["kernel_shapes"]]
+                lines.append(f"| {name} | {kernel} | " + " | ".join(cells) + " |")
     lines += ["", f"## Training step at T = {result['train_tokens']}", "", "| mode | time vs stock | analytic FLOPs vs stock | time / FLOP ratio |",
               "|---|---|---|---|"]
     for name, row in result["train"].items():
@@ -295,6 +337,7 @@ def main(argv=None) -> dict:
                     result["decode"][name][kind][key] = bench_decode(model, name, kind, batch, context, args, device, log)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+    result["kernels"] = bench_kernels(models, args, device, log)
     result["train"] = bench_train(models, args, device, log)
     (args.out / "gpu.json").write_text(json.dumps(result, indent=1))
     report(result, args.out)

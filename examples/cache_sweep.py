@@ -15,6 +15,7 @@ import argparse
 import copy
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hf_merged_attn import patch_model
 from hf_merged_attn.calibration import evenly_spaced_blocks
 from hf_merged_attn.evaluation import evaluate_perplexity, kv_cache_bytes_per_token
+from run_record import recorded_args  # noqa: E402 (examples/ is on sys.path when a script runs)
 
 HERE = Path(__file__).resolve().parent
 
@@ -76,7 +78,8 @@ def main(argv=None) -> dict:
             })
             print(f"{label:34s} {init if approximate else '':9s} ppl {rows[-1]['perplexity']:.3f}  "
                   f"cache {rows[-1]['cache_bytes_per_token']:.0f} B/token", flush=True)
-    result = {"rows": rows, "command": "python examples/cache_sweep.py " + " ".join(argv or []),
+    result = {"rows": rows, "command": "python examples/cache_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "args": recorded_args(args),
               "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
               "seconds": round(time.time() - start)}
     out = Path(args.output_dir)
@@ -96,7 +99,7 @@ def write_report(rows: list[dict], out: Path) -> None:
     stock = rows[0]
     lines = [
         "# Perplexity against KV-cache bytes per token (shipped stand-in, at patch)", "",
-        "`python examples/cache_sweep.py --output_dir docs` (one deterministic run; ~5 min on a 2-core CPU). The shipped "
+        "`python examples/cache_sweep.py --output_dir docs` (one deterministic run; about 1–2 min on a 2-core CPU). The shipped "
         "stand-in GPT-2 (4 layers, d = 256, 4 heads of 64) right after patching, no fine-tune: perplexity on the "
         "validation split (first 16,384 tokens, windows of 256, stride 256), KV-cache bytes per token measured on the "
         "cache object after a `generate()` call (fp32, all layers). whitened: calibrated on 16 evenly spaced 256-token "

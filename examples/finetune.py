@@ -13,7 +13,8 @@
 The model can be of any causal family that hf_merged_attn registers (GPT-2, OPT, BLOOM: see
 `hf_merged_attn.registry`); encoders and rotary models are refused before any work.
 
-For every mode in --modes (default: stock, covariance, lowrank at half the head size) and every seed,
+For every mode in --modes (default: stock, covariance, covariance with merged values, lowrank at half the head size and
+the latent at a quarter of the hidden size — the exact modes and the two that shrink the KV cache) and every seed,
 the script takes a fresh copy of the pretrained model, patches it (except stock), measures perplexity
 right after patching (equal to stock for exact modes), fine-tunes it with the same data order, seed,
 optimizer, schedule and token budget, and measures perplexity again. Perplexity always comes from the
@@ -54,12 +55,13 @@ from transformers.pytorch_utils import Conv1D
 from hf_merged_attn import PatchConfig, patch_model
 from hf_merged_attn.evaluation import evaluate_perplexity, kv_cache_bytes_per_token
 from hf_merged_attn.registry import REGISTRY, ROTARY_MODEL_TYPES, SPECS
+from run_record import recorded_args  # noqa: E402 (examples/ is on sys.path when a script runs)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "shakespeare-gpt2"
 DEFAULT_DATA = HERE / "data" / "shakespeare"
 MODES = ("stock", "covariance", "lowrank", "latent")
-RANKED = ("lowrank", "latent")  # modes that take :R / :E (latent's default rank: half the hidden size)
+RANKED = ("lowrank", "latent")  # modes that take :R / :E (default ranks: half the head size, a quarter of d)
 DATA_EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 
 
@@ -75,10 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--block_size", type=int, default=256,
                    help="training sequence length (<= the model's context, where it has learned positions)")
     g = p.add_argument_group("comparison")
-    g.add_argument("--modes", default="stock,covariance,lowrank",
+    g.add_argument("--modes", default="stock,covariance,covariance+values,lowrank,latent",
                    help="comma-separated: stock, covariance, covariance+values (merged values: keys and values one "
                         "cached tensor), lowrank (uses --rank), lowrank:R, lowrank:E with E in (0, 1) (per block, the "
-                        "smallest rank keeping that share of the spectral energy), latent (r_c = d/2), latent:R, latent:E")
+                        "smallest rank keeping that share of the spectral energy), latent (r_c = d/4), latent:R, latent:E")
     g.add_argument("--rank", type=int, default=None, help="lowrank rank (default: half the head size)")
     g.add_argument("--seeds", type=int, default=1, help="run every mode with seeds seed, seed+1, ...")
     g.add_argument("--init", default="svd", choices=("svd", "whitened"),
@@ -180,7 +182,7 @@ def validate(args: argparse.Namespace) -> tuple[list, AutoConfig]:
             f"in {args.model_name_or_path}). Use --block_size {positions} or less."
         )
     head_dim = config.hidden_size // config.num_attention_heads
-    modes = parse_modes(args.modes, args.rank if args.rank is not None else head_dim // 2, config.hidden_size // 2)
+    modes = parse_modes(args.modes, args.rank if args.rank is not None else head_dim // 2, config.hidden_size // 4)
     for _, mode, rank in modes:
         if mode != "stock":
             base, extra = patch_kwargs(mode)
@@ -851,7 +853,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         e["eval_tokens"] = records[0]["eval_tokens"]
     table = markdown_table(summary, args, accelerator.num_processes, accelerator.gradient_accumulation_steps)
     results = {
-        "args": vars(args), "world_size": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
+        "args": recorded_args(args), "world_size": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
         "mixed_precision": accelerator.mixed_precision, "torch": torch.__version__,
         "fsdp_wrapped_blocks": (accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap
                                 if accelerator.distributed_type == DistributedType.FSDP else None),

@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_merged_attn import patch_model
 from hf_merged_attn.evaluation import evaluate_perplexity
+from run_record import recorded_args  # noqa: E402 (examples/ is on sys.path when a script runs)
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -75,7 +76,7 @@ def main(argv=None) -> dict:
             rows.append(row)
             print(row["label"], row["svd"], row["whitened"], flush=True)
     command = "python examples/init_splits.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    result = {"rows": rows, "args": vars(args), "seconds": round(time.time() - start), "command": command,
+    result = {"rows": rows, "args": recorded_args(args), "seconds": round(time.time() - start), "command": command,
               "machine": machine()}
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

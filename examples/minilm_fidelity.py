@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 from rank_sweep import machine  # examples/ is the script's own folder on sys.path
+from run_record import recorded_args  # noqa: E402 (examples/ is on sys.path when a script runs)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -644,7 +645,7 @@ def main(argv=None) -> dict:
             "singular_values": {"minilm": [s.tolist() for s in minilm_sigma],
                                 "stand_in": [s.tolist() for s in stand_in_sigma]},
         },
-        "args": vars(args),
+        "args": recorded_args(args),
         "command": "python examples/minilm_fidelity.py" + ("" if not argv_shown else " " + shlex.join(argv_shown)),
         "machine": machine(),
         "versions": versions(),

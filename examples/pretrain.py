@@ -43,6 +43,7 @@ from datasets import load_dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import (AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel,
+from run_record import recorded_args  # noqa: E402 (examples/ is on sys.path when a script runs)
                           GPT2TokenizerFast, default_data_collator, get_scheduler)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -217,7 +218,7 @@ def main(argv=None):
     # ---- train -----------------------------------------------------------------------------
     tokens_per_step = (args.per_device_train_batch_size * args.block_size
                        * args.gradient_accumulation_steps * accelerator.num_processes)
-    log = {"args": vars(args), "n_params": n_params, "tokens": ntok, "tokens_per_step": tokens_per_step,
+    log = {"args": recorded_args(args), "n_params": n_params, "tokens": ntok, "tokens_per_step": tokens_per_step,
            "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
            "world_size": accelerator.num_processes,
            "train": [], "eval": []}

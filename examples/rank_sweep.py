@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from run_record import recorded_args  # noqa: E402 (examples/ is on sys.path when a script runs)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "shakespeare-gpt2"
@@ -267,7 +268,7 @@ def main(argv=None) -> None:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     merged = {
-        "args": {k: v for k, v in vars(args).items()}, "machine": machine(), "wall_time_s": wall_s,
+        "args": recorded_args(args), "machine": machine(), "wall_time_s": wall_s,
         "stock_before": extra["stock_before"],
         "stock_after": (extra["stock"] or {}).get("perplexity_after"),
         "rows": [

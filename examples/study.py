@@ -54,6 +54,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import finetune  # noqa: E402
 from rank_sweep import machine  # noqa: E402
+from run_record import recorded_args  # noqa: E402 (examples/ is on sys.path when a script runs)
 
 DEFAULT_MODES = "stock,covariance,covariance+values,lowrank:hd/4,lowrank:hd/2,latent:d,latent:d/2,latent:d/4,lora:hd/4"
 DEFAULT_GRID = "2e-4,4.31e-4,9.28e-4,2e-3"  # 4 log-spaced values spanning 10x
@@ -666,7 +667,7 @@ def run_study(args, ft, modes, grid) -> dict | None:
     result = {
         "command": args.command, "commit": code, "commit_at_end": commit(), "machine": machine(), "started": started,
         "wall_time_s": time.time() - start, "runs_time_s": sum(r["wall_s"] for r in runs),
-        "world_size": accelerator.num_processes, "args": vars(args), "finetune_args": vars(ft),
+        "world_size": accelerator.num_processes, "args": recorded_args(args), "finetune_args": recorded_args(ft),
         "counts": {phase: sum(r["phase"] == phase for r in runs) for phase in ("sweep", "final")},
         "phase_time_s": {phase: sum(r["wall_s"] for r in runs if r["phase"] == phase) for phase in ("sweep", "final")},
         "perplexity_before": before, "best_lr": best, "rows": rows, "runs": runs, "computed": study.computed,

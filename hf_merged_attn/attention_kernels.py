@@ -108,6 +108,7 @@ class KernelQuery:
     equal_widths: bool  # query/key width == value width
     width: int  # query/key width
     dropout: bool  # attention dropout acts (training with p > 0)
+    masked: bool  # an attention mask is given (padding, a static cache's unwritten slots)
     score_bias: bool  # an additive score bias (ALiBi) comes as a float mask
 
 
@@ -130,15 +131,47 @@ def _shared_blocks(module, query, key, value, mask, causal, need_weights, kwargs
     return module._eager_attention(query, key, value, mask, causal=causal, need_weights=False)
 
 
-def _sdpa_mqa(module, query, key, value, mask, causal, need_weights, kwargs):
-    """One fused SDPA call with ONE key/value head for all query heads (`enable_gqa`): the shared cache is read once
-    per step for every head, no per-head copy, the stock scale (hd^-½, not the width's)."""
-    output = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, is_causal=causal, scale=module.scaling, enable_gqa=True,
-    )  # (B, H, T, v)
-    if mask is not None and mask.dtype == torch.bool:  # a query whose mask hides every key: 0, as stock SDPA gives
-        output = output.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+def _zero_hidden_rows(output: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A query whose boolean mask hides every key gets 0, as stock SDPA gives (output (B, H or 1, T, v))."""
+    if mask is not None and mask.dtype == torch.bool:
+        return output.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+    return output
+
+
+def _sdpa_gqa(module, query, key, value, mask, causal, need_weights, kwargs):
+    """ONE SDPA call with one key/value head for all query heads (`enable_gqa`; no mask): flash kernels read the
+    shared head once for every query head. The stock scale (hd^-½, not the width's)."""
+    output = F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=module.scaling,
+                                            enable_gqa=True)  # (B, H, T, v)
     return output.transpose(1, 2), None
+
+
+def _sdpa_folded(module, query, key, value, mask, causal, need_weights, kwargs):
+    """ONE single-head SDPA call with the heads folded into the query rows (row t·H + h): the shared key/value is
+    read once per sequence for all heads, and a mask (padding, a static cache's unwritten slots) is taken by the
+    fused memory-efficient kernel — where SDPA's GQA path with a mask falls back to copying the cache per head."""
+    batch, heads, length, width = query.shape
+    rows = query.transpose(1, 2).reshape(batch, 1, length * heads, width)  # (B, 1, T·H, w)
+    if causal:  # the fresh tokens' causal mask, per row t·H + h
+        mask = torch.ones(length, key.shape[2], dtype=torch.bool, device=query.device).tril_()[None, None]
+    if mask is not None:  # (B, 1 or H, T, Tk) -> (B, 1, T·H, Tk)
+        mask = mask.expand(-1, heads, length, -1).transpose(1, 2).reshape(mask.shape[0], 1, length * heads, -1)
+    dropout = module.attn_dropout.p if module.training else 0.0
+    output = F.scaled_dot_product_attention(rows, key, value, attn_mask=mask, dropout_p=dropout, scale=module.scaling)
+    output = _zero_hidden_rows(output, mask)  # (B, 1, T·H, v)
+    return output.view(batch, length, heads, -1), None
+
+
+def _sdpa_expand(module, query, key, value, mask, causal, need_weights, kwargs):
+    """SDPA over a head-shared key or value expanded to every head as a stride-0 view (no copy): covariance's d-wide
+    shared key with per-head values in one fused call (the memory-efficient kernel takes q/k and v of unequal widths,
+    masks and dropout), instead of blocks of 64 queries with a float32 softmax and recomputation."""
+    heads = query.shape[1]
+    key, value = key.expand(-1, heads, -1, -1), value.expand(-1, heads, -1, -1)  # views: (B, H, Tk, .)
+    dropout = module.attn_dropout.p if module.training else 0.0
+    output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, dropout_p=dropout,
+                                            scale=module.scaling)
+    return _zero_hidden_rows(output, mask).transpose(1, 2), None
 
 
 def _sdpa(module, query, key, value, mask, causal, need_weights, kwargs):
@@ -159,10 +192,16 @@ def _sdpa(module, query, key, value, mask, causal, need_weights, kwargs):
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
     # eager: stock's eager math (weights returned, GPT-2's reorder_and_upcast_attn); a shared key in one GEMM
     Kernel("eager", fits=lambda q: q.implementation == "eager", prefers=lambda q: True, run=_eager),
-    # SDPA with one KV head: fused flash / memory-efficient kernels on GPUs (head size <= 256); on a CPU its GQA
-    # path copies the shared head H times, so the CPU prefers shared_blocks
-    Kernel("sdpa_mqa", fits=lambda q: q.implementation == "sdpa" and q.mqa and q.equal_widths and not q.dropout
-           and q.width <= 256, prefers=lambda q: q.device != "cpu", run=_sdpa_mqa),
+    # On GPUs (fused kernels; measured choices are for `benchmarks/gpu.sh` to confirm): one KV head shared by all
+    # query heads without a mask (the absorbed latent, covariance + merged values; flash caps the width at 256) ...
+    Kernel("sdpa_gqa", fits=lambda q: q.implementation == "sdpa" and q.mqa and q.equal_widths and not q.masked
+           and not q.dropout and q.width <= 256, prefers=lambda q: q.device != "cpu", run=_sdpa_gqa),
+    # ... with a mask, or over a long fresh sequence: the heads folded into the query rows of one head
+    Kernel("sdpa_folded", fits=lambda q: q.implementation == "sdpa" and q.mqa,
+           prefers=lambda q: q.device != "cpu", run=_sdpa_folded),
+    # a shared key with per-head values (covariance training and prefill): the shared side expanded as a view
+    Kernel("sdpa_expand", fits=lambda q: q.implementation == "sdpa" and q.shared,
+           prefers=lambda q: q.device != "cpu", run=_sdpa_expand),
     # a head-shared key or value: one GEMM per block of 64 queries with the heads folded into the rows, causal blocks
     # skipped, scores recomputed in backward
     Kernel("shared_blocks", fits=lambda q: q.shared, prefers=lambda q: True, run=_shared_blocks),

@@ -678,7 +678,7 @@ class MergedAttention:
             implementation, query.device.type, phase, shared=key.shape[1] == 1 or value.shape[1] == 1,
             mqa=key.shape[1] == 1 and value.shape[1] == 1 and self.num_heads > 1,
             equal_widths=query.shape[-1] == value.shape[-1], width=query.shape[-1], dropout=dropout,
-            score_bias=score_bias is not None,
+            masked=attention_mask is not None, score_bias=score_bias is not None,
         ))
         # sdpa's is_causal (no mask, several fresh tokens): query i sees keys 0..i
         causal = bool(attention_mask is None and length > 1 and kwargs.get("is_causal", self.is_causal))
@@ -801,7 +801,7 @@ class MergedAttention:
 
 
 def use_kernels(model: nn.Module, **by_phase: str | None) -> nn.Module:
-    """Force attention kernels by phase on every merged layer of `model`, e.g. `use_kernels(model, decode="sdpa_mqa")`
+    """Force attention kernels by phase on every merged layer of `model`, e.g. `use_kernels(model, decode="sdpa_folded")`
     (None: back to the automatic choice). Phases: "train", "prefill", "decode"; kernels: `attention_kernels.KERNELS`.
     A forced kernel must fit the attention it is asked to compute (checked when it runs). Returns `model`."""
     bad = {p: k for p, k in by_phase.items() if p not in PHASES or (k is not None and k not in KERNELS)}

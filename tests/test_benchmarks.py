@@ -271,7 +271,13 @@ def test_gpu_benchmark_dry_run_on_cpu(tmp_path, monkeypatch):
     # stock 2·d = 128
     stock, latent = (saved["decode"][m]["static"]["b2-32"]["cache_bytes_read"] for m in ("stock", "latent16"))
     assert stock == 2 * 32 * 2 * 128 * 2 and latent == 2 * 32 * 2 * 16 * 2  # batch, context, layers, numbers, bf16
-    assert set(saved["train"]) == set(saved["decode"]) and saved["train"]["stock"]["time_ratio"] == 1.0
+    # training: every mode, and the covariance modes also on the blocked kernel the CPU uses (the GPU comparison)
+    assert set(saved["train"]) == set(saved["decode"]) | {"covariance (shared_blocks)", "covariance+values (shared_blocks)"}
+    assert saved["train"]["stock"]["time_ratio"] == 1.0
+    # decode kernels forced one by one where a shared key lets them apply; one that cannot compute a mode says so
+    assert set(saved["kernels"]) == {"covariance", "covariance+values", "latent16"}
+    assert saved["kernels"]["latent16"]["sdpa_folded"]["b2-32"]["tokens_per_s"] > 0
+    assert "error" in saved["kernels"]["covariance"]["sdpa_folded"]  # per-head values: not multi-query
     text = (tmp_path / "gpu.md").read_text()
     assert "| latent16 (static, compiled) |" in text and "## Training step at T = 32" in text
     assert (tmp_path / "gpu.png").stat().st_size > 0 and result["machine"]["torch"] == torch.__version__

@@ -124,14 +124,16 @@ def test_cache_layout_and_cache_equals_no_cache(family, mode, rank):
         prefix = model(input_ids=ids[:, :7], attention_mask=mask[:, :7], use_cache=True)
         layer = prefix.past_key_values.layers[0]
         keys, values = {  # what one layer caches: (B, heads, T, size) of keys and of values
-            "covariance": ((3, 1, 7, HIDDEN), (3, HEADS, 7, HEAD_DIM)),
+            # covariance: the per-head values packed as one head of H·hd beside the shared key (one head count, as
+            # transformers' static cache needs; CacheLayout)
+            "covariance": ((3, 1, 7, HIDDEN), (3, 1, 7, HEADS * HEAD_DIM)),
             "lowrank": ((3, HEADS, 7, rank), (3, HEADS, 7, HEAD_DIM)),
             "latent": ((3, 1, 7, rank), (3, 1, 7, 0)),  # the latent only: the value slot is empty
         }[mode]
         assert (tuple(layer.keys.shape), tuple(layer.values.shape)) == (keys, values)
         cache, steps, expanded = prefix.past_key_values, [], list(expansions)
         for t in range(7, 10):  # one token at a time through the cache
-            out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True)
+            out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             steps.append(out.logits)
     assert diff_on_real_tokens(torch.cat(steps, dim=1), full[:, 7:], mask[:, 7:]) < FP32_TOL
@@ -276,7 +278,7 @@ def test_patching_a_loaded_merged_checkpoint_again_is_refused(tmp_path):
 # what one layer caches: keys and values as (heads, size)); exact unless the ranks are below the head size.
 VALUE_CASES = [
     ("covariance", None, {"values": "merged"}, ((1, HIDDEN), (1, 0)), True),  # x cached ONCE: half of stock
-    ("lowrank", HEAD_DIM, {"values": "merged"}, ((HEADS, HEAD_DIM), (1, HIDDEN)), True),
+    ("lowrank", HEAD_DIM, {"values": "merged"}, ((1, HEADS * HEAD_DIM), (1, HIDDEN)), True),  # per-head keys packed
     ("lowrank", HEAD_DIM, {"value_rank": HEAD_DIM}, ((HEADS, HEAD_DIM), (HEADS, HEAD_DIM)), True),
     ("lowrank", 3, {"value_rank": 2}, ((HEADS, 3), (HEADS, 2)), False),
 ]
@@ -299,7 +301,7 @@ def test_value_modes(family, mode, rank, kwargs, cached, exact, tmp_path):
         layer = prefix.past_key_values.layers[0]
         assert (tuple(layer.keys.shape), tuple(layer.values.shape)) == ((3, *cached[0][:1], 7, cached[0][1]),
                                                                          (3, *cached[1][:1], 7, cached[1][1]))
-        step = model(input_ids=ids[:, 7:8], attention_mask=mask[:, :8], cache=prefix.past_key_values, use_cache=True)
+        step = model(input_ids=ids[:, 7:8], attention_mask=mask[:, :8], past_key_values=prefix.past_key_values, use_cache=True)
     assert diff_on_real_tokens(step.logits, full[:, 7:8], mask[:, 7:8]) < FP32_TOL
     if exact:
         settings = dict(attention_mask=mask[:, :6], max_new_tokens=6, do_sample=False, pad_token_id=family.config.pad_token_id)

@@ -189,15 +189,20 @@ def test_switch_attn_implementation_after_patching():
         assert diff < FP32_TOL, impl
 
 
-@pytest.mark.parametrize("mode,rank,key_shape", [("covariance", None, (2, 1, 7, HIDDEN)), ("lowrank", 3, (2, HEADS, 7, 3))])
-def test_cache_layout(mode, rank, key_shape):
+@pytest.mark.parametrize("mode,rank,key_shape,value_shape", [
+    # covariance: x once per layer, never per head; the per-head values packed as one head of H·hd (CacheLayout), so
+    # that keys and values have one head count, as transformers' static cache needs
+    ("covariance", None, (2, 1, 7, HIDDEN), (2, 1, 7, HEADS * HEAD_DIM)),
+    ("lowrank", 3, (2, HEADS, 7, 3), (2, HEADS, 7, HEAD_DIM)),
+])
+def test_cache_layout(mode, rank, key_shape, value_shape):
     model = patch_model(make_gpt2(), mode, rank=rank)
     ids = torch.randint(1, VOCAB, (2, 7))
     with torch.no_grad():
-        cache = model(ids, use_cache=True).cache
+        cache = model(ids, use_cache=True).past_key_values
     for layer in cache.layers:
-        assert tuple(layer.keys.shape) == key_shape  # covariance: x once per layer, never per head
-        assert tuple(layer.values.shape) == (2, HEADS, 7, HEAD_DIM)
+        assert tuple(layer.keys.shape) == key_shape
+        assert tuple(layer.values.shape) == value_shape
         if mode == "covariance":
             assert layer.keys.stride(1) == layer.keys.shape[2] * HIDDEN  # a real (B, 1, T, d) tensor, not a view
     assert cache.get_seq_length() == 7
@@ -212,10 +217,10 @@ def test_incremental_decoding_matches_full_forward(mode, rank, impl):
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
         cache = DynamicCache()
-        out = model(ids[:, :5], attention_mask=mask[:, :5], cache=cache, use_cache=True)
+        out = model(ids[:, :5], attention_mask=mask[:, :5], past_key_values=cache, use_cache=True)
         steps = [out.logits]
         for t in range(5, 9):
-            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=out.cache, use_cache=True)
+            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values, use_cache=True)
             steps.append(out.logits)
     keep = mask.bool()
     assert max_diff(torch.cat(steps, dim=1)[keep], full[keep]) < FP32_TOL

@@ -1,0 +1,44 @@
+"""The README and docs/ agree with the tree: every relative link resolves, and no committed file holds a machine's
+absolute path (results files record repository-relative paths: examples/run_record.py)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")  # [text](target)
+MACHINE_PATH = re.compile(r"(?<![\w.])/(?:work|tmp|root|home|Users)/\S+")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_every_relative_link_resolves(page):
+    broken = []
+    for target in LINK.findall(page.read_text(encoding="utf-8")):
+        if target.startswith(("http://", "https://", "mailto:", "#")):
+            continue
+        path = target.split("#", 1)[0]
+        if path and not (page.parent / path).exists():
+            broken.append(target)
+    assert not broken, f"{page.relative_to(ROOT)} links to missing files: {broken}"
+
+
+def test_no_committed_document_holds_a_machine_path():
+    files = [*PAGES, *sorted((ROOT / "docs").rglob("*.json"))]
+    found = {str(f.relative_to(ROOT)): MACHINE_PATH.findall(f.read_text(encoding="utf-8")) for f in files}
+    found = {name: paths[:3] for name, paths in found.items() if paths}
+    assert not found, f"absolute machine paths in committed files: {found}"
+
+
+def test_recorded_arguments_are_portable():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    from run_record import portable
+
+    assert portable(str(ROOT / "examples" / "data" / "train.txt")) == "examples/data/train.txt"
+    assert portable("/somewhere/else/model") == "model"
+    assert portable({"a": ["gpt2", 3, None]}) == {"a": ["gpt2", 3, None]}

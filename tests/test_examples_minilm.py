@@ -98,3 +98,29 @@ def test_minilm_fidelity_rejects_bad_arguments(tmp_path):
         proc = subprocess.run([sys.executable, str(EXAMPLES / "minilm_fidelity.py"), *args, "--output_dir",
                                str(tmp_path)], capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-500:])
+
+
+def test_recover_minilm_quick(tmp_path):
+    """`python examples/recover_minilm.py --quick` (the CI run of #22): the real weights patched, distilled back to stock
+    with SentenceTransformerTrainer for a few steps, fidelity before / after / along the curve, json + md + png."""
+    out = tmp_path / "recovery"
+    run("recover_minilm.py", "--quick", "--output_dir", str(out), "--num_threads", "2")
+    result = json.loads((out / "recovery.json").read_text())
+    assert [r["label"] for r in result["runs"]] == ["covariance", "latent:48:whitened"]
+    covariance, latent = result["runs"]
+    # covariance is exact at patch (fp32 round-off of the merged products); a latent at r_c = d/8 is not
+    assert covariance["at_patch"]["mean_cosine"] > 0.99999 and covariance["at_patch"]["recall_at_10"] == 1.0
+    assert latent["at_patch"]["mean_cosine"] < 0.95
+    assert [p["step"] for p in latent["curve"]] == [0, 3, 6]  # the curve: at patch, then every --eval_steps
+    assert latent["after"] != latent["at_patch"]  # it trained
+    for metric in ("mean_cosine", "recall_at_10", "pairwise_spearman"):
+        assert 0.0 <= latent["after"][metric] <= 1.0
+    assert "| latent:48:whitened | 0.0625 |" in (out / "recovery.md").read_text()
+    assert (out / "recovery.png").stat().st_size > 0
+    assert not any(str(tmp_path.parent) in str(v) for v in result["args"].values())  # no machine paths recorded
+
+
+def test_recover_minilm_refuses_bad_configs():
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "recover_minilm.py"), "--configs", "latent:96"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--configs entry 'latent:96': allowed are covariance, lowrank:R:INIT" in proc.stderr

@@ -32,6 +32,7 @@ from .modeling_merged_gpt2 import (
 )
 from .modeling_merged_opt import MergedOPTAttention, MergedOPTConfig, MergedOPTForCausalLM, MergedOPTModel
 from .patching import patch_model, unpatch_model
+from .quantized_cache import LatentQuantizedCache, use_quantized_latent_cache
 from .registry import REGISTRY, SPECS
 
 for _spec in SPECS:
@@ -44,6 +45,7 @@ __all__ = [
     "REGISTRY",
     "SPECS",
     "ArchitectureSpec",
+    "LatentQuantizedCache",
     "MergedAttention",
     "MergedBertConfig",
     "MergedBertModel",
@@ -70,5 +72,6 @@ __all__ = [
     "patch_model",
     "unpatch_model",
     "use_kernels",
+    "use_quantized_latent_cache",
 ]
 __version__ = "0.2.0"

@@ -102,7 +102,7 @@ def evaluate_perplexity(
 
 
 @torch.no_grad()
-def kv_cache_bytes_per_token(model: nn.Module, prompt_length: int = 8, max_new_tokens: int = 4) -> float:
+def kv_cache_bytes_per_token(model: nn.Module, prompt_length: int = 8, max_new_tokens: int = 4, **generate_kwargs) -> float:
     """Bytes the KV cache holds per token of one sequence, measured on the cache object a `generate()` call returns.
 
     Counts every tensor the cache keeps (keys and values of every layer, an empty value slot as 0 bytes), divided
@@ -111,6 +111,7 @@ def kv_cache_bytes_per_token(model: nn.Module, prompt_length: int = 8, max_new_t
     Args:
         model: a causal LM with a KV cache (stock or patched), in the dtype to measure.
         prompt_length, max_new_tokens: the short greedy generation run to fill the cache.
+        generate_kwargs: more arguments of that `generate()` call, e.g. `past_key_values=LatentQuantizedCache(...)`.
 
     Returns:
         Bytes per cached token (summed over layers).
@@ -124,9 +125,11 @@ def kv_cache_bytes_per_token(model: nn.Module, prompt_length: int = 8, max_new_t
     out = model.generate(
         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
         do_sample=False, return_dict_in_generate=True, use_cache=True, pad_token_id=config.pad_token_id or 0,
+        **generate_kwargs,
     )
     cache = out.past_key_values
     if cache is None:
         raise ValueError(f"{type(model).__name__}.generate returned no cache; kv_cache_bytes_per_token needs a decoder.")
-    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values) if t is not None]
+    tensors = [t for layer in cache.layers for t in (  # a quantized layer says what it stores (codes, scales, window)
+        layer.stored_tensors() if hasattr(layer, "stored_tensors") else (layer.keys, layer.values)) if t is not None]
     return sum(t.numel() * t.element_size() for t in tensors) / cache.get_seq_length()

@@ -15,6 +15,7 @@ from torch import nn
 from transformers.utils.hub import CommitOperationAdd, hf_api
 
 from .merged_attention import ArchitectureSpec, CorruptRecordError, MergedAttention, check_record
+from .quantized_cache import GENERATION_FIELD, LatentQuantizedCache
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,23 @@ def _load_folded_value_bias(model: nn.Module, info: dict, where) -> None:
     )
 
 
+def quantized_cache_summary(model) -> str:
+    """The card's line on a quantized latent cache set as the generation default ('' if none)."""
+    settings = getattr(model.generation_config, GENERATION_FIELD, None)
+    if not settings:
+        return ""
+    modules = [m for m in model.modules() if isinstance(m, MergedAttention)]
+    width = modules[0].cache_layout.key_width
+    group = settings["q_group_size"] or (width if settings["axis"] == "token" else 32)
+    scales = 2 * (width // group if settings["axis"] == "token" else width / group)  # scale + minimum per group
+    per_layer = width * settings["nbits"] / 8  # bytes of codes per token and layer, plus the scales below
+    return (
+        f" `generate()` defaults to a quantized latent cache (LatentQuantizedCache: int{settings['nbits']}, scales per "
+        f"{settings['axis']}, groups of {group}, the newest {settings['residual_length']} tokens in full precision): "
+        f"{per_layer:g} bytes of codes + {scales:g} scale numbers per token and layer beyond that window."
+    )
+
+
 class MergedModelMixin:
     """What every merged model class adds to its stock transformers class: build, check, save, card, push.
 
@@ -151,6 +169,15 @@ class MergedModelMixin:
                 "the model with save_pretrained, or pass ignore_mismatched_sizes=True to re-initialise those weights."
             )
         return (model, info) if want_info else model
+
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, with the quantized latent cache as the default where the generation config says
+        so (`use_quantized_latent_cache`); a cache or cache_implementation passed here wins."""
+        settings = getattr(self.generation_config, GENERATION_FIELD, None)
+        chosen = any(kwargs.get(k) is not None for k in ("past_key_values", "cache", "cache_implementation"))
+        if settings and not chosen and kwargs.get("use_cache", True):
+            kwargs["past_key_values"] = LatentQuantizedCache(self.config, **settings)
+        return super().generate(*args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, model_card_results: dict | None = None, **kwargs):
         """`PreTrainedModel.save_pretrained` (safetensors only) plus a README.md model card if none is there."""
@@ -237,7 +264,7 @@ class MergedModelMixin:
             "",
             f"{values} {exact_text}",
             "",
-            cache_summary(self, spec.has_cache),
+            cache_summary(self, spec.has_cache) + quantized_cache_summary(self),
             "",
             "| | parameters |",
             "|---|---|",

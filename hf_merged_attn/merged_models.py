@@ -93,7 +93,7 @@ def _load_folded_value_bias(model: nn.Module, info: dict, where) -> None:
 
 def quantized_cache_summary(model) -> str:
     """The card's line on a quantized latent cache set as the generation default ('' if none)."""
-    settings = getattr(model.generation_config, GENERATION_FIELD, None)
+    settings = getattr(getattr(model, "generation_config", None), GENERATION_FIELD, None)  # heads without generate()
     if not settings:
         return ""
     modules = [m for m in model.modules() if isinstance(m, MergedAttention)]
@@ -173,7 +173,7 @@ class MergedModelMixin:
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, with the quantized latent cache as the default where the generation config says
         so (`use_quantized_latent_cache`); a cache or cache_implementation passed here wins."""
-        settings = getattr(self.generation_config, GENERATION_FIELD, None)
+        settings = getattr(getattr(self, "generation_config", None), GENERATION_FIELD, None)
         chosen = any(kwargs.get(k) is not None for k in ("past_key_values", "cache", "cache_implementation"))
         if settings and not chosen and kwargs.get("use_cache", True):
             kwargs["past_key_values"] = LatentQuantizedCache(self.config, **settings)

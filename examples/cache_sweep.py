@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hf_merged_attn import patch_model
 from hf_merged_attn.calibration import evenly_spaced_blocks
 from hf_merged_attn.evaluation import evaluate_perplexity, kv_cache_bytes_per_token
+from hf_merged_attn.quantized_cache import LatentQuantizedCache, fake_quantized_latent
 from run_record import recorded_args  # noqa: E402 (examples/ is on sys.path when a script runs)
 
 HERE = Path(__file__).resolve().parent
@@ -51,6 +52,8 @@ def main(argv=None) -> dict:
     p.add_argument("--data_dir", default=str(HERE / "data" / "shakespeare"))
     p.add_argument("--latent_ranks", type=int, nargs="+", default=None, help="default: d, 3d/4, d/2, 3d/8, d/4, d/8")
     p.add_argument("--eval_tokens", type=int, default=16384)
+    p.add_argument("--quantized_ranks", type=int, nargs="*", default=None,
+                   help="latent ranks also scored with an int8 / int4 cache (default: d/2 and d/4)")
     p.add_argument("--output_dir", default="runs/cache_sweep")
     args = p.parse_args(argv)
     if args.eval_tokens < 257 or (args.latent_ranks and min(args.latent_ranks) < 1):
@@ -61,6 +64,8 @@ def main(argv=None) -> dict:
     stock = AutoModelForCausalLM.from_pretrained(args.model_name_or_path).eval()
     d, hd = stock.config.hidden_size, stock.config.hidden_size // stock.config.num_attention_heads
     ranks = args.latent_ranks or [d, 3 * d // 4, d // 2, 3 * d // 8, d // 4, d // 8]
+    if args.quantized_ranks is None:
+        args.quantized_ranks = [d // 2, d // 4]
 
     held_out = split_tokens(tokenizer, args.data_dir, "validation")[: args.eval_tokens]
     calibration = list(evenly_spaced_blocks(split_tokens(tokenizer, args.data_dir, "train"), 16, 256).split(4))  # 4 batches of (4, 256)
@@ -78,6 +83,18 @@ def main(argv=None) -> dict:
             })
             print(f"{label:34s} {init if approximate else '':9s} ppl {rows[-1]['perplexity']:.3f}  "
                   f"cache {rows[-1]['cache_bytes_per_token']:.0f} B/token", flush=True)
+            if mode == "latent" and init == "whitened" and kwargs["rank"] in args.quantized_ranks:
+                for nbits in (8, 4):  # the same latent in a quantized cache: every token quantized (window 0)
+                    with fake_quantized_latent(model, nbits=nbits):
+                        ppl = evaluate_perplexity(model, held_out, max_length=256, stride=256)["perplexity"]
+                    cache = LatentQuantizedCache(model.config, nbits=nbits, residual_length=0)
+                    rows.append({
+                        "label": f"{label}, int{nbits} cache", "mode": mode, **kwargs, "init": init, "nbits": nbits,
+                        "perplexity": ppl, "cache_bytes_per_token": kv_cache_bytes_per_token(model, past_key_values=cache),
+                        "parameters": rows[-1]["parameters"],
+                    })
+                    print(f"{rows[-1]['label']:34s} {init:9s} ppl {ppl:.3f}  cache "
+                          f"{rows[-1]['cache_bytes_per_token']:.0f} B/token", flush=True)
     result = {"rows": rows, "command": "python examples/cache_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "args": recorded_args(args),
               "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
@@ -103,7 +120,11 @@ def write_report(rows: list[dict], out: Path) -> None:
         "stand-in GPT-2 (4 layers, d = 256, 4 heads of 64) right after patching, no fine-tune: perplexity on the "
         "validation split (first 16,384 tokens, windows of 256, stride 256), KV-cache bytes per token measured on the "
         "cache object after a `generate()` call (fp32, all layers). whitened: calibrated on 16 evenly spaced 256-token "
-        "blocks of the training split. The stand-in is far easier to compress than real weights (see minilm.md).", "",
+        "blocks of the training split. *int8 / int4 cache*: the whitened latent stored in a `LatentQuantizedCache` "
+        "(asymmetric, one scale and minimum per token, every token quantized: window 0), bytes measured on that cache "
+        "(codes + scales); perplexity with every position attending round-tripped latents (`fake_quantized_latent`; "
+        "slightly pessimistic against decoding, whose prefill attends the prompt in full precision). "
+        "The stand-in is far easier to compress than real weights (see minilm.md).", "",
         "![perplexity vs cache bytes](cache_sweep.png)", "",
         "| configuration | init | KV cache B/token (vs stock) | parameters | perplexity (Δ vs stock) |", "|---|---|---|---|---|"]
     for r in rows:
@@ -116,7 +137,8 @@ def write_report(rows: list[dict], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     groups = {}
     for r in rows:
-        kind = r["mode"] + (" + values" if "value_rank" in r or "values" in r else "") + (f" ({r['init']})" if r["init"] else "")
+        kind = r["mode"] + (" + values" if "value_rank" in r or "values" in r else "") + (f" ({r['init']})" if r["init"] else "") + (
+            f", int{r['nbits']} cache" if r.get("nbits") else "")
         groups.setdefault(kind, []).append(r)
     for kind, points in groups.items():
         points = sorted(points, key=lambda r: r["cache_bytes_per_token"])

@@ -40,6 +40,9 @@ sys.path.insert(1, str(HERE.parent))  # a clean clone without `pip install -e .`
 import flops  # noqa: E402
 from run import DTYPES, stock_config, synchronize  # noqa: E402
 
+sys.path.insert(2, str(HERE.parent / "examples"))
+from run_record import current_commit  # noqa: E402
+
 from hf_merged_attn import MergedAttention, patch_model, use_kernels  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -324,7 +327,7 @@ def main(argv=None) -> dict:
     log = lambda text: print(text, flush=True)  # noqa: E731
     models = {name: build(name, args, device) for name in args.modes}
     result = {"command": "python benchmarks/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "machine": machine(device), "commit": _commit(), "peak_gbs": peak, "train_tokens": args.train_tokens,
+              "machine": machine(device), "commit": current_commit(), "peak_gbs": peak, "train_tokens": args.train_tokens,
               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "decode": {}}
     for name, model in models.items():
         result["decode"][name] = {"static": {}}
@@ -343,13 +346,6 @@ def main(argv=None) -> dict:
     report(result, args.out)
     log(f"wrote {args.out}/gpu.json, gpu.md, gpu.png")
     return result
-
-
-def _commit() -> str:
-    import subprocess
-
-    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
-    return proc.stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ def write_report(rows: list[dict], out: Path) -> None:
     stock = rows[0]
     lines = [
         "# Perplexity against KV-cache bytes per token (shipped stand-in, at patch)", "",
-        "`python examples/cache_sweep.py --output_dir docs` (one deterministic run; about 1–2 min on a 2-core CPU). The shipped "
+        "`python examples/cache_sweep.py --output_dir docs` (one deterministic run; 2–5 min on a 2-core CPU). The shipped "
         "stand-in GPT-2 (4 layers, d = 256, 4 heads of 64) right after patching, no fine-tune: perplexity on the "
         "validation split (first 16,384 tokens, windows of 256, stride 256), KV-cache bytes per token measured on the "
         "cache object after a `generate()` call (fp32, all layers). whitened: calibrated on 16 evenly spaced 256-token "

@@ -33,9 +33,6 @@ import gc
 import hashlib
 import json
 import os
-import re
-import shutil
-import statistics
 import threading
 import time
 import warnings
@@ -55,7 +52,9 @@ from transformers.pytorch_utils import Conv1D
 from hf_merged_attn import PatchConfig, patch_model
 from hf_merged_attn.evaluation import evaluate_perplexity, kv_cache_bytes_per_token
 from hf_merged_attn.registry import REGISTRY, ROTARY_MODEL_TYPES, SPECS
-from run_record import recorded_args  # noqa: E402 (examples/ is on sys.path when a script runs)
+from checkpoints import checkpoint_step, load_checkpoint, resume_point, save_checkpoint
+from reporting import fmt, markdown_table, plot_curves, summarize
+from run_record import recorded_args  # examples/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "shakespeare-gpt2"
@@ -453,106 +452,8 @@ def eval_loss(model, stream, args, max_tokens=None) -> dict:
     )
 
 
-# ---------------------------------------------------------------- checkpoints
-# step_N is written as the hidden folder .step_N.partial and renamed to step_N once every process has written its
-# files and the manifest (sha256 of every file) is in: a run killed at any moment leaves complete step_N folders
-# and at most one .partial folder, which resuming ignores and the next save replaces.
-
-CHECKPOINT_NAME = re.compile(r"step_(\d+)")
-MANIFEST = "manifest.json"
-
-
 def run_dir_of(args, label: str, seed: int) -> Path:
     return Path(args.output_dir) / f"{label}-seed{seed}"
-
-
-def checkpoint_step(folder: Path) -> int | None:
-    """N of a step_N folder; None for any other name."""
-    match = CHECKPOINT_NAME.fullmatch(folder.name)
-    return int(match[1]) if match else None
-
-
-def resume_point(args, run_dir: Path) -> tuple[Path | None, list[str]]:
-    """The checkpoint a run resumes from (None: from the start) and the incomplete ones skipped for 'latest'.
-
-    Raises (before any work): a folder that is not a complete step_N checkpoint, or one past --max_train_steps.
-    """
-    resume = args.resume_from_checkpoint
-    if resume == "latest":
-        found = sorted((checkpoint_step(p), p) for p in run_dir.glob("step_*") if checkpoint_step(p) is not None)
-        complete = [p for _, p in found if (p / MANIFEST).is_file()]
-        folder = complete[-1] if complete else None
-        newer = [p.name for n, p in found if folder is None or n > checkpoint_step(folder)]
-        skipped = sorted(p.name for p in run_dir.glob(".step_*.partial")) + newer
-    elif resume:
-        folder, skipped = Path(resume), []
-        if checkpoint_step(folder) is None:
-            raise ValueError(
-                f"--resume_from_checkpoint {resume!r}: checkpoint folders are named step_N (N = the optimizer step, as "
-                f"--checkpointing_steps writes them); got {folder.name!r}. Pass a step_N folder, or 'latest'."
-            )
-        if not (folder / MANIFEST).is_file():
-            raise ValueError(
-                f"--resume_from_checkpoint {resume!r} is not a complete checkpoint (no {MANIFEST}, which is written "
-                "last): its writing was interrupted, or it was not written by --checkpointing_steps. Pass 'latest' "
-                "to resume from the newest complete checkpoint, or another step_N folder."
-            )
-    else:
-        return None, []
-    if folder is not None and checkpoint_step(folder) > args.max_train_steps:
-        raise ValueError(
-            f"{folder} was saved at step {checkpoint_step(folder)}, past --max_train_steps {args.max_train_steps}. "
-            f"Resume with --max_train_steps {checkpoint_step(folder)} or more, or start a fresh run in another "
-            "--output_dir."
-        )
-    return folder, skipped
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def save_checkpoint(accelerator, run_dir: Path, step: int, history: dict) -> None:
-    """Write step_N crash-safe (see above): into .step_N.partial, renamed when complete."""
-    final, partial = run_dir / f"step_{step}", run_dir / f".step_{step}.partial"
-    if accelerator.is_main_process and partial.exists():
-        shutil.rmtree(partial)  # left by a run killed while writing it
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()  # every process's files (its RNG state too) are written
-    if accelerator.is_main_process:
-        (partial / "history.json").write_text(json.dumps(history))
-        # every file, also in the sub-folders sharded states are written to (FSDP: one per model / optimizer)
-        files = {str(f.relative_to(partial)): _sha256(f) for f in sorted(partial.rglob("*")) if f.is_file()}
-        (partial / MANIFEST).write_text(json.dumps({"step": step, "sha256": files}))
-        for path in [*sorted(partial.rglob("*"), reverse=True), partial]:  # on disk before the rename shows it
-            descriptor = os.open(path, os.O_RDONLY)
-            os.fsync(descriptor)
-            os.close(descriptor)
-        if final.exists():
-            shutil.rmtree(final)  # an earlier run's, in the same --output_dir
-        partial.rename(final)
-    accelerator.wait_for_everyone()
-
-
-def load_checkpoint(accelerator, folder: Path) -> dict:
-    """Load a checkpoint after checking every file against its manifest; returns its history."""
-    expected = json.loads((folder / MANIFEST).read_text())["sha256"]
-    for name, digest in expected.items():
-        path = folder / name
-        if not path.is_file() or _sha256(path) != digest:
-            raise ValueError(
-                f"{path} is {'missing' if not path.is_file() else 'corrupted (its sha256 differs from the manifest)'}"
-                f"; resuming from {folder.name} would not continue the interrupted run (a damaged random-number state "
-                "silently changes the dropout masks, a damaged optimizer state the updates). Resume from another "
-                "step_N folder, or start afresh without --resume_from_checkpoint."
-            )
-    accelerator.load_state(str(folder))
-    return json.loads((folder / "history.json").read_text())
 
 
 def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo_suffix="") -> dict:
@@ -732,89 +633,6 @@ def check_reload(folder: Path, probe: torch.Tensor, in_memory: torch.Tensor, acc
             stacklevel=2,
         )
     return diff
-
-
-# ---------------------------------------------------------------- report
-
-
-def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
-    """Mean and std over seeds; (None, None) when a figure was not measured (tokens/s of a 1-step run)."""
-    if any(v is None for v in values):
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def summarize(records: list[dict], stock_before: float) -> dict:
-    summary = {}
-    for label in dict.fromkeys(r["label"] for r in records):
-        runs = [r for r in records if r["label"] == label]
-        keys = ("mode", "rank", "ranks_per_block", "total_params", "trainable_params", "kv_cache_bytes_per_token",
-                "train_tokens")
-        entry = {k: runs[0][k] for k in keys}
-        entry["perplexity_before"] = stock_before
-        for key in ("perplexity_at_patch", "perplexity_after", "tokens_per_s", "peak_memory_mb", "train_time_s"):
-            entry[key], entry[key + "_std"] = mean_std([r[key] for r in runs])
-        entry["seeds"] = [r["seed"] for r in runs]
-        summary[label] = entry
-    return summary
-
-
-def markdown_table(summary: dict, args, world_size: int, accumulation: int | None = None) -> str:
-    """results.md: one row per mode; accumulation: the steps accelerate accumulated (a DeepSpeed config's wins)."""
-    accumulation = accumulation or args.gradient_accumulation_steps
-    n = len(next(iter(summary.values()))["seeds"])
-    spread = " ± std over seeds" if n > 1 else ""
-    lines = [
-        f"| mode | params (trainable) | KV cache B/token | ppl before | ppl at patch | ppl after{spread} | train tokens "
-        "| tokens/s | peak MB |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for label, e in summary.items():
-        after = f"{e['perplexity_after']:.2f}" + (f" ± {e['perplexity_after_std']:.2f}" if n > 1 else "")
-        if e.get("ranks_per_block"):  # an energy target: show the ranks it chose
-            label = f"{label} (ranks {'/'.join(str(r) for r in e['ranks_per_block'].values())})"
-        lines.append(
-            f"| {label} | {e['total_params'] / 1e6:.2f}M ({e['trainable_params'] / 1e6:.2f}M) "
-            f"| {e.get('kv_cache_bytes_per_token', 0):,.0f} | {e['perplexity_before']:.2f} "
-            f"| {e['perplexity_at_patch']:.2f} | {after} | {e['train_tokens']:,} | {fmt(e['tokens_per_s'], '.0f')} | {e['peak_memory_mb']:.0f} |"
-        )
-    lines.append("")
-    lines.append(
-        f"{n} seed(s) from {args.seed}; {args.max_train_steps} steps of {args.per_device_train_batch_size}×{args.block_size} "
-        f"tokens × {accumulation} accumulation × {world_size} process(es); perplexity: sliding window "
-        f"{args.block_size}, stride {args.eval_stride or args.block_size // 2}, on the first "
-        f"{next(iter(summary.values())).get('eval_tokens', 'all')} validation tokens."
-    )
-    return "\n".join(lines) + "\n"
-
-
-def plot_curves(records: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for label in dict.fromkeys(r["label"] for r in records):
-        runs = [r for r in records if r["label"] == label]
-        for ax, kind in zip(axes, ("train", "eval")):
-            points = runs[0]["history"][kind]
-            x = [p["tokens"] for p in points]
-            y = [statistics.fmean(r["history"][kind][i]["loss"] for r in runs) for i in range(len(points))]
-            ax.plot(x, y, label=label, marker="o" if kind == "eval" else None, markersize=3)
-    for ax, title in zip(axes, ("train loss (per step, mean over seeds)", "validation loss (curve slice)")):
-        ax.set_xlabel("training tokens")
-        ax.set_ylabel("cross-entropy (nats/token)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict | None:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 from minilm_fidelity import ROOT, batches, corpus_sentences, default_model, evenly_spaced, spearman  # examples/ on sys.path
-from run_record import recorded_args
+from run_record import current_commit, recorded_args
 
 from hf_merged_attn import patch_model
 
@@ -235,7 +235,7 @@ def main(argv=None) -> dict:
     runs = [run_one(args, config, seed, stock, data, log) for config in args.configs for seed in range(args.seeds)]
     result = {
         "command": "python examples/recover_minilm.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "commit": _commit(), "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "commit": current_commit(), "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "args": recorded_args(args), "hidden_size": stock[0].auto_model.config.hidden_size, "runs": runs,
         "summary": summarize(runs), "seconds": time.time() - start,
     }
@@ -245,13 +245,6 @@ def main(argv=None) -> dict:
     plot(result, args.output_dir / "recovery.png")
     log((args.output_dir / "recovery.md").read_text())
     return result
-
-
-def _commit() -> str:
-    import subprocess
-
-    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    return proc.stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":

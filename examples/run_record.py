@@ -33,3 +33,11 @@ def portable(value):
 def recorded_args(args) -> dict:
     """An argparse namespace (or dataclass-like object) as the dict a results file records."""
     return portable(dict(vars(args)))
+
+
+def current_commit() -> str:
+    """The short hash of the checkout's HEAD, or "unknown" outside a git checkout."""
+    import subprocess
+
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return proc.stdout.strip() or "unknown"

@@ -43,8 +43,9 @@ from datasets import load_dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import (AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel,
-from run_record import recorded_args  # noqa: E402 (examples/ is on sys.path when a script runs)
                           GPT2TokenizerFast, default_data_collator, get_scheduler)
+
+from run_record import recorded_args  # examples/ is on sys.path when a script runs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data", "shakespeare")

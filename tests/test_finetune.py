@@ -84,7 +84,10 @@ def test_defaults_point_at_the_shipped_assets():
     assert Path(args.train_file) == SHIPPED_DATA / "train.txt" and Path(args.validation_file) == SHIPPED_DATA / "validation.txt"
     modes, config = finetune.validate(args)  # the shipped model and files exist and fit the defaults
     head_dim = config.n_embd // config.n_head
-    assert modes == [("stock", "stock", None), ("covariance", "covariance", None), (f"lowrank-r{head_dim // 2}", "lowrank", head_dim // 2)]
+    # the exact modes and the two that shrink the cache: merged values, lowrank at hd/2, the latent at d/4
+    assert modes == [("stock", "stock", None), ("covariance", "covariance", None),
+                     ("covariance+values", "covariance+values", None), (f"lowrank-r{head_dim // 2}", "lowrank", head_dim // 2),
+                     (f"latent-r{config.n_embd // 4}", "latent", config.n_embd // 4)]
     assert (ROOT / "examples" / "shakespeare-gpt2" / "model.safetensors").is_file()
 
 
@@ -539,7 +542,7 @@ def test_block_size_limit_follows_the_family(assets, family_models, tmp_path):
                                                           "128")))
     args = finetune.parse_args(family_args(assets, family_models["bloom"], tmp_path, "--block_size", "4096"))
     modes, config = finetune.validate(args)
-    assert config.model_type == "bloom" and modes[-1] == ("lowrank-r8", "lowrank", 8)  # half the head size 16
+    assert config.model_type == "bloom" and modes[-2] == ("lowrank-r8", "lowrank", 8)  # half the head size 16
 
 
 @pytest.mark.parametrize(

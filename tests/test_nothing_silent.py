@@ -4,6 +4,7 @@ per-head value bias under padding and dropout, shared configs, paths in saved fi
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 
@@ -127,6 +128,7 @@ def test_value_modes_equal_stock_loss_and_gradients(family, name, setting):
     """Left-padded queries whose mask hides every key (SDPA gives them all-zero weights) and inverted attention dropout
     (rows that do not sum to 1): stock's loss and gradients, not those of a value bias folded into the output bias."""
     implementation = "sdpa" if setting == "sdpa-left-padding" and family.sdpa else "eager"
+    family = dataclasses.replace(family, config=copy.deepcopy(family.config))  # the dropout set below stays here
     stock = family.make(implementation)
     if setting == "attention-dropout":
         for _, _, attn in family.spec.stock_attentions(stock):

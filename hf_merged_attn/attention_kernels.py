@@ -108,8 +108,7 @@ class KernelQuery:
     equal_widths: bool  # query/key width == value width
     width: int  # query/key width
     dropout: bool  # attention dropout acts (training with p > 0)
-    masked: bool  # an attention mask is given (padding, a static cache's unwritten slots)
-    score_bias: bool  # an additive score bias (ALiBi) comes as a float mask
+    masked: bool  # an attention mask is given (padding, a static cache's unwritten slots; ALiBi comes as one)
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,8 @@ def _eager(module, query, key, value, mask, causal, need_weights, kwargs):
     return module._eager_attention(query, key, value, mask)
 
 
-def _shared_blocks(module, query, key, value, mask, causal, need_weights, kwargs):
+def _blocks(module, query, key, value, mask, causal, need_weights, kwargs):
+    """The module's blocked kernel without weights (a shared key in one GEMM per block of queries; per-head keys too)."""
     return module._eager_attention(query, key, value, mask, causal=causal, need_weights=False)
 
 
@@ -204,13 +204,12 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
            prefers=lambda q: q.device != "cpu", run=_sdpa_expand),
     # a head-shared key or value: one GEMM per block of 64 queries with the heads folded into the rows, causal blocks
     # skipped, scores recomputed in backward
-    Kernel("shared_blocks", fits=lambda q: q.shared, prefers=lambda q: True, run=_shared_blocks),
+    Kernel("shared_blocks", fits=lambda q: q.shared, prefers=lambda q: True, run=_blocks),
     # per-head keys and values of one width: transformers' SDPA attention
     Kernel("sdpa", fits=lambda q: q.implementation == "sdpa" and not q.shared and (q.equal_widths or q.phase != "decode"),
            prefers=lambda q: True, run=_sdpa),
     # per-head keys and values of unequal widths decoding one token: SDPA would scale a copy of the whole cache
-    Kernel("per_head_blocks", fits=lambda q: not q.shared, prefers=lambda q: True,
-           run=lambda m, q, k, v, mask, causal, w, kw: m._eager_attention(q, k, v, mask, causal=causal, need_weights=False)),
+    Kernel("per_head_blocks", fits=lambda q: not q.shared, prefers=lambda q: True, run=_blocks),
 )}
 
 

@@ -667,18 +667,18 @@ class MergedAttention:
             value = self.v_up(latent).view(*latent.shape[:2], self.num_heads, -1).transpose(1, 2)  # (B, H, Tk, hd)
         # under attention dropout the rows of A_h do not sum to 1: carry a constant 1 channel through A·V to get the row
         # sums the per-head value bias c_h needs (training only: no cache is copied at decode time)
-        count_rows = self.value_bias is not None and self.training and self.attn_dropout.p > 0
+        dropout = self.training and self.attn_dropout.p > 0
+        count_rows = self.value_bias is not None and dropout
         if count_rows:
             value = torch.cat([value, value.new_ones(*value.shape[:-1], 1)], dim=-1)  # (B, Hv, Tk, v + 1)
         if score_bias is not None:
             attention_mask = _bias_mask(score_bias, attention_mask, length, key.shape[2], self.is_causal)
 
-        dropout = self.training and self.attn_dropout.p > 0
         kernel = self._kernel(KernelQuery(
             implementation, query.device.type, phase, shared=key.shape[1] == 1 or value.shape[1] == 1,
             mqa=key.shape[1] == 1 and value.shape[1] == 1 and self.num_heads > 1,
             equal_widths=query.shape[-1] == value.shape[-1], width=query.shape[-1], dropout=dropout,
-            masked=attention_mask is not None, score_bias=score_bias is not None,
+            masked=attention_mask is not None,
         ))
         # sdpa's is_causal (no mask, several fresh tokens): query i sees keys 0..i
         causal = bool(attention_mask is None and length > 1 and kwargs.get("is_causal", self.is_causal))
@@ -701,9 +701,13 @@ class MergedAttention:
             return attn_output.contiguous(), attn_weights
         output = getattr(self, self.output_name)(attn_output)  # (B, T, d)
         if self.value_bias is not None:  # + Σ_h rowsum(A_h) c_h
-            bias = self.value_bias.to(output.dtype)
-            output = output + (bias.sum(0) if rows is None else rows.to(bias.dtype) @ bias if rows.shape[-1] > 1
-                               else rows.to(bias.dtype) * bias.sum(0))
+            bias = self.value_bias.to(output.dtype)  # (H, d)
+            if rows is None:  # every row sums to 1
+                output = output + bias.sum(0)
+            elif rows.shape[-1] == 1:  # one row sum for all heads (a mask shared by the heads)
+                output = output + rows.to(bias.dtype) * bias.sum(0)
+            else:  # a row sum per head (dropout)
+                output = output + rows.to(bias.dtype) @ bias
         return output, attn_weights
 
     def _eager_attention(

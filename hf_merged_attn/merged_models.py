@@ -15,7 +15,7 @@ from torch import nn
 from transformers.utils.hub import CommitOperationAdd, hf_api
 
 from .merged_attention import ArchitectureSpec, CorruptRecordError, MergedAttention, check_record
-from .quantized_cache import GENERATION_FIELD, LatentQuantizedCache
+from .quantized_cache import GENERATION_FIELD, LatentQuantizedCache, QuantizationSettings
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def quantized_cache_summary(model) -> str:
         return ""
     modules = [m for m in model.modules() if isinstance(m, MergedAttention)]
     width = modules[0].cache_layout.key_width
-    group = settings["q_group_size"] or (width if settings["axis"] == "token" else 32)
+    group = QuantizationSettings(**settings).group(width)
     scales = 2 * (width // group if settings["axis"] == "token" else width / group)  # scale + minimum per group
     per_layer = width * settings["nbits"] / 8  # bytes of codes per token and layer, plus the scales below
     return (
@@ -243,11 +243,11 @@ class MergedModelMixin:
         exact_keys = record["mode"] == "covariance" or all(
             r >= (head_dim if record["mode"] == "lowrank" else hidden) for r in ranks
         )
-        exact = exact_keys and (value_rank is None or value_rank >= head_dim)
-        exact_text = ("At patch time it computed exactly what the base model computed (up to round-off)." if exact
+        exact_values = value_rank is None or value_rank >= head_dim
+        exact_text = ("At patch time it computed exactly what the base model computed (up to round-off)."
+                      if exact_keys and exact_values
                       else "At patch time it approximated the base model (" + ", ".join(
-                          side for side, ok in (("the query–key side", exact_keys),
-                                                ("the value side", value_rank is None or value_rank >= head_dim)) if not ok
+                          side for side, ok in (("the query–key side", exact_keys), ("the value side", exact_values)) if not ok
                       ) + " below full rank); fine-tuning may have recovered part of the difference.")
         auto = next((a for m, a in spec.model_classes.values() if m is type(self) and a), "AutoModel")
         stock_type = spec.model_types[0]

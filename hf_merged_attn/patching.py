@@ -285,7 +285,7 @@ def patch_model(
     ]
     for parent, name, old, new in seeded:
         _swap(parent, name, old, new)
-    for module in model.modules():  # the config becomes the patched model's own (see `_own_config`)
+    for module in model.modules():  # every module that held the shared config now holds the model's own copy
         if module.__dict__.get("config") is shared_config:
             module.config = config
 

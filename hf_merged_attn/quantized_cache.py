@@ -208,10 +208,6 @@ class LatentQuantizedCache(Cache):
             num_layers = config.get_text_config(decoder=True).num_hidden_layers
         super().__init__(layers=[LatentQuantizedLayer(self.settings) for _ in range(num_layers)])
 
-    @classmethod
-    def from_settings(cls, config, settings: dict) -> "LatentQuantizedCache":
-        return cls(config, **settings)
-
 
 GENERATION_FIELD = "merged_attn_cache"  # the generation-config field that makes a quantized latent cache the default
 

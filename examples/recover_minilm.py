@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """How much does a short fine-tune win back on real weights? Patch all-MiniLM-L6-v2, distil it back to stock.
 
-    python examples/recover_minilm.py --output_dir docs            # the default configurations, 2 seeds (~30 min, 2 CPU cores)
+    python examples/recover_minilm.py --output_dir docs            # the default configurations, 2 seeds (~45 min, 1 thread)
     python examples/recover_minilm.py --quick --output_dir runs/r  # 2 configurations, a tiny budget (the CI test)
 
-For each configuration (--configs; default: the latent at r_c = 192 / 96 / 48, i.e. ½ / ¼ / ⅛ of d = 384, whitened,
-and at 96 also plain svd; lowrank r = 4 whitened; covariance, exact; any `latent:R:svd|whitened`, `lowrank:R:…` can
-be asked for) and seed, the script patches a fresh copy of the
+For each configuration (--configs; default: the latent at r_c = 192 / 96 / 48, i.e. ½ / ¼ / ⅛ of d = 384, svd and
+whitened; lowrank r = 4 / 8 / 16 whitened; covariance, exact; any `latent:R:svd|whitened`, `lowrank:R:…` can be
+asked for) and seed, the script patches a fresh copy of the
 real all-MiniLM-L6-v2 (sentence-transformers; BertModel, 6 layers, 12 heads of 32) and fine-tunes it the way
 sentence-transformers users train: `SentenceTransformerTrainer` with `losses.MSELoss`, the targets being the stock
 model's (normalised) embeddings of the training sentences — distillation back to the model it came from. The budget
@@ -37,9 +37,9 @@ from run_record import current_commit, recorded_args
 
 from hf_merged_attn import patch_model
 
-DEFAULT_CONFIGS = ["covariance", "lowrank:4:whitened",
-                   "latent:192:whitened", "latent:96:svd", "latent:96:whitened",
-                   "latent:48:whitened"]
+DEFAULT_CONFIGS = ["covariance", "lowrank:4:whitened", "lowrank:8:whitened", "lowrank:16:whitened",
+                   "latent:192:svd", "latent:192:whitened", "latent:96:svd", "latent:96:whitened",
+                   "latent:48:svd", "latent:48:whitened"]
 
 
 def parse_config(text: str) -> dict:

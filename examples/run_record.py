@@ -2,7 +2,7 @@
 
 Results files are committed (docs/*.json); a path such as /home/you/project/examples/data/train.txt would publish
 the machine's layout and be wrong on every other one. Paths inside the repository are recorded relative to its root,
-other absolute paths by their last component.
+an installed package's files from the package's name on, other absolute paths by their last component.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ def portable(value):
         return [portable(v) for v in value]
     if isinstance(value, Path) or (isinstance(value, str) and os.path.isabs(value)):
         path = Path(value).resolve() if os.path.isabs(str(value)) else Path(value)
+        if "site-packages" in path.parts:  # an installed package's data: its name on, not this venv's layout
+            return str(Path(*path.parts[path.parts.index("site-packages") + 1:]))
         if not path.is_absolute():
             return str(path)
         try:

@@ -41,4 +41,7 @@ def test_recorded_arguments_are_portable():
 
     assert portable(str(ROOT / "examples" / "data" / "train.txt")) == "examples/data/train.txt"
     assert portable("/somewhere/else/model") == "model"
+    # an installed package's data (inside or outside the checkout's venv): from the package's name on
+    assert portable(str(ROOT / ".venv/lib/python3.11/site-packages/pkg/model")) == "pkg/model"
+    assert portable("/usr/lib/python3/site-packages/pkg/model") == "pkg/model"
     assert portable({"a": ["gpt2", 3, None]}) == {"a": ["gpt2", 3, None]}

@@ -28,7 +28,6 @@ its logits must equal those of the model in memory (`reload_max_abs_diff` in res
 from __future__ import annotations
 
 import argparse
-import codecs
 import gc
 import hashlib
 import json
@@ -36,23 +35,25 @@ import os
 import threading
 import time
 import warnings
-from itertools import chain
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, set_seed
-from datasets import load_dataset
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator, get_scheduler
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, default_data_collator,
+                          get_scheduler)
 from transformers.pytorch_utils import Conv1D
 
 from hf_merged_attn import PatchConfig, patch_model
 from hf_merged_attn.evaluation import evaluate_perplexity, kv_cache_bytes_per_token
 from hf_merged_attn.registry import REGISTRY, ROTARY_MODEL_TYPES, SPECS
 from checkpoints import checkpoint_step, load_checkpoint, resume_point, save_checkpoint
+from lm_data import EpochSampler, check_data_file, load_lm_data
 from reporting import fmt, markdown_table, plot_curves, summarize
 from run_record import recorded_args  # examples/ is on sys.path when a script runs
 
@@ -61,61 +62,112 @@ DEFAULT_MODEL = HERE / "shakespeare-gpt2"
 DEFAULT_DATA = HERE / "data" / "shakespeare"
 MODES = ("stock", "covariance", "lowrank", "latent")
 RANKED = ("lowrank", "latent")  # modes that take :R / :E (default ranks: half the head size, a quarter of d)
-DATA_EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model and data (hub ids or local paths)")
-    g.add_argument("--model_name_or_path", default=str(DEFAULT_MODEL))
-    g.add_argument("--dataset_name", default=None, help="hub dataset, e.g. wikitext (overrides the files)")
-    g.add_argument("--dataset_config_name", default=None, help="e.g. wikitext-2-raw-v1")
-    g.add_argument("--train_file", default=str(DEFAULT_DATA / "train.txt"), help=".txt, .json(l) or .csv")
-    g.add_argument("--validation_file", default=str(DEFAULT_DATA / "validation.txt"))
-    g.add_argument("--text_column", default="text")
-    g.add_argument("--block_size", type=int, default=256,
-                   help="training sequence length (<= the model's context, where it has learned positions)")
-    g = p.add_argument_group("comparison")
-    g.add_argument("--modes", default="stock,covariance,covariance+values,lowrank,latent",
-                   help="comma-separated: stock, covariance, covariance+values (merged values: keys and values one "
-                        "cached tensor), lowrank (uses --rank), lowrank:R, lowrank:E with E in (0, 1) (per block, the "
-                        "smallest rank keeping that share of the spectral energy), latent (r_c = d/4), latent:R, latent:E")
-    g.add_argument("--rank", type=int, default=None, help="lowrank rank (default: half the head size)")
-    g.add_argument("--seeds", type=int, default=1, help="run every mode with seeds seed, seed+1, ...")
-    g.add_argument("--init", default="svd", choices=("svd", "whitened"),
-                   help="lowrank / latent seeding: svd (weights only) or whitened (activation-aware, calibrated on train blocks)")
-    g.add_argument("--calibration_samples", type=int, default=16,
-                   help="evenly spaced train blocks that calibrate --init whitened (at most all of them)")
-    g = p.add_argument_group("training (as run_clm_no_trainer)")
-    g.add_argument("--per_device_train_batch_size", type=int, default=8)
-    g.add_argument("--per_device_eval_batch_size", type=int, default=8)
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--learning_rate", type=float, default=5e-4)
-    g.add_argument("--weight_decay", type=float, default=0.0)
-    g.add_argument("--lr_scheduler_type", default="cosine")
-    g.add_argument("--num_warmup_steps", type=int, default=10)
-    g.add_argument("--max_train_steps", type=int, default=60)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--output_dir", default="runs/finetune")
-    g.add_argument("--checkpointing_steps", type=int, default=None, help="save accelerate state every N steps")
-    g.add_argument("--resume_from_checkpoint", default=None,
-                   help="'latest' (each run resumes from its newest checkpoint in --output_dir) or a step_N folder")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval_stride", type=int, default=None, help="sliding-window stride (default block_size/2)")
-    g.add_argument("--eval_max_tokens", type=int, default=24576, help="validation tokens scored (0 = all)")
-    g.add_argument("--eval_steps", type=int, default=20, help="eval loss for the curves every N steps")
-    g.add_argument("--curve_eval_tokens", type=int, default=4096, help="validation tokens for curve points")
-    g = p.add_argument_group("LoRA (peft) and the Hub")
-    g.add_argument("--lora", action="store_true", help="train LoRA adapters on the attention modules only")
-    g.add_argument("--lora_r", type=int, default=8)
-    g.add_argument("--lora_alpha", type=int, default=16)
-    g.add_argument("--lora_dropout", type=float, default=0.0)
-    g.add_argument("--push_to_hub", action="store_true", help="push each fine-tuned patched model (first seed)")
-    g.add_argument("--hub_model_id", default=None)
-    g.add_argument("--hub_token", default=None)
-    return p.parse_args(argv)
+def arg(default, help: str = "", **metadata):
+    """A dataclass field that is also a command-line flag (HfArgumentParser reads `metadata` as argparse's keywords)."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass
+class ModelDataArguments:
+    """Which model and data (hub ids or local paths)."""
+
+    _argument_group_name = "model and data (hub ids or local paths)"
+    model_name_or_path: str = arg(str(DEFAULT_MODEL), "a causal LM of a registered family (folder or hub id)")
+    dataset_name: str | None = arg(None, "hub dataset, e.g. wikitext (overrides the files)")
+    dataset_config_name: str | None = arg(None, "e.g. wikitext-2-raw-v1")
+    train_file: str = arg(str(DEFAULT_DATA / "train.txt"), ".txt, .json(l) or .csv")
+    validation_file: str = arg(str(DEFAULT_DATA / "validation.txt"))
+    text_column: str = arg("text")
+    block_size: int = arg(256, "training sequence length (<= the model's context, where it has learned positions)")
+
+
+@dataclass
+class ComparisonArguments:
+    """Which modes and seeds are compared, and how low-rank modes are seeded."""
+
+    _argument_group_name = "comparison"
+    modes: str = arg("stock,covariance,covariance+values,lowrank,latent",
+                     "comma-separated: stock, covariance, covariance+values (merged values: keys and values one cached "
+                     "tensor), lowrank (uses --rank), lowrank:R, lowrank:E with E in (0, 1) (per block, the smallest rank "
+                     "keeping that share of the spectral energy), latent (r_c = d/4), latent:R, latent:E")
+    rank: int | None = arg(None, "lowrank rank (default: half the head size)")
+    seeds: int = arg(1, "run every mode with seeds seed, seed+1, ...")
+    init: Literal["svd", "whitened"] = arg(
+        "svd", "lowrank / latent seeding: svd (weights only) or whitened (activation-aware, calibrated on train blocks)")
+    calibration_samples: int = arg(16, "evenly spaced train blocks that calibrate --init whitened (at most all of them)")
+
+
+@dataclass
+class TrainArguments:
+    """The training loop's settings, named as run_clm_no_trainer names them."""
+
+    _argument_group_name = "training (as run_clm_no_trainer)"
+    per_device_train_batch_size: int = arg(8)
+    per_device_eval_batch_size: int = arg(8)
+    gradient_accumulation_steps: int = arg(1)
+    learning_rate: float = arg(5e-4)
+    weight_decay: float = arg(0.0)
+    lr_scheduler_type: str = arg("cosine")
+    num_warmup_steps: int = arg(10)
+    max_train_steps: int = arg(60)
+    max_grad_norm: float = arg(1.0)
+    seed: int = arg(0)
+    gradient_checkpointing: bool = arg(False)
+    output_dir: str = arg("runs/finetune")
+    checkpointing_steps: int | None = arg(None, "save accelerate state every N steps")
+    resume_from_checkpoint: str | None = arg(
+        None, "'latest' (each run resumes from its newest checkpoint in --output_dir) or a step_N folder")
+
+
+@dataclass
+class EvaluationArguments:
+    """How perplexity and the loss curves are measured."""
+
+    _argument_group_name = "evaluation"
+    eval_stride: int | None = arg(None, "sliding-window stride (default block_size/2)")
+    eval_max_tokens: int = arg(24576, "validation tokens scored (0 = all)")
+    eval_steps: int = arg(20, "eval loss for the curves every N steps")
+    curve_eval_tokens: int = arg(4096, "validation tokens for curve points")
+
+
+@dataclass
+class AdapterHubArguments:
+    """LoRA adapters (peft) instead of full fine-tuning, and pushing to the Hub."""
+
+    _argument_group_name = "LoRA (peft) and the Hub"
+    lora: bool = arg(False, "train LoRA adapters on the attention modules only")
+    lora_r: int = arg(8)
+    lora_alpha: int = arg(16)
+    lora_dropout: float = arg(0.0)
+    push_to_hub: bool = arg(False, "push each fine-tuned patched model (first seed)")
+    hub_model_id: str | None = arg(None)
+    hub_token: str | None = arg(None)
+
+
+GROUPS = (ModelDataArguments, ComparisonArguments, TrainArguments, EvaluationArguments, AdapterHubArguments)
+
+
+@dataclass
+class FinetuneArguments(AdapterHubArguments, EvaluationArguments, TrainArguments, ComparisonArguments,
+                        ModelDataArguments):
+    """Every setting of a comparison, as one typed object: drivers (study.py) derive a run's settings from it with
+    `dataclasses.replace`. Its fields are those of the groups above, in their order."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's layout and shows every default."""
+
+
+def argument_parser(description: str | None = __doc__) -> HfArgumentParser:
+    """The command line of finetune.py: one flag per field of the groups, grouped in --help."""
+    return HfArgumentParser(GROUPS, description=description, formatter_class=HelpFormatter)
+
+
+def parse_args(argv: list[str] | None = None) -> FinetuneArguments:
+    """The command line (argv, or sys.argv) as FinetuneArguments; unknown flags are argparse's usual error."""
+    return FinetuneArguments(**vars(argument_parser().parse_args(argv)))
 
 
 def patch_kwargs(mode: str) -> tuple[str, dict]:
@@ -163,7 +215,7 @@ def parse_modes(text: str, default_rank: int, default_latent_rank: int) -> list[
     return modes
 
 
-def validate(args: argparse.Namespace) -> tuple[list, AutoConfig]:
+def validate(args: FinetuneArguments) -> tuple[list, AutoConfig]:
     """Check every argument that can be checked before loading data or models; returns (modes, model config)."""
     if not args.dataset_name:
         for flag, path in (("--train_file", args.train_file), ("--validation_file", args.validation_file)):
@@ -198,28 +250,6 @@ def validate(args: argparse.Namespace) -> tuple[list, AutoConfig]:
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. you/my-model-merged).")
     return modes, config
-
-
-def check_data_file(flag: str, path: str | None) -> None:
-    """An existing, non-empty UTF-8 file with a known extension; errors name the flag and the file."""
-    if not path or not Path(path).is_file():
-        raise FileNotFoundError(f"{flag} {path!r} does not exist. Pass an existing .txt/.json/.csv file, or --dataset_name.")
-    if Path(path).suffix not in DATA_EXTENSIONS:
-        raise ValueError(f"{flag} {path!r}: extension must be one of {sorted(DATA_EXTENSIONS)}.")
-    decoder, size = codecs.getincrementaldecoder("utf-8")(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as error:  # error.object: bytes held over from the last chunk + this chunk
-                offset = size - (len(error.object) - len(chunk)) + error.start
-                raise ValueError(
-                    f"{flag} {path!r} is not UTF-8 text: byte {offset} ({error.object[error.start]:#04x}) "
-                    f"{error.reason}. Convert it to UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > converted{Path(path).suffix}."
-                ) from None
-            size += len(chunk)
-    if size == 0:
-        raise ValueError(f"{flag} {path!r} is empty. Pass a file with text in it.")
 
 
 def causal_lm_spec(config, name: str):
@@ -304,76 +334,6 @@ def local_parameter_count(model) -> int:
             return p.ds_tensor.numel()
         return (p.to_local() if hasattr(p, "to_local") else p).numel()
     return sum(held(p) for p in model.parameters())
-
-
-# ---------------------------------------------------------------- data
-
-
-def load_lm_data(args, tokenizer, accelerator):
-    """Tokenize the train/validation text; train as block_size blocks, validation as one token stream."""
-    if args.dataset_name:
-        raw = load_dataset(args.dataset_name, args.dataset_config_name)
-    else:
-        builder = DATA_EXTENSIONS[Path(args.train_file).suffix]
-        extra = {"keep_linebreaks": True} if builder == "text" else {}
-        raw = load_dataset(builder, data_files={"train": args.train_file, "validation": args.validation_file}, **extra)
-    if "validation" not in raw:
-        raise ValueError(f"dataset {args.dataset_name!r} has no 'validation' split (splits: {list(raw)}); use --validation_file.")
-    for split in ("train", "validation"):
-        if args.text_column not in raw[split].column_names:
-            raise ValueError(
-                f"the {split} data has no text column {args.text_column!r} (columns: {raw[split].column_names}). "
-                "Pass --text_column with the column that holds the text."
-            )
-
-    def tokenize(batch):
-        return tokenizer(batch[args.text_column], add_special_tokens=False)
-
-    def group_texts(batch):  # concatenate and cut into blocks, as run_clm does
-        ids = list(chain(*batch["input_ids"]))
-        total = len(ids) // args.block_size * args.block_size
-        blocks = [ids[i : i + args.block_size] for i in range(0, total, args.block_size)]
-        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
-
-    columns = raw["train"].column_names
-    with accelerator.main_process_first():
-        tokenized = raw.map(tokenize, batched=True, remove_columns=columns, desc="tokenize")
-        train = tokenized["train"].map(
-            group_texts, batched=True, batch_size=None, remove_columns=tokenized["train"].column_names, desc="blocks"
-        )
-    batch = args.per_device_train_batch_size * accelerator.num_processes
-    if len(train) < batch:
-        raise ValueError(
-            f"the train data makes {len(train)} blocks of --block_size {args.block_size} tokens, fewer than one batch "
-            f"of {batch} (--per_device_train_batch_size {args.per_device_train_batch_size} x {accelerator.num_processes} "
-            "process(es)). Give more training text, or a smaller --block_size or --per_device_train_batch_size."
-        )
-    stream = torch.tensor(list(chain(*tokenized["validation"]["input_ids"])), dtype=torch.long)  # (N,)
-    if args.eval_max_tokens:
-        stream = stream[: args.eval_max_tokens]
-    if stream.numel() < 2:
-        raise ValueError(
-            f"the validation data has {stream.numel()} token(s); perplexity needs at least 2. Give more validation "
-            "text (--validation_file or the dataset's validation split)."
-        )
-    return train.with_format("torch"), stream
-
-
-class EpochSampler(Sampler):
-    """A random order fixed by (seed, epoch): the same for every mode, reproducible on resume."""
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.size
 
 
 class PeakMemory:

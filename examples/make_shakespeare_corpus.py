@@ -24,7 +24,6 @@ Usage (only needed to regenerate; the text files are committed)::
 import argparse
 import configparser
 import os
-import re
 
 # work (file stem without ``_gut.txt``) -> (genre, split). Literal and explicit on purpose.
 SPLITS = {

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from minilm_fidelity import ROOT, batches, corpus_sentences, default_model, evenly_spaced, spearman  # examples/ on sys.path
+from sentences import ROOT, batches, corpus_sentences, default_model, evenly_spaced, spearman  # examples/ on sys.path
 from run_record import current_commit, recorded_args
 
 from hf_merged_attn import patch_model

@@ -33,6 +33,7 @@ from transformers import (
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 import finetune  # noqa: E402
+import lm_data  # noqa: E402
 
 from hf_merged_attn import patch_model  # noqa: E402
 from hf_merged_attn.evaluation import evaluate_perplexity  # noqa: E402
@@ -346,7 +347,7 @@ def test_lora_trains_only_adapters_and_saves_them(assets, tmp_path):
 
     out = tmp_path / "lora"
     results = finetune.main(tiny_args(assets, out, "--modes", "stock,covariance", "--lora", "--lora_r", "4"))
-    stream = finetune.load_lm_data(finetune.parse_args(tiny_args(assets, out)), _tokenizer(assets), _accelerator())[1]
+    stream = lm_data.load_lm_data(finetune.parse_args(tiny_args(assets, out)), _tokenizer(assets), _accelerator())[1]
     for label, mode in (("stock", "stock"), ("covariance", "covariance")):
         entry = results["summary"][label]
         assert 0 < entry["trainable_params"] < 0.2 * entry["total_params"]

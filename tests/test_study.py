@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 import finetune  # noqa: E402
+import lm_data  # noqa: E402
 import study  # noqa: E402
 
 DATA = ROOT / "examples" / "data" / "shakespeare"
@@ -31,17 +33,17 @@ def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("study") / "quick"
     calls, load = [], study.load_test_stream
 
-    def spy(args, ft, tokenizer):
+    def spy(ft, tokenizer, test_file, *rest):
         choices = out / "choices.json"
         calls.append({"choices": json.loads(choices.read_text()) if choices.is_file() else None,
                       "final_records": list((out / "final").rglob("record.json")),
-                      "sweep_records": len(list((out / "sweep").rglob("record.json"))), "test_file": args.test_file})
-        return load(args, ft, tokenizer)
+                      "sweep_records": len(list((out / "sweep").rglob("record.json"))), "test_file": test_file})
+        return load(ft, tokenizer, test_file, *rest)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(study, "load_test_stream", spy)
         start = time.time()
-        result = study.main(["--quick", "--output_dir", str(out)])
+        result = study.main(["--quick", "--output_dir", str(out), "--quantized_cache_bits", "8,4"])
     result["test_wall_s"] = time.time() - start
     return out, result, calls
 
@@ -83,7 +85,18 @@ def test_quick_study_writes_the_docs_outputs(quick):
     assert rows["lora-r16"]["trainable_params"] < 0.05 * rows["lora-r16"]["total_params"]
     assert rows["lowrank-r16"]["init"] == "whitened" and rows["lora-r16"]["lora_r"] == 16
     assert saved["counts"]["final"] == len(LABELS) * 2 and saved["counts"]["sweep"] >= len(LABELS) * 4
+    for label in ("latent-r256", "latent-r128", "latent-r64"):  # --quantized_cache_bits 8,4: the latent modes only
+        row, q = rows[label], rows[label]["quantized"]
+        assert set(q) == {"int8", "int4"} and set(q["int8"]["test_perplexity"]) == {"0", "1"}
+        r_c = row["rank"]  # codes of r_c numbers plus one fp32 scale and minimum per token and layer (4 layers)
+        assert q["int8"]["kv_cache_bytes_per_token"] == 4 * (r_c + 8)
+        assert q["int4"]["kv_cache_bytes_per_token"] == 4 * (r_c // 2 + 8)
+        seeds = q["int8"]["test_perplexity"]
+        assert q["int8"]["delta_vs_unquantized"]["per_seed"] == pytest.approx(
+            {s: seeds[s] - row["test_perplexity"][s] for s in seeds})
+    assert all("quantized" not in rows[label] for label in LABELS if not label.startswith("latent"))
     md = (out / "study.md").read_text()
+    assert "| latent-r64 | int4 | 160 (0.0195) |" in md
     assert "| mode | trainable params | KV cache B/token (× stock) | best lr | test ppl (mean ± std) | Δ vs stock [95% CI]" in md
     for label in LABELS:
         assert f"| {label}" in md
@@ -121,13 +134,13 @@ def test_test_split_is_held_out():
 
 def test_test_stream_is_tokenized_like_validation():
     args, ft = study.parse_args(["--test_file", str(DATA / "validation.txt")])
-    ft.eval_max_tokens = 0
+    ft = dataclasses.replace(ft, eval_max_tokens=0)
     from accelerate import Accelerator
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(ft.model_name_or_path)
-    validation = finetune.load_lm_data(ft, tokenizer, Accelerator())[1]
-    assert study.load_test_stream(args, ft, tokenizer).tolist() == validation.tolist()
+    validation = lm_data.load_lm_data(ft, tokenizer, Accelerator())[1]
+    assert lm_data.load_test_stream(ft, tokenizer, args.test_file).tolist() == validation.tolist()
 
 
 def test_choose_lr_uses_validation_and_skips_diverged_runs():
@@ -206,14 +219,14 @@ def test_rerun_recomputes_only_a_missing_run(quick, tmp_path):
     missing = next(p for p in records(copy) if p.startswith("final/") and p.endswith("covariance-seed1"))
     (copy / missing / "record.json").unlink()
     before = records(copy)
-    again = study.main(["--quick", "--output_dir", str(copy), "--keep_models"])
+    again = study.main(["--quick", "--output_dir", str(copy), "--keep_models", "--quantized_cache_bits", "8,4"])
     assert again["computed"] == [missing]
     # the model that was scored on test is the one trained: reloaded, it gives the run's validation perplexity
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, ft = study.parse_args(["--quick"])
-    validation = finetune.load_lm_data(ft, AutoTokenizer.from_pretrained(ft.model_name_or_path), Accelerator())[1]
+    validation = lm_data.load_lm_data(ft, AutoTokenizer.from_pretrained(ft.model_name_or_path), Accelerator())[1]
     reloaded = AutoModelForCausalLM.from_pretrained(copy / missing / "model")
     record = json.loads((copy / missing / "record.json").read_text())
     assert finetune.eval_loss(reloaded, validation, ft)["perplexity"] == pytest.approx(record["val_perplexity"], rel=1e-5)
@@ -281,6 +294,7 @@ def test_default_modes_follow_the_model():
         (["--modes", "stock,lowrank:hd/4,lowrank:16"], ValueError, r"names a mode twice"),
         (["--modes", "stock,merged"], ValueError, r"--modes entry 'merged' is not a mode"),
         (["--modes", "stock,latent:999"], ValueError, r"rank=999 exceeds the hidden size 256"),
+        (["--quantized_cache_bits", "8,3"], ValueError, r"--quantized_cache_bits '8,3': give distinct widths from 8 and 4"),
         (["--seeds", "1"], ValueError, r"--seeds 1: paired differences .* need at least 2 seeds"),
         (["--test_file", "/nonexistent/test.txt"], FileNotFoundError, r"--test_file '/nonexistent/test.txt' does not exist"),
     ],
@@ -296,5 +310,5 @@ def test_other_settings_in_the_same_output_dir_are_refused(quick):
     out, _, _ = quick
     before = records(out)
     with pytest.raises(ValueError, match=r"holds runs made with other settings \(sweep_steps: 1 then, 2 now\)"):
-        study.main(["--quick", "--output_dir", str(out), "--sweep_steps", "2"])
+        study.main(["--quick", "--output_dir", str(out), "--sweep_steps", "2", "--quantized_cache_bits", "8,4"])
     assert records(out) == before

@@ -595,6 +595,18 @@ class MergedAttention:
         value_rank = f", value_rank={self.value_rank}" if self.value_rank else ""
         return f"mode={self.mode!r}{rank}{values}{value_rank}, layer_idx={self.layer_idx}"
 
+    def _run_kernel(self, implementation, phase, query, key, value, attention_mask, dropout, length, kwargs):
+        """The chosen attention kernel (see attention_kernels) on (B, H, T, qk) queries: ((B, T, H, v), weights)."""
+        kernel = self._kernel(KernelQuery(
+            implementation, query.device.type, phase, shared=key.shape[1] == 1 or value.shape[1] == 1,
+            mqa=key.shape[1] == 1 and value.shape[1] == 1 and self.num_heads > 1,
+            equal_widths=query.shape[-1] == value.shape[-1], width=query.shape[-1], dropout=dropout,
+            masked=attention_mask is not None,
+        ))
+        # sdpa's is_causal (no mask, several fresh tokens): query i sees keys 0..i
+        causal = bool(attention_mask is None and length > 1 and kwargs.get("is_causal", self.is_causal))
+        return kernel.run(self, query, key, value, attention_mask, causal, implementation == "eager", kwargs)
+
     def attend(
         self,
         hidden_states: torch.Tensor,
@@ -643,11 +655,14 @@ class MergedAttention:
             fresh_value = hidden_states if self.values == "merged" else self.v_proj(hidden_states)  # (B, T, d or H*v)
             value = layout.stored(fresh_value, layout.value_heads)
 
-        phase = "train"
+        phase, codes = "train", None
         if cache is not None:
             layer_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
             phase = phase_of(layer_cache, self.layer_idx)  # read before the update
-            cached = layer_cache.update(key, value, self.layer_idx, kwargs=kwargs)  # (B, Hk, Tk, .), (B, Hv, Tk, .)
+            if phase == "decode" and self.mode == "latent" and implementation == "sdpa":  # eager returns weights
+                codes = _code_reading_layer(layer_cache, self.layer_idx)  # a quantized latent cache, read in blocks
+            extra = {"read_codes": True} if codes is not None else {}  # then the update returns its window alone
+            cached = layer_cache.update(key, value, self.layer_idx, kwargs=kwargs, **extra)  # (B, Hk, Tk, .), (B, Hv, Tk, .)
             if phase == "decode":  # attend the cache; a prefill attends its own fresh tokens (a static buffer is longer)
                 key, value = cached
         if phase != "decode" and attention_mask is not None and attention_mask.shape[-1] > length:
@@ -674,16 +689,11 @@ class MergedAttention:
         if score_bias is not None:
             attention_mask = _bias_mask(score_bias, attention_mask, length, key.shape[2], self.is_causal)
 
-        kernel = self._kernel(KernelQuery(
-            implementation, query.device.type, phase, shared=key.shape[1] == 1 or value.shape[1] == 1,
-            mqa=key.shape[1] == 1 and value.shape[1] == 1 and self.num_heads > 1,
-            equal_widths=query.shape[-1] == value.shape[-1], width=query.shape[-1], dropout=dropout,
-            masked=attention_mask is not None,
-        ))
-        # sdpa's is_causal (no mask, several fresh tokens): query i sees keys 0..i
-        causal = bool(attention_mask is None and length > 1 and kwargs.get("is_causal", self.is_causal))
-        attn_output, attn_weights = kernel.run(self, query, key, value, attention_mask, causal,
-                                               implementation == "eager", kwargs)
+        if codes is not None:  # the absorbed decode over a quantized latent cache: its codes, dequantized in blocks
+            attn_output, attn_weights = codes.attend_absorbed(query, attention_mask, self.scaling), None
+        else:
+            attn_output, attn_weights = self._run_kernel(implementation, phase, query, key, value, attention_mask,
+                                                         dropout, length, kwargs)
         if absorbed:  # z_h = (A_h c) Bv_h + rowsum(A_h) bv_h
             v_up, v_bias = _linear_map(self.v_up, self.rank)  # (H*hd, r_c), (H*hd,)
             v_up = v_up.view(self.num_heads, self.head_dim, -1)  # (H, hd, r_c)
@@ -831,6 +841,13 @@ def _linear_map(module: nn.Module, in_features: int) -> tuple[torch.Tensor, torc
     probe = torch.cat([weight.new_zeros(1, in_features), torch.eye(in_features, dtype=weight.dtype, device=weight.device)])
     out = module(probe)  # (1 + in, out): row 0 = the bias, row 1 + i = column i of the weight + the bias
     return (out[1:] - out[:1]).mT, out[0]
+
+
+def _code_reading_layer(cache, layer_idx: int):
+    """The cache's layer `layer_idx` if it can be attended from its codes (`LatentQuantizedLayer.attend_absorbed`)."""
+    layers = getattr(cache, "layers", None)
+    layer = layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
+    return layer if getattr(layer, "reads_codes", False) else None
 
 
 def _row_sums(mask: torch.Tensor | None) -> torch.Tensor | None:

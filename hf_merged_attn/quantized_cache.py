@@ -10,8 +10,10 @@ unsigned integers of `nbits` (8, or 4 packed two per byte) with a scale and a mi
 - axis="channel": each channel over groups of `q_group_size` tokens (per-channel scales, as KIVI does for keys; the
   latent is both, so both are offered; the overflow is quantized in whole groups of tokens).
 
-Attention reads the dequantized cache (the quantized part dequantized per step, in the model's dtype) through the same
-absorbed decode; a prefill attends its own tokens in full precision. Bytes per token — integers, scales and minima,
+The absorbed latent decode (sdpa) reads the codes block by block (`LatentQuantizedLayer.attend_absorbed`: each block
+of `block_size` tokens dequantized where it is used, one pass with an online softmax, the window last), so no step
+materialises the whole cache in full precision; other readers (eager attention, merged values) get the whole cache
+dequantized for the step. A prefill attends its own tokens in full precision. Bytes per token — integers, scales and minima,
 residual window included — come from `LatentQuantizedLayer.stored_tensors`.
 
     from hf_merged_attn import LatentQuantizedCache
@@ -97,6 +99,8 @@ class LatentQuantizedLayer(DynamicLayer):
     """One layer's cache: quantized older tokens, a full-precision window of the newest (see the module doc)."""
 
     is_compileable = False
+    reads_codes = True  # the absorbed latent decode may attend it block by block (`attend_absorbed`)
+    block_size = 512  # tokens dequantized at a time by attend_absorbed (rounded up to whole token groups)
 
     def __init__(self, settings: QuantizationSettings):
         super().__init__()
@@ -119,9 +123,10 @@ class LatentQuantizedLayer(DynamicLayer):
         super().lazy_initialization(key_states, value_states)
         self.group = group
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, read_codes: bool = False, **kwargs):
         """Append (B, 1, T, r) latent tokens; quantize what leaves the window. Returns the whole cache (dequantized
-        part + window) as keys, and an empty value slot."""
+        part + window) as keys, and an empty value slot — or, with read_codes=True (the caller attends through
+        `attend_absorbed`), the window alone, nothing dequantized."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.keys = torch.cat([self.keys, key_states], dim=-2)  # the full-precision window
@@ -139,13 +144,66 @@ class LatentQuantizedLayer(DynamicLayer):
                 self.scale = torch.cat([self.scale, scale], dim=2)
                 self.low = torch.cat([self.low, low], dim=2)
             self.values = self.keys[..., :0]
-        if self.codes is None:
+        if self.codes is None or read_codes:
             return self.keys, self.values
         # the quantized part is dequantized for this step only: nothing but codes, scales and the window is kept
         restored = dequantize(self.codes, self.scale, self.low, self.settings.nbits, self.settings.axis, self.group,
                               self.keys.dtype)
         keys = torch.cat([restored, self.keys], dim=-2)  # (B, 1, Tk, r_c)
         return keys, keys[..., :0]
+
+    def attend_absorbed(self, query: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """softmax(scale · query · cᵀ + mask) · c over every cached latent c, reading the codes in blocks.
+
+        Each block of tokens is dequantized where it is used (a few hundred KB, cache-resident) and folded into an
+        online softmax (running maximum and sum, as flash-decoding does), the full-precision window last: one pass,
+        and no tensor of the whole cache in full precision. Equal to attending the dequantized cache up to float32
+        summation order.
+
+        Args:
+            query: the absorbed queries q_h Bk_hᵀ, (B, H, T, r).
+            mask: boolean (True = attend) or additive float, broadcastable to (B, H, T, Tk), or None (no padding:
+                causal over the last T of the Tk keys).
+            scale: the score scaling.
+
+        Returns:
+            (B, T, H, r) in the query's dtype (what the attention kernels return); a query that sees no key gets 0.
+        """
+        batch, heads, length, width = query.shape
+        total = self.get_seq_length()
+        if mask is None and length > 1:
+            mask = torch.ones(length, total, dtype=torch.bool, device=query.device).tril_(total - length)
+        rows = query.float().reshape(batch, heads * length, width)  # (B, H*T, r): heads folded into the rows
+        peak = rows.new_full((batch, heads * length, 1), float("-inf"))
+        norm, out = rows.new_zeros(batch, heads * length, 1), rows.new_zeros(batch, heads * length, width)
+        step = self.block_size
+        if self.settings.axis == "channel":  # whole groups of tokens per block
+            step = -(-step // self.group) * self.group
+        quantized = 0 if self.codes is None else self.codes.shape[2]
+        blocks = [(start, min(start + step, quantized)) for start in range(0, quantized, step)]
+        for start, end in [*blocks, (quantized, total)]:
+            if start == end:
+                continue
+            if start < quantized:
+                groups = slice(start // self.group, -(-end // self.group)) if self.settings.axis == "channel" else slice(start, end)
+                latent = dequantize(self.codes[:, :, start:end], self.scale[:, :, groups], self.low[:, :, groups],
+                                    self.settings.nbits, self.settings.axis, self.group, torch.float32)
+            else:
+                latent = self.keys.float()
+            latent = latent[:, 0]  # (B, Tb, r)
+            scores = torch.bmm(rows, latent.mT).mul_(scale)  # (B, H*T, Tb)
+            if mask is not None:
+                part = mask[..., start:end].expand(batch, heads, length, end - start).reshape(batch, heads * length, -1)
+                scores = scores.masked_fill_(~part, float("-inf")) if part.dtype == torch.bool else scores + part.float()
+            new_peak = torch.maximum(peak, scores.amax(-1, keepdim=True))
+            safe = new_peak.masked_fill(new_peak == float("-inf"), 0.0)  # rows with no key seen yet stay at zero
+            weights = (scores - safe).exp_()  # (B, H*T, Tb)
+            correction = (peak - safe).exp_()
+            norm = norm * correction + weights.sum(-1, keepdim=True)
+            out = out * correction + torch.bmm(weights, latent)
+            peak = new_peak
+        out = torch.where(norm > 0, out / norm.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+        return out.view(batch, heads, length, width).transpose(1, 2).to(query.dtype)  # (B, T, H, r)
 
     def get_seq_length(self) -> int:
         if not self.is_initialized:

@@ -79,6 +79,34 @@ def test_cache_equals_no_cache_within_the_quantization_error(family):
     assert 0 < errors[8] < errors[4]
 
 
+@pytest.mark.parametrize("family", DECODERS, ids=[f.model_type for f in DECODERS])
+@pytest.mark.parametrize("nbits,axis,group", SETTINGS, ids=IDS)
+def test_decode_reads_the_codes_in_blocks_as_the_whole_dequantized_cache(family, nbits, axis, group):
+    """The absorbed decode attends the quantized part block by block (`attend_absorbed`: an online softmax over
+    blocks of 4 tokens here, the window last) and gives the logits of attending the whole cache dequantized at once
+    (the same cache with code reading switched off), over a left-padded batch, one- and two-token steps, with and
+    without a full-precision window. 1e-5: float32 summation order (blocks vs one softmax), ~1e-7 of logits of ~1."""
+    model = patch_model(family.make("sdpa" if family.sdpa else "eager"), "latent", rank=8)
+    ids, mask = inputs(family, batch=3, length=16)
+    for window in (0, 3):
+        caches = []
+        for reads in (True, False):
+            cache = LatentQuantizedCache(model.config, nbits=nbits, axis=axis, q_group_size=group, residual_length=window)
+            for layer in cache.layers:
+                layer.reads_codes, layer.block_size = reads, 4
+            caches.append(cache)
+        with torch.no_grad():
+            logits = [[model(ids[:, :9], attention_mask=mask[:, :9], past_key_values=c, use_cache=True).logits]
+                      for c in caches]
+            for start, end in ((9, 10), (10, 11), (11, 13), (13, 14), (14, 16)):
+                for c, out in zip(caches, logits):
+                    out.append(model(ids[:, start:end], attention_mask=mask[:, :end], past_key_values=c,
+                                     use_cache=True).logits)
+        assert caches[0].layers[0].codes is not None and caches[0].layers[0].codes.shape[2] > 4  # several blocks
+        for blocked, whole in zip(*logits):
+            assert (blocked - whole).abs().max() < 1e-5, (window, (blocked - whole).abs().max())
+
+
 def test_bytes_per_token_are_measured_on_the_cache():
     """Codes, scales and minima counted; the window in the model's dtype. r_c = 8, fp32, 2 layers."""
     family = DECODERS[0]

@@ -43,7 +43,7 @@ from run import DTYPES, stock_config, synchronize  # noqa: E402
 sys.path.insert(2, str(HERE.parent / "examples"))
 from run_record import current_commit  # noqa: E402
 
-from hf_merged_attn import MergedAttention, patch_model, use_kernels  # noqa: E402
+from hf_merged_attn import LatentQuantizedCache, MergedAttention, patch_model, use_kernels  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -57,6 +57,7 @@ MODES = {  # name: patch_model arguments (None: stock)
 }
 # the forward's cache keyword: `cache` since transformers 5.2x, `past_key_values` before (5.17 knows only that one)
 CACHE_KWARG = "cache" if "cache" in inspect.signature(GPT2LMHeadModel.forward).parameters else "past_key_values"
+QUANTIZED = {"int8": 8, "int4": 4}  # latent caches timed beside the static one: every token quantized, eager forward
 PEAK_GBS = {"H200": 4800, "H100": 3350, "A100": 2039}  # HBM bandwidth by device name, GB/s
 
 
@@ -123,6 +124,8 @@ def filled_cache(model, kind: str, batch: int, context: int, max_len: int, devic
     """A cache holding `context` tokens of random keys/values in the model's layout (no prefill needed to time a step)."""
     if kind == "static":
         cache = StaticCache(config=model.config, max_cache_len=max_len)
+    elif kind in QUANTIZED:  # the latent quantized as it enters (window 0); read block by block by the decode
+        cache = LatentQuantizedCache(model.config, nbits=QUANTIZED[kind], residual_length=0)
     else:
         cache = DynamicCache(config=model.config)
     for i, ((kh, kw), (vh, vw)) in enumerate(layouts(model)):
@@ -173,11 +176,18 @@ def bench_decode(model, name: str, kind: str, batch: int, context: int, args, de
     warmup = time.perf_counter() - compile_start
     times = []
     for _ in range(args.repeats):
-        rewind(cache, kind, context)
+        if kind in QUANTIZED:  # a quantized cache cannot be cropped below its window: a fresh one per repeat
+            cache = filled_cache(model, kind, batch, context, max_len, device, dtype)
+        else:
+            rewind(cache, kind, context)
         times.append(decode(model, forward, cache, token, mask, args.steps, device))
     step = statistics.median(times)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    read = sum(kh * kw + vh * vw for (kh, kw), (vh, vw) in layouts(model)) * batch * context * torch.finfo(dtype).bits // 8
+    if kind in QUANTIZED:  # codes, scales and minima, as held
+        read = sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.stored_tensors())
+        read = read * context // cache.get_seq_length()
+    else:
+        read = sum(kh * kw + vh * vw for (kh, kw), (vh, vw) in layouts(model)) * batch * context * torch.finfo(dtype).bits // 8
     log(f"  {name:18s} {kind:7s} b{batch:<3d} ctx {context:5d}: {1e3 * step:8.3f} ms/step, "
         f"{batch / step:9.0f} tok/s (warm-up {warmup:.1f}s)")
     return {"step_ms": 1e3 * step, "tokens_per_s": batch / step, "times_ms": [1e3 * t for t in times],
@@ -275,6 +285,15 @@ def report(result: dict, out: Path) -> None:
             f"{kinds['static'][k]['tokens_per_s'] / stock_best[k]:.2f}x ({kinds['static'][k]['tokens_per_s']:,.0f} tok/s, "
             + (f"{kinds['static'][k]['achieved_gbs'] / result['peak_gbs']:.0%} of peak bw)" if result["peak_gbs"]
                else f"{kinds['static'][k]['achieved_gbs']:.1f} GB/s)") for k in keys) + " |")
+    quantized = [(name, kind) for name, kinds in rows.items() for kind in kinds if kind in QUANTIZED]
+    if quantized:
+        lines += ["", "## The latent in a quantized cache (eager forward, dynamic shapes; read block by block)", "",
+                  "| mode | cache | " + " | ".join(f"b{k.split('-')[0][1:]} ctx {k.split('-')[1]}" for k in keys) + " |",
+                  "|---|---|" + "---|" * len(keys)]
+        for name, kind in quantized:
+            lines.append(f"| {name} | {kind} | " + " | ".join(
+                f"{rows[name][kind][k]['tokens_per_s'] / stock_best[k]:.2f}x ({rows[name][kind][k]['tokens_per_s']:,.0f} "
+                "tok/s)" for k in keys) + " |")
     kernels = result.get("kernels", {})
     if kernels:
         lines += ["", "## Decode kernels (static cache, compiled), forced", "",
@@ -333,6 +352,8 @@ def main(argv=None) -> dict:
         result["decode"][name] = {"static": {}}
         if name == "stock":
             result["decode"][name]["dynamic"] = {}
+        if MODES[name] is not None and MODES[name]["mode"] == "latent":
+            result["decode"][name].update({kind: {} for kind in QUANTIZED})
         for batch in args.batches:
             for context in args.contexts:
                 key = f"b{batch}-{context}"

@@ -264,13 +264,17 @@ def test_gpu_benchmark_dry_run_on_cpu(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "gpu.json").read_text())
     assert list(saved["decode"]) == ["stock", "covariance", "covariance+values", "lowrank8", "latent16"]
     assert set(saved["decode"]["stock"]) == {"static", "dynamic"}
+    assert set(saved["decode"]["latent16"]) == {"static", "int8", "int4"}  # and the latent in a quantized cache
     for name, kinds in saved["decode"].items():
-        for row in kinds["static"].values():
+        for row in (row for by_shape in kinds.values() for row in by_shape.values()):
             assert row["tokens_per_s"] > 0 and row["achieved_gbs"] > 0 and row["warmup_s"] > 0
     # the cache bytes each step reads follow the layouts: the latent at r_c = 16 reads 16 numbers per token and layer,
     # stock 2·d = 128
     stock, latent = (saved["decode"][m]["static"]["b2-32"]["cache_bytes_read"] for m in ("stock", "latent16"))
     assert stock == 2 * 32 * 2 * 128 * 2 and latent == 2 * 32 * 2 * 16 * 2  # batch, context, layers, numbers, bf16
+    # int8: one byte per number, plus a bf16 scale and minimum per token and layer; int4: half a byte per number
+    int8, int4 = (saved["decode"]["latent16"][kind]["b2-32"]["cache_bytes_read"] for kind in ("int8", "int4"))
+    assert int8 == 2 * 32 * 2 * (16 + 4) and int4 == 2 * 32 * 2 * (8 + 4)
     # training: every mode, and the covariance modes also on the blocked kernel the CPU uses (the GPU comparison)
     assert set(saved["train"]) == set(saved["decode"]) | {"covariance (shared_blocks)", "covariance+values (shared_blocks)"}
     assert saved["train"]["stock"]["time_ratio"] == 1.0
@@ -280,6 +284,7 @@ def test_gpu_benchmark_dry_run_on_cpu(tmp_path, monkeypatch):
     assert "error" in saved["kernels"]["covariance"]["sdpa_folded"]  # per-head values: not multi-query
     text = (tmp_path / "gpu.md").read_text()
     assert "| latent16 (static, compiled) |" in text and "## Training step at T = 32" in text
+    assert "| latent16 | int4 |" in text
     assert (tmp_path / "gpu.png").stat().st_size > 0 and result["machine"]["torch"] == torch.__version__
     (tmp_path / "gpu.md").unlink()
     gpu.main(["--replot", str(tmp_path / "gpu.json")])  # tables and plot again from the JSON alone

@@ -659,8 +659,8 @@ class MergedAttention:
         if cache is not None:
             layer_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
             phase = phase_of(layer_cache, self.layer_idx)  # read before the update
-            if phase == "decode" and self.mode == "latent" and implementation == "sdpa":  # eager returns weights
-                codes = _code_reading_layer(layer_cache, self.layer_idx)  # a quantized latent cache, read in blocks
+            if phase == "decode" and layout.values_are_keys and implementation == "sdpa":  # eager returns weights
+                codes = _code_reading_layer(layer_cache, self.layer_idx)  # a quantized cache of c or x, read in blocks
             extra = {"read_codes": True} if codes is not None else {}  # then the update returns its window alone
             cached = layer_cache.update(key, value, self.layer_idx, kwargs=kwargs, **extra)  # (B, Hk, Tk, .), (B, Hv, Tk, .)
             if phase == "decode":  # attend the cache; a prefill attends its own fresh tokens (a static buffer is longer)
@@ -689,7 +689,7 @@ class MergedAttention:
         if score_bias is not None:
             attention_mask = _bias_mask(score_bias, attention_mask, length, key.shape[2], self.is_causal)
 
-        if codes is not None:  # the absorbed decode over a quantized latent cache: its codes, dequantized in blocks
+        if codes is not None:  # decode over a quantized cache of c (absorbed) or x (merged values), read in blocks
             attn_output, attn_weights = codes.attend_absorbed(query, attention_mask, self.scaling), None
         else:
             attn_output, attn_weights = self._run_kernel(implementation, phase, query, key, value, attention_mask,

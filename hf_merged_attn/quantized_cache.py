@@ -10,10 +10,10 @@ unsigned integers of `nbits` (8, or 4 packed two per byte) with a scale and a mi
 - axis="channel": each channel over groups of `q_group_size` tokens (per-channel scales, as KIVI does for keys; the
   latent is both, so both are offered; the overflow is quantized in whole groups of tokens).
 
-The absorbed latent decode (sdpa) reads the codes block by block (`LatentQuantizedLayer.attend_absorbed`: each block
-of `block_size` tokens dequantized where it is used, one pass with an online softmax, the window last), so no step
-materialises the whole cache in full precision; other readers (eager attention, merged values) get the whole cache
-dequantized for the step. A prefill attends its own tokens in full precision. Bytes per token — integers, scales and minima,
+The decode (sdpa) reads the codes block by block (`LatentQuantizedLayer.attend_absorbed`: each block of `block_size`
+tokens dequantized where it is used, one pass with an online softmax, the window last) — the absorbed latent, and x of
+merged values alike: both attend one cached tensor that is keys and values at once — so no step materialises the
+whole cache in full precision; eager attention (which returns the weights) gets the whole cache dequantized. A prefill attends its own tokens in full precision. Bytes per token — integers, scales and minima,
 residual window included — come from `LatentQuantizedLayer.stored_tensors`.
 
     from hf_merged_attn import LatentQuantizedCache
@@ -99,7 +99,7 @@ class LatentQuantizedLayer(DynamicLayer):
     """One layer's cache: quantized older tokens, a full-precision window of the newest (see the module doc)."""
 
     is_compileable = False
-    reads_codes = True  # the absorbed latent decode may attend it block by block (`attend_absorbed`)
+    reads_codes = True  # the decode may attend it block by block (`attend_absorbed`)
     block_size = 512  # tokens dequantized at a time by attend_absorbed (rounded up to whole token groups)
 
     def __init__(self, settings: QuantizationSettings):
@@ -153,7 +153,7 @@ class LatentQuantizedLayer(DynamicLayer):
         return keys, keys[..., :0]
 
     def attend_absorbed(self, query: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-        """softmax(scale · query · cᵀ + mask) · c over every cached latent c, reading the codes in blocks.
+        """softmax(scale · query · cᵀ + mask) · c over every cached c (the latent, or x), reading the codes in blocks.
 
         Each block of tokens is dequantized where it is used (a few hundred KB, cache-resident) and folded into an
         online softmax (running maximum and sum, as flash-decoding does), the full-precision window last: one pass,
@@ -161,7 +161,7 @@ class LatentQuantizedLayer(DynamicLayer):
         summation order.
 
         Args:
-            query: the absorbed queries q_h Bk_hᵀ, (B, H, T, r).
+            query: (B, H, T, r): the absorbed queries q_h Bk_hᵀ of the latent, or covariance's x S_h + u_h.
             mask: boolean (True = attend) or additive float, broadcastable to (B, H, T, Tk), or None (no padding:
                 causal over the last T of the Tk keys).
             scale: the score scaling.

@@ -81,12 +81,15 @@ def test_cache_equals_no_cache_within_the_quantization_error(family):
 
 @pytest.mark.parametrize("family", DECODERS, ids=[f.model_type for f in DECODERS])
 @pytest.mark.parametrize("nbits,axis,group", SETTINGS, ids=IDS)
-def test_decode_reads_the_codes_in_blocks_as_the_whole_dequantized_cache(family, nbits, axis, group):
-    """The absorbed decode attends the quantized part block by block (`attend_absorbed`: an online softmax over
-    blocks of 4 tokens here, the window last) and gives the logits of attending the whole cache dequantized at once
-    (the same cache with code reading switched off), over a left-padded batch, one- and two-token steps, with and
-    without a full-precision window. 1e-5: float32 summation order (blocks vs one softmax), ~1e-7 of logits of ~1."""
-    model = patch_model(family.make("sdpa" if family.sdpa else "eager"), "latent", rank=8)
+@pytest.mark.parametrize("patch", [dict(mode="latent", rank=8), dict(mode="covariance", values="merged")],
+                         ids=["latent", "merged-values"])
+def test_decode_reads_the_codes_in_blocks_as_the_whole_dequantized_cache(family, nbits, axis, group, patch):
+    """The decode (the absorbed latent, or merged values' x) attends the quantized part block by block
+    (`attend_absorbed`: an online softmax over blocks of 4 tokens here, the window last) and gives the logits of
+    attending the whole cache dequantized at once (the same cache with code reading switched off), over a left-padded
+    batch, one- and two-token steps, with and without a full-precision window. 1e-5: float32 summation order (blocks
+    vs one softmax), ~1e-7 of logits of ~1."""
+    model = patch_model(family.make("sdpa" if family.sdpa else "eager"), **patch)
     ids, mask = inputs(family, batch=3, length=16)
     for window in (0, 3):
         caches = []

@@ -169,7 +169,7 @@ def test_sweep_extends_the_grid_past_a_winning_edge(optimum, extend, expected):
         return {"phase": phase, "lr": lr, "val_perplexity": 100 + math.log(lr / optimum) ** 2}
 
     fake = study.Study.__new__(study.Study)
-    fake.args, fake.run = study.argparse.Namespace(extend_edges=extend, seed=0), run
+    fake.args, fake.run = study.StudyArguments(extend_edges=extend, seed=0), run
     records = fake.sweep(("stock", "stock", None, None), study.parse_grid(study.DEFAULT_GRID))
     assert sorted(r["lr"] for r in records) == pytest.approx(expected)
 

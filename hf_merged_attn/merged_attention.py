@@ -662,7 +662,7 @@ class MergedAttention:
             if phase == "decode" and layout.values_are_keys and implementation == "sdpa":  # eager returns weights
                 codes = _code_reading_layer(layer_cache, self.layer_idx)  # a quantized cache of c or x, read in blocks
             extra = {"read_codes": True} if codes is not None else {}  # then the update returns its window alone
-            cached = layer_cache.update(key, value, self.layer_idx, kwargs=kwargs, **extra)  # (B, Hk, Tk, .), (B, Hv, Tk, .)
+            cached = layer_cache.update(key, value, self.layer_idx, kwargs=kwargs, **extra)  # (B, Hk|Hv, Tk, .) each
             if phase == "decode":  # attend the cache; a prefill attends its own fresh tokens (a static buffer is longer)
                 key, value = cached
         if phase != "decode" and attention_mask is not None and attention_mask.shape[-1] > length:
@@ -687,7 +687,8 @@ class MergedAttention:
         if count_rows:
             value = torch.cat([value, value.new_ones(*value.shape[:-1], 1)], dim=-1)  # (B, Hv, Tk, v + 1)
         if score_bias is not None:
-            attention_mask = _bias_mask(score_bias, attention_mask, length, key.shape[2], self.is_causal)
+            keys = key.shape[2] if codes is None else codes.get_seq_length()  # (key: only the window when codes are read)
+            attention_mask = _bias_mask(score_bias, attention_mask, length, keys, self.is_causal)
 
         if codes is not None:  # decode over a quantized cache of c (absorbed) or x (merged values), read in blocks
             attn_output, attn_weights = codes.attend_absorbed(query, attention_mask, self.scaling), None

@@ -86,7 +86,8 @@ def cache_bytes(cache) -> float:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.num_threads)
-    config = stock_config("gpt2", 768, 12, 2, 8192, args.context + args.steps * args.repeats + 2)
+    # every repeat continues the same caches with one untimed and `steps` timed tokens
+    config = stock_config("gpt2", 768, 12, 2, 8192, args.context + args.repeats * (args.steps + 1) + 1)
     torch.manual_seed(0)
     stock = AutoModelForCausalLM.from_config(config).eval()
     stock.set_attn_implementation("sdpa")

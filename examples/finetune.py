@@ -158,14 +158,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """--help keeps the docstring's layout and shows every default."""
 
 
-def argument_parser(description: str | None = __doc__) -> HfArgumentParser:
+def argument_parser(description: str | None = __doc__, allow_abbrev: bool = True) -> HfArgumentParser:
     """The command line of finetune.py: one flag per field of the groups, grouped in --help."""
-    return HfArgumentParser(GROUPS, description=description, formatter_class=HelpFormatter)
+    return HfArgumentParser(GROUPS, description=description, formatter_class=HelpFormatter, allow_abbrev=allow_abbrev)
 
 
-def parse_args(argv: list[str] | None = None) -> FinetuneArguments:
+def parse_args(argv: list[str] | None = None, allow_abbrev: bool = True) -> FinetuneArguments:
     """The command line (argv, or sys.argv) as FinetuneArguments; unknown flags are argparse's usual error."""
-    return FinetuneArguments(**vars(argument_parser().parse_args(argv)))
+    return FinetuneArguments(**vars(argument_parser(allow_abbrev=allow_abbrev).parse_args(argv)))
 
 
 def patch_kwargs(mode: str) -> tuple[str, dict]:

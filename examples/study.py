@@ -126,10 +126,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyArguments, finetune.
         known, rest = p.parse_known_args(argv)
     args = StudyArguments(**vars(known))
     for item in rest:
-        flag = item.split("=")[0]
+        flag = item.split("=")[0].replace("-", "_").replace("__", "--", 1)  # --lora-r is --lora_r
         if flag in SET_BY_STUDY:
-            raise ValueError(f"{flag} is set by the study for each run; use {SET_BY_STUDY[flag]} instead.")
-    ft = finetune.parse_args(STUDY_FINETUNE + (QUICK_FINETUNE if args.quick else []) + rest)
+            raise ValueError(f"{item.split('=')[0]} is set by the study for each run; use {SET_BY_STUDY[flag]} instead.")
+    # no abbreviations: --learn would otherwise reach --learning_rate past the check above
+    ft = finetune.parse_args(STUDY_FINETUNE + (QUICK_FINETUNE if args.quick else []) + rest, allow_abbrev=False)
     args.command = "accelerate launch examples/study.py " + shlex.join(argv)
     return args, dataclasses.replace(ft, init=args.init, seeds=1)
 
@@ -200,7 +201,8 @@ def validate(args, ft) -> tuple[list, list[float]]:
     config = AutoConfig.from_pretrained(ft.model_name_or_path)
     modes = resolve_modes(args.modes, config.hidden_size, config.num_attention_heads)
     every_run = ",".join(sorted({m[1] if m[2] is None else f"{m[1]}:{m[2]}" for m in modes}))
-    finetune.validate(dataclasses.replace(ft, modes=every_run))  # data files, model family, block size, model ranks
+    ft.modes = every_run  # what the runs are, as study.json records it
+    finetune.validate(ft)  # data files, model family, block size, ranks against the model
     saved = Path(args.output_dir) / "settings.json"
     if saved.is_file():  # finished runs are reused only if they were made with the same settings
         before, now = json.loads(saved.read_text()), run_settings(args, ft)

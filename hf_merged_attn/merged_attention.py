@@ -659,7 +659,9 @@ class MergedAttention:
         if cache is not None:
             layer_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
             phase = phase_of(layer_cache, self.layer_idx)  # read before the update
-            if phase == "decode" and layout.values_are_keys and implementation == "sdpa":  # eager returns weights
+            # eager returns the weights; attention dropout (training with a cache) goes through the kernels
+            if phase == "decode" and layout.values_are_keys and implementation == "sdpa" and not (
+                    self.training and self.attn_dropout.p > 0):
                 codes = _code_reading_layer(layer_cache, self.layer_idx)  # a quantized cache of c or x, read in blocks
             extra = {"read_codes": True} if codes is not None else {}  # then the update returns its window alone
             cached = layer_cache.update(key, value, self.layer_idx, kwargs=kwargs, **extra)  # (B, Hk|Hv, Tk, .) each

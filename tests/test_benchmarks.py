@@ -291,3 +291,22 @@ def test_gpu_benchmark_dry_run_on_cpu(tmp_path, monkeypatch):
     assert (tmp_path / "gpu.md").read_text() == text
     with pytest.raises(SystemExit):
         gpu.main(["--modes", "latent256"])  # no stock to compare with (and, here, no CUDA)
+
+
+def test_quantized_decode_benchmark_runs_and_measures_bytes(tmp_path, monkeypatch):
+    """benchmarks/quantized_decode.py at tiny sizes (more repeats than its documented dry run, so every token it decodes
+    must fit the model's positions): every cache timed, bytes per token measured on the caches as held."""
+    bench = load_script("quantized_decode", monkeypatch)
+    result = bench.main(["--batch", "1", "--context", "8", "--steps", "2", "--repeats", "3", "--rank", "64",
+                         "--output_dir", str(tmp_path)])
+    rows = result["rows"]
+    assert len(rows) == 6 and all(len(r["times_ms"]) == 3 and r["ms_per_step"] > 0 for r in rows.values())
+    assert rows["latent, fp32 cache"]["vs_latent_fp32"] == 1.0
+    # per token and layer (2 layers): stock K + V of 768 fp32 numbers; the latent 64 fp32 numbers; int8 64 bytes and
+    # int4 32 bytes of codes plus an fp32 scale and minimum
+    assert rows["stock, fp32 cache"]["cache_bytes_per_token"] == 2 * 2 * 768 * 4
+    assert rows["latent, fp32 cache"]["cache_bytes_per_token"] == 2 * 64 * 4
+    for name, codes in (("int8", 64), ("int4", 32)):
+        for reader in ("block-wise", "whole dequantize"):
+            assert rows[f"latent, {name} cache ({reader})"]["cache_bytes_per_token"] == 2 * (codes + 8)
+    assert "| latent, int4 cache (block-wise) |" in (tmp_path / "quantized_decode.md").read_text()

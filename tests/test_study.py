@@ -289,6 +289,9 @@ def test_default_modes_follow_the_model():
         (["--lr_grid", "1e-4,x"], ValueError, r"--lr_grid '1e-4,x' must be comma-separated numbers"),
         (["--learning_rate", "1e-3"], ValueError, r"--learning_rate is set by the study for each run; use --lr_grid"),
         (["--lora"], ValueError, r"--lora is set by the study.*lora:R in --modes"),
+        (["--learning-rate=1e-3"], ValueError, r"--learning-rate is set by the study for each run; use --lr_grid"),
+        (["--push-to-hub"], ValueError, r"--push-to-hub is set by the study"),
+        (["--learn", "1e-3"], SystemExit, "2"),  # no abbreviation reaches a flag the study sets (argparse's error)
         (["--modes", "covariance,lowrank:hd/4"], ValueError, r"has no stock.*Add stock to --modes"),
         (["--modes", "stock,lora:x"], ValueError, r"'lora:x': LoRA needs a positive integer rank"),
         (["--modes", "stock,lowrank:hd/4,lowrank:16"], ValueError, r"names a mode twice"),

@@ -219,7 +219,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.num_threads)
     from sentence_transformers import SentenceTransformer
 
-    start = time.time()
+    start, commit = time.time(), current_commit()  # the code this process loaded: HEAD may move on during the run
     log = lambda text: print(text, flush=True)  # noqa: E731
     stock = SentenceTransformer(str(args.model_name_or_path), device="cpu")
     pools = {split: corpus_sentences(args.data_dir / f"{split}.txt") for split in ("train", "validation")}
@@ -236,7 +236,7 @@ def main(argv=None) -> dict:
     runs = [run_one(args, config, seed, stock, data, log) for config in args.configs for seed in range(args.seeds)]
     result = {
         "command": "python examples/recover_minilm.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "commit": current_commit(), "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "commit": commit, "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "args": recorded_args(args), "hidden_size": stock[0].auto_model.config.hidden_size, "runs": runs,
         "summary": summarize(runs), "seconds": time.time() - start,
     }

@@ -74,12 +74,12 @@ def caches(config) -> dict:
     }
 
 
-def cache_bytes(cache) -> float:
-    """Bytes per cached token held by the cache (codes, scales, minima, window; or keys and values)."""
+def cache_bytes(cache, batch: int) -> float:
+    """Bytes the cache holds per token of one sequence (codes, scales, minima, window; or keys and values)."""
     tensors = []
     for layer in cache.layers:
         tensors += layer.stored_tensors() if hasattr(layer, "stored_tensors") else [layer.keys, layer.values]
-    return sum(t.numel() * t.element_size() for t in tensors) / cache.get_seq_length()
+    return sum(t.numel() * t.element_size() for t in tensors) / cache.get_seq_length() / batch
 
 
 @torch.no_grad()
@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
     reference = statistics.median(times["latent, fp32 cache"])
     rows = {name: {"ms_per_step": statistics.median(t), "min_ms": min(t), "times_ms": t,
                    "vs_latent_fp32": statistics.median(t) / reference,
-                   "cache_bytes_per_token": cache_bytes(filled[name])} for name, t in times.items()}
+                   "cache_bytes_per_token": cache_bytes(filled[name], args.batch)} for name, t in times.items()}
     result = {
         "command": "python benchmarks/quantized_decode.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "output_dir"},

@@ -297,12 +297,12 @@ def test_quantized_decode_benchmark_runs_and_measures_bytes(tmp_path, monkeypatc
     """benchmarks/quantized_decode.py at tiny sizes (more repeats than its documented dry run, so every token it decodes
     must fit the model's positions): every cache timed, bytes per token measured on the caches as held."""
     bench = load_script("quantized_decode", monkeypatch)
-    result = bench.main(["--batch", "1", "--context", "8", "--steps", "2", "--repeats", "3", "--rank", "64",
+    result = bench.main(["--batch", "2", "--context", "8", "--steps", "2", "--repeats", "3", "--rank", "64",
                          "--output_dir", str(tmp_path)])
     rows = result["rows"]
     assert len(rows) == 6 and all(len(r["times_ms"]) == 3 and r["ms_per_step"] > 0 for r in rows.values())
     assert rows["latent, fp32 cache"]["vs_latent_fp32"] == 1.0
-    # per token and layer (2 layers): stock K + V of 768 fp32 numbers; the latent 64 fp32 numbers; int8 64 bytes and
+    # per token of one sequence and layer (2 layers): stock K + V of 768 fp32 numbers; the latent 64 fp32 numbers; int8 64 bytes and
     # int4 32 bytes of codes plus an fp32 scale and minimum
     assert rows["stock, fp32 cache"]["cache_bytes_per_token"] == 2 * 2 * 768 * 4
     assert rows["latent, fp32 cache"]["cache_bytes_per_token"] == 2 * 64 * 4

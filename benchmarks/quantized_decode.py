@@ -151,10 +151,12 @@ def markdown(result: dict) -> str:
                      f"({r['cache_bytes_per_token'] / stock['cache_bytes_per_token']:.3g}) |")
     lines += [
         "",
-        "Block-wise: `LatentQuantizedLayer.attend_absorbed` dequantizes 512 tokens at a time where they are used and "
-        "folds them into an online softmax; whole dequantize: the quantized part dequantized in full and concatenated "
-        "for every step (code reading off). The step includes the whole model (projections, MLP, LM head), not only "
-        "attention.",
+        "Block-wise: `LatentQuantizedLayer.attend_absorbed` reads 512 tokens at a time into an online softmax (one "
+        "scale and minimum per token, as here: the codes only converted to float, the scale and minimum applied to the "
+        "scores and the weights, int4 as its even and odd channels; other groupings dequantized per block); whole "
+        "dequantize: the quantized part dequantized in full and concatenated for every step (code reading off), whose "
+        "large per-step temporaries make its time vary between repeats (see times_ms in the JSON). The step includes "
+        "the whole model (projections, MLP, LM head), not only attention.",
         "",
     ]
     return "\n".join(lines)

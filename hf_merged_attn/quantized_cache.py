@@ -11,7 +11,7 @@ unsigned integers of `nbits` (8, or 4 packed two per byte) with a scale and a mi
   latent is both, so both are offered; the overflow is quantized in whole groups of tokens).
 
 The decode (sdpa) reads the codes block by block (`LatentQuantizedLayer.attend_absorbed`: each block of `block_size`
-tokens dequantized where it is used, one pass with an online softmax, the window last) — the absorbed latent, and x of
+tokens read where it is used, one pass with an online softmax, the window last) — the absorbed latent, and x of
 merged values alike: both attend one cached tensor that is keys and values at once — so no step materialises the
 whole cache in full precision; eager attention (which returns the weights) gets the whole cache dequantized. A prefill attends its own tokens in full precision. Bytes per token — integers, scales and minima,
 residual window included — come from `LatentQuantizedLayer.stored_tensors`.
@@ -155,9 +155,10 @@ class LatentQuantizedLayer(DynamicLayer):
     def attend_absorbed(self, query: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
         """softmax(scale · query · cᵀ + mask) · c over every cached c (the latent, or x), reading the codes in blocks.
 
-        Each block of tokens is dequantized where it is used (a few hundred KB, cache-resident) and folded into an
-        online softmax (running maximum and sum, as flash-decoding does), the full-precision window last: one pass,
-        and no tensor of the whole cache in full precision. Computed in float32: for an fp32 model equal to attending
+        Each block of tokens is read where it is used (a few hundred KB, cache-resident: with one scale and minimum
+        per token only converted to float, the affine map moved onto the scores and weights; else dequantized) and
+        folded into an online softmax (running maximum and sum, as flash-decoding does), the full-precision window
+        last: one pass, and no tensor of the whole cache in full precision. Computed in float32: for an fp32 model equal to attending
         the dequantized cache up to summation order; for bf16 / fp16 models slightly more accurate than it (the whole
         cache path rounds the dequantized latent to the model's dtype first).
 
@@ -175,8 +176,17 @@ class LatentQuantizedLayer(DynamicLayer):
         if mask is None and length > 1:
             mask = torch.ones(length, total, dtype=torch.bool, device=query.device).tril_(total - length)
         rows = query.float().reshape(batch, heads * length, width)  # (B, H*T, r): heads folded into the rows
+        # one scale and minimum per token (the default): c_t = s_t·q_t + m_t moves onto the scores and the weights,
+        # q·c_t = s_t (q·q_t) + m_t Σq and Σ_t a_t c_t = Σ_t (a_t s_t) q_t + Σ_t a_t m_t, so a block is only converted
+        # to float; int4 then splits into its even (low nibble) and odd (high nibble) channels, never interleaved
+        affine = self.settings.axis == "token" and self.group == width
+        split = affine and self.settings.nbits == 4
+        halves = (slice(0, None, 2), slice(1, None, 2)) if split else (slice(None),)
+        queries = [rows[..., h].contiguous() for h in halves]  # (B, H*T, r or r/2) each
+        row_sums = rows.sum(-1, keepdim=True)  # (B, H*T, 1)
         peak = rows.new_full((batch, heads * length, 1), float("-inf"))
-        norm, out = rows.new_zeros(batch, heads * length, 1), rows.new_zeros(batch, heads * length, width)
+        norm = rows.new_zeros(batch, heads * length, 1)
+        outs = [rows.new_zeros(q.shape) for q in queries]
         step = self.block_size
         if self.settings.axis == "channel":  # whole groups of tokens per block
             step = -(-step // self.group) * self.group
@@ -185,14 +195,24 @@ class LatentQuantizedLayer(DynamicLayer):
         for start, end in [*blocks, (quantized, total)]:
             if start == end:
                 continue
-            if start < quantized:
-                groups = slice(start // self.group, -(-end // self.group)) if self.settings.axis == "channel" else slice(start, end)
-                latent = dequantize(self.codes[:, :, start:end], self.scale[:, :, groups], self.low[:, :, groups],
-                                    self.settings.nbits, self.settings.axis, self.group, torch.float32)
+            token_scale = token_low = None
+            if start < quantized and affine:
+                codes = self.codes[:, 0, start:end]  # (B, Tb, r or r/2) uint8
+                values = [codes.float()] if not split else [(codes & 0x0F).float(), (codes >> 4).float()]
+                token_scale = self.scale[:, 0, start:end, 0, 0].float().unsqueeze(1)  # (B, 1, Tb)
+                token_low = self.low[:, 0, start:end, 0, 0].float().unsqueeze(1)
             else:
-                latent = self.keys.float()
-            latent = latent[:, 0]  # (B, Tb, r)
-            scores = torch.bmm(rows, latent.mT).mul_(scale)  # (B, H*T, Tb)
+                if start < quantized:
+                    groups = slice(start // self.group, -(-end // self.group)) if self.settings.axis == "channel" else slice(start, end)
+                    latent = dequantize(self.codes[:, :, start:end], self.scale[:, :, groups], self.low[:, :, groups],
+                                        self.settings.nbits, self.settings.axis, self.group, torch.float32)
+                else:
+                    latent = self.keys.float()
+                values = [latent[:, 0][..., h] for h in halves]  # (B, Tb, r or r/2) each
+            scores = sum(torch.bmm(q, v.mT) for q, v in zip(queries, values))  # (B, H*T, Tb)
+            if token_scale is not None:
+                scores = scores * token_scale + row_sums * token_low
+            scores = scores.mul_(scale)
             if mask is not None:
                 part = mask[..., start:end].expand(batch, heads, length, end - start).reshape(batch, heads * length, -1)
                 scores = scores.masked_fill_(~part, float("-inf")) if part.dtype == torch.bool else scores + part.float()
@@ -201,8 +221,14 @@ class LatentQuantizedLayer(DynamicLayer):
             weights = (scores - safe).exp_()  # (B, H*T, Tb)
             correction = (peak - safe).exp_()
             norm = norm * correction + weights.sum(-1, keepdim=True)
-            out = out * correction + torch.bmm(weights, latent)
+            if token_scale is None:
+                outs = [o * correction + torch.bmm(weights, v) for o, v in zip(outs, values)]
+            else:
+                shift = (weights * token_low).sum(-1, keepdim=True)  # (B, H*T, 1): Σ_t a_t m_t, every channel
+                scaled = weights * token_scale
+                outs = [o * correction + torch.bmm(scaled, v) + shift for o, v in zip(outs, values)]
             peak = new_peak
+        out = outs[0] if not split else torch.stack(outs, dim=-1).flatten(-2)  # (B, H*T, r), channels interleaved back
         out = torch.where(norm > 0, out / norm.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
         return out.view(batch, heads, length, width).transpose(1, 2).to(query.dtype)  # (B, T, H, r)
 

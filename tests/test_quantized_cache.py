@@ -80,15 +80,17 @@ def test_cache_equals_no_cache_within_the_quantization_error(family):
 
 
 @pytest.mark.parametrize("family", DECODERS, ids=[f.model_type for f in DECODERS])
-@pytest.mark.parametrize("nbits,axis,group", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("nbits,axis,group", SETTINGS + [(4, "token", None)], ids=IDS + ["int4-token-per-token"])
 @pytest.mark.parametrize("patch", [dict(mode="latent", rank=8), dict(mode="covariance", values="merged")],
                          ids=["latent", "merged-values"])
 def test_decode_reads_the_codes_in_blocks_as_the_whole_dequantized_cache(family, nbits, axis, group, patch):
     """The decode (the absorbed latent, or merged values' x) attends the quantized part block by block
     (`attend_absorbed`: an online softmax over blocks of 4 tokens here, the window last) and gives the logits of
     attending the whole cache dequantized at once (the same cache with code reading switched off), over a left-padded
-    batch, one- and two-token steps, with and without a full-precision window. 1e-5: float32 summation order (blocks
-    vs one softmax), ~1e-7 of logits of ~1."""
+    batch, one- and two-token steps, with and without a full-precision window. One scale per token (int8-token,
+    int4-token-per-token) goes the affine way (scales on the scores and weights; int4 in even / odd channel halves),
+    groups of channels and the channel axis dequantize each block. 1e-5: float32 summation order (blocks vs one
+    softmax, scales applied after the products), ~1e-7 of logits of ~1."""
     model = patch_model(family.make("sdpa" if family.sdpa else "eager"), **patch)
     ids, mask = inputs(family, batch=3, length=16)
     for window in (0, 3):

@@ -44,6 +44,7 @@ sys.path.insert(2, str(HERE.parent / "examples"))
 from run_record import current_commit  # noqa: E402
 
 from hf_merged_attn import LatentQuantizedCache, MergedAttention, patch_model, use_kernels  # noqa: E402
+from hf_merged_attn.evaluation import cache_bytes_per_token  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -184,8 +185,7 @@ def bench_decode(model, name: str, kind: str, batch: int, context: int, args, de
     step = statistics.median(times)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     if kind in QUANTIZED:  # codes, scales and minima, as held
-        read = sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.stored_tensors())
-        read = read * context // cache.get_seq_length()
+        read = round(cache_bytes_per_token(cache) * context)
     else:
         read = sum(kh * kw + vh * vw for (kh, kw), (vh, vw) in layouts(model)) * batch * context * torch.finfo(dtype).bits // 8
     log(f"  {name:18s} {kind:7s} b{batch:<3d} ctx {context:5d}: {1e3 * step:8.3f} ms/step, "

@@ -32,6 +32,7 @@ import transformers
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from hf_merged_attn import LatentQuantizedCache, patch_model
+from hf_merged_attn.evaluation import cache_bytes_per_token
 from run import machine, rotated, stock_config  # benchmarks/run.py: the same model and machine record
 
 transformers.logging.set_verbosity_error()
@@ -74,14 +75,6 @@ def caches(config) -> dict:
     }
 
 
-def cache_bytes(cache, batch: int) -> float:
-    """Bytes the cache holds per token of one sequence (codes, scales, minima, window; or keys and values)."""
-    tensors = []
-    for layer in cache.layers:
-        tensors += layer.stored_tensors() if hasattr(layer, "stored_tensors") else [layer.keys, layer.values]
-    return sum(t.numel() * t.element_size() for t in tensors) / cache.get_seq_length() / batch
-
-
 @torch.no_grad()
 def main(argv=None) -> dict:
     args = parse_args(argv)
@@ -117,7 +110,7 @@ def main(argv=None) -> dict:
     reference = statistics.median(times["latent, fp32 cache"])
     rows = {name: {"ms_per_step": statistics.median(t), "min_ms": min(t), "times_ms": t,
                    "vs_latent_fp32": statistics.median(t) / reference,
-                   "cache_bytes_per_token": cache_bytes(filled[name], args.batch)} for name, t in times.items()}
+                   "cache_bytes_per_token": cache_bytes_per_token(filled[name]) / args.batch} for name, t in times.items()}
     result = {
         "command": "python benchmarks/quantized_decode.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "output_dir"},

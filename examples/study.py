@@ -348,8 +348,8 @@ class Study:
         from hf_merged_attn.quantized_cache import LatentQuantizedCache
 
         scores = {}
+        model = AutoModelForCausalLM.from_pretrained(run_dir / "model")  # the hooks leave it as loaded on exit
         for nbits in parse_bits(self.args.quantized_cache_bits):
-            model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
             with fake_quantized_latent(model, nbits=nbits):
                 test = finetune.eval_loss(model, self.test_stream, ft)
             cache = LatentQuantizedCache(model.config, nbits=nbits, residual_length=0)

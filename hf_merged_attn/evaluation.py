@@ -130,6 +130,15 @@ def kv_cache_bytes_per_token(model: nn.Module, prompt_length: int = 8, max_new_t
     cache = out.past_key_values
     if cache is None:
         raise ValueError(f"{type(model).__name__}.generate returned no cache; kv_cache_bytes_per_token needs a decoder.")
-    tensors = [t for layer in cache.layers for t in (  # a quantized layer says what it stores (codes, scales, window)
+    return cache_bytes_per_token(cache)
+
+
+def cache_bytes_per_token(cache) -> float:
+    """Bytes a filled transformers cache holds per cached token, summed over its layers and batch rows.
+
+    Keys and values of every layer (an empty value slot as 0 bytes); a quantized layer says what it stores itself
+    (`stored_tensors`: codes, scales, minima and its full-precision window).
+    """
+    tensors = [t for layer in cache.layers for t in (
         layer.stored_tensors() if hasattr(layer, "stored_tensors") else (layer.keys, layer.values)) if t is not None]
     return sum(t.numel() * t.element_size() for t in tensors) / cache.get_seq_length()

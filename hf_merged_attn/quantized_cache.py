@@ -158,9 +158,9 @@ class LatentQuantizedLayer(DynamicLayer):
         Each block of tokens is read where it is used (a few hundred KB, cache-resident: with one scale and minimum
         per token only converted to float, the affine map moved onto the scores and weights; else dequantized) and
         folded into an online softmax (running maximum and sum, as flash-decoding does), the full-precision window
-        last: one pass, and no tensor of the whole cache in full precision. Computed in float32: for an fp32 model equal to attending
-        the dequantized cache up to summation order; for bf16 / fp16 models slightly more accurate than it (the whole
-        cache path rounds the dequantized latent to the model's dtype first).
+        last: one pass, and no tensor of the whole cache in full precision. Computed in float32: for an fp32 model
+        equal to attending the dequantized cache up to summation order; for bf16 / fp16 models slightly more accurate
+        than it (the whole cache path rounds the dequantized latent to the model's dtype first).
 
         Args:
             query: (B, H, T, r): the absorbed queries q_h Bk_hᵀ of the latent, or covariance's x S_h + u_h.

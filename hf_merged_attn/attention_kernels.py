@@ -213,17 +213,34 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
 )}
 
 
-def resolve_kernel(query: KernelQuery, forced: str | None = None) -> Kernel:
-    """The kernel for `query`: `forced` (a name in KERNELS, checked to fit), else the first that fits and prefers it,
-    else the first that fits."""
+# Rotary latent layers (rotary_latent.py): run(module, inputs, mask, need_weights, kwargs) on `RotaryInputs`. Training and
+# prefill expand the latent to per-group keys and values and run the family's own attention (stock's GQA, masks,
+# sliding windows); decoding attends the cache in the absorbed order: one score over the shared latent c plus one over
+# the small rotary key, one softmax, values from A·c.
+ROTARY_KERNELS: dict[str, Kernel] = {k.name: k for k in (
+    Kernel("rotary_expand", fits=lambda q: q.phase != "decode", prefers=lambda q: True,
+           run=lambda module, *args: module._expanded_attention(*args)),
+    # the rotary scores as an additive mask of ONE SDPA call over the shared latent (heads folded into query rows)
+    Kernel("rotary_absorbed_sdpa", fits=lambda q: q.phase == "decode" and q.implementation == "sdpa" and not q.dropout,
+           prefers=lambda q: q.device != "cpu", run=lambda module, *args: module._absorbed_sdpa(*args)),
+    # two score GEMMs (latent, rotary key), a float32 softmax, A·c: returns the weights; exact row sums under dropout
+    Kernel("rotary_absorbed", fits=lambda q: q.phase == "decode", prefers=lambda q: True,
+           run=lambda module, *args: module._absorbed_attention(*args)),
+)}
+
+
+def resolve_kernel(query: KernelQuery, forced: str | None = None, table: dict[str, Kernel] | None = None) -> Kernel:
+    """The kernel for `query` from `table` (default KERNELS): `forced` (a name in the table, checked to fit), else the
+    first that fits and prefers it, else the first that fits."""
+    table = KERNELS if table is None else table
     if forced is not None:
-        kernel = KERNELS.get(forced)
+        kernel = table.get(forced)
         if kernel is None or not kernel.fits(query):
-            fitting = [k.name for k in KERNELS.values() if k.fits(query)]
+            fitting = [k.name for k in table.values() if k.fits(query)]
             raise ValueError(
                 f"kernel {forced!r} cannot compute this attention ({query}); kernels that can: {fitting}. "
-                f"Known kernels: {list(KERNELS)}."
+                f"Known kernels for this layer: {list(table)}."
             )
         return kernel
-    fitting = [k for k in KERNELS.values() if k.fits(query)]
+    fitting = [k for k in table.values() if k.fits(query)]
     return next((k for k in fitting if k.prefers(query)), fitting[0])

@@ -161,9 +161,47 @@ class _MomentAccumulator:
         return out
 
 
+class _PairNormAccumulator:
+    """Running sums of the rotary pair norms ‖(q_f, q_{f+hd/2})‖ of every query head and key head of one layer."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.count = module, 0
+        self.query = self.key = 0.0
+
+    @staticmethod
+    def _norms(projection: nn.Module, rows: torch.Tensor, head_dim: int) -> torch.Tensor:
+        out = projection(rows).double()  # (N, heads*hd)
+        out = out.view(out.shape[0], -1, 2, head_dim // 2)  # (N, heads, 2, hd/2): the halves of each pair
+        return out.pow(2).sum(2).sqrt().sum(0)  # (heads, hd/2)
+
+    def add(self, rows: torch.Tensor) -> None:
+        head_dim = self.module.head_dim
+        self.query = self.query + self._norms(self.module.q_proj, rows, head_dim).cpu()
+        self.key = self.key + self._norms(self.module.k_proj, rows, head_dim).cpu()
+        self.count += rows.shape[0]
+
+    def means(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.query / self.count, self.key / self.count
+
+
+@torch.no_grad()
+def collect_rotary_statistics(
+    model: nn.Module, calibration, layers: list[int] | None = None
+) -> tuple[dict[int, torch.Tensor], int, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """`collect_attention_moments` plus, per layer, the mean norm of every rotary frequency pair of every query head
+    (H, hd/2) and key head (G, hd/2) before rotation (a rotation keeps norms): what the '2norm' rule ranks pairs by.
+
+    Returns:
+        (moments, number of calibration tokens, {layer index: (query norms (H, hd/2), key norms (G, hd/2))}).
+    """
+    norms: dict[int, _PairNormAccumulator] = {}
+    moments, tokens = collect_attention_moments(model, calibration, layers, _extra=norms)
+    return moments, tokens, {i: acc.means() for i, acc in norms.items()}
+
+
 @torch.no_grad()
 def collect_attention_moments(
-    model: nn.Module, calibration, layers: list[int] | None = None
+    model: nn.Module, calibration, layers: list[int] | None = None, _extra: dict | None = None
 ) -> tuple[dict[int, torch.Tensor], int]:
     """Second moments E[x̃ᵀx̃] of the attention inputs x̃ = [x, 1] of a stock model, over calibration tokens.
 
@@ -189,6 +227,8 @@ def collect_attention_moments(
     device = next(modules[0].parameters()).device
     acc_device = device if device.type in ("cpu", "cuda") else torch.device("cpu")  # float64 support
     accumulators = {m.layer_idx: _MomentAccumulator(model.config.hidden_size, acc_device) for m in modules}
+    if _extra is not None:  # rotary pair norms, in the same pass
+        _extra.update({m.layer_idx: _PairNormAccumulator(m) for m in modules})
     current_mask: list[torch.Tensor | None] = [None]
 
     def make_hook(layer_idx: int):
@@ -197,6 +237,8 @@ def collect_attention_moments(
             mask = current_mask[0]
             rows = hidden.reshape(-1, hidden.shape[-1]) if mask is None else hidden[mask.bool()]
             accumulators[layer_idx].add(rows)
+            if _extra is not None:
+                _extra[layer_idx].add(rows)
 
         return hook
 

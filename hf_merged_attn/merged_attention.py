@@ -31,9 +31,19 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, EncoderDecoderCache
 
-from .attention_kernels import KERNELS, PHASES, CacheLayout, Kernel, KernelQuery, phase_of, resolve_kernel
+from .attention_kernels import (
+    KERNELS,
+    PHASES,
+    ROTARY_KERNELS,
+    CacheLayout,
+    Kernel,
+    KernelQuery,
+    phase_of,
+    resolve_kernel,
+)
 
 MODES = ("covariance", "lowrank", "latent")
+ROPE_SELECTIONS = ("2norm", "high", "low", "uniform", "rorope")  # rotary families: which pairs stay rotated
 RANKED_MODES = ("lowrank", "latent")  # the modes that take rank=...
 VALUES = ("merged",)  # values="merged": value = x shared by all heads, M_h = Wv_h Wo_h per head
 INITS = ("svd", "whitened")  # how lowrank factors are seeded: plain SVD of the weights, or activation-aware
@@ -69,6 +79,13 @@ class PatchConfig:
             holds M_h = Wv_h Wo_h (d x d); with covariance, keys and values are then the same cached tensor.
         value_rank: r_v (1 <= r_v <= head size) for low-rank values M_h ≈ P_h Q_hᵀ (V cache (B, H, T, r_v)),
             with covariance or lowrank; None for stock values.
+        rope_pairs: rotary families only (mode "latent"): r, the frequency pairs per KV head kept rotated (0 <= r <=
+            hd/2; hd/2, the default, keeps them all); the other pairs lose their rotation and their keys join the
+            latent. Resolved by `patch_model`.
+        rope_selection: which pairs stay rotated: "2norm" (the largest query·key pair norms on calibration data),
+            "high" (fastest), "low" (slowest), "uniform", or "rorope" (TransMLA's PCA across the KV heads per
+            frequency, keeping the strongest mixed pairs as ONE rotary key shared by all heads). Resolved by
+            `patch_model` ("2norm" when pairs are dropped; None when every pair of every head is kept).
         energy: set from `rank=<float>`: the fraction in (0, 1) of the spectral energy that the seed keeps (of each
             head's S̃_h for lowrank, of the layer's stacked [Wk | Wv] for latent); `patch_model` picks the smallest
             such rank per block.
@@ -80,6 +97,8 @@ class PatchConfig:
     init: str | None = "svd"
     values: str | None = None
     value_rank: int | None = None
+    rope_pairs: int | None = None
+    rope_selection: str | None = None
     energy: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -127,6 +146,35 @@ class PatchConfig:
                 self.rank = self._integer_rank(self.rank, "rank")
         self._check_values()
         self._check_init()
+        self._check_rope()
+
+    def _check_rope(self) -> None:
+        if self.rope_pairs is None and self.rope_selection is None:
+            return
+        given = f"rope_pairs={self.rope_pairs!r}, rope_selection={self.rope_selection!r}"
+        if self.mode != "latent":
+            raise ValueError(
+                f"{given} was given with mode={self.mode!r}; the rotary settings belong to mode='latent' on a rotary "
+                "model (Llama, Qwen2, Mistral). Use mode='latent', rank=r_c, rope_pairs=r."
+            )
+        if self.rope_selection is not None and self.rope_selection not in ROPE_SELECTIONS:
+            raise ValueError(
+                f"rope_selection={self.rope_selection!r} is not a rule; allowed: "
+                f"{', '.join(repr(r) for r in ROPE_SELECTIONS)} ('2norm' and 'rorope' read calibration data)."
+            )
+        if self.rope_pairs is not None and (isinstance(self.rope_pairs, bool) or not isinstance(self.rope_pairs, Integral)
+                                            or self.rope_pairs < 0):
+            raise ValueError(
+                f"rope_pairs={self.rope_pairs!r} must be an integer 0 <= r <= hd/2 (frequency pairs per KV head kept "
+                "rotated; hd/2, e.g. 32 for head size 64, keeps them all and is exact); MHA2MLA's default is hd/16."
+            )
+        if self.rope_pairs is not None:
+            self.rope_pairs = int(self.rope_pairs)
+
+    def rope_needs_calibration(self) -> bool:
+        """Whether choosing the kept pairs reads calibration data ('2norm' when pairs are dropped, 'rorope')."""
+        return self.rope_selection == "rorope" or (
+            self.rope_pairs is not None and self.rope_selection in (None, "2norm"))
 
     def _check_values(self) -> None:
         if self.values is not None and self.values not in VALUES:
@@ -201,6 +249,15 @@ class PatchConfig:
         """
         given = calibration is not None
         what = f"calibration (a {type(calibration).__name__})"
+        if self.rope_needs_calibration():
+            if not given:
+                rule = self.rope_selection or "2norm"
+                raise ValueError(
+                    f"rope_selection={rule!r} (the default when rope_pairs drops pairs) chooses the kept rotary pairs "
+                    "from calibration activations; pass calibration=... (e.g. 16 blocks of 256 tokens of text), or a "
+                    "data-free rule: rope_selection='high', 'low' or 'uniform'."
+                )
+            return
         if self.mode == "covariance" and self.value_rank is None and given:
             raise ValueError(
                 f"{what} was given with mode='covariance', which is exact and uses no data. Drop calibration, "
@@ -268,7 +325,7 @@ class PatchConfig:
         record = asdict(self)
         if isinstance(self.rank, dict):
             record["rank"] = {str(i): r for i, r in sorted(self.rank.items())}
-        for optional in ("energy", "values", "value_rank"):  # absent unless used: older records stay as they were
+        for optional in ("energy", "values", "value_rank", "rope_pairs", "rope_selection"):  # absent unless used: older records stay as they were
             if record[optional] is None:
                 del record[optional]
         return record
@@ -304,7 +361,7 @@ def check_record(record, num_layers: int, hidden_size: int, num_heads: int | Non
     try:
         patch = PatchConfig(
             mode, rank, None if isinstance(rank, dict) else layers, record.get("init"), record.get("values"),
-            record.get("value_rank"),
+            record.get("value_rank"), record.get("rope_pairs"), record.get("rope_selection"),
         )
         patch.check_against(hidden_size, num_layers, num_heads)
     except ValueError as error:
@@ -352,6 +409,8 @@ class ArchitectureSpec:
         new_stock_attention: (config, layer_idx) -> an empty stock attention module, for export.
         qkv_names: the stock attention's query/key/value submodules (what `read_weights` reads; like-for-like LoRA
             targets on a stock model).
+        rotary: positions are rotary (RoPE, grouped-query attention): only the latent mode applies, with kept
+            rotary pairs (`rotary_latent.RotaryLatentAttention`).
         check_model: raises NotImplementedError for variants of the family that are not supported.
         max_length: config -> the longest input the model takes (None: no limit, e.g. ALiBi); default
             config.max_position_embeddings. RoBERTa's positions start after its padding index, so it takes fewer.
@@ -368,6 +427,7 @@ class ArchitectureSpec:
     write_weights: Callable[[nn.Module, dict], None]
     new_stock_attention: Callable[..., nn.Module]
     qkv_names: tuple[str, ...] = ()
+    rotary: bool = False
     causal: bool = True
     has_cache: bool = True
     check_model: Callable[[object], None] = lambda config: None
@@ -571,6 +631,14 @@ class MergedAttention:
         if self.values == "merged":
             return CacheLayout(*key, 1, 0 if self.mode == "covariance" else d)
         return CacheLayout(*key, heads, self.value_head_dim)
+
+    def stock_qkv_parameters(self) -> int:
+        """Parameters of the stock query/key/value projections this module replaces: 3d² + 3d."""
+        return 3 * self.embed_dim * self.embed_dim + 3 * self.embed_dim
+
+    def stock_cache_numbers_per_token(self) -> int:
+        """Numbers the stock layer caches per token: keys and values, 2·d."""
+        return 2 * self.embed_dim
 
     def cache_numbers_per_token(self) -> int:
         """Numbers this layer caches per token (keys + values; x2 bytes in bf16): stock caches 2·d."""
@@ -821,9 +889,11 @@ def use_kernels(model: nn.Module, **by_phase: str | None) -> nn.Module:
     """Force attention kernels by phase on every merged layer of `model`, e.g. `use_kernels(model, decode="sdpa_folded")`
     (None: back to the automatic choice). Phases: "train", "prefill", "decode"; kernels: `attention_kernels.KERNELS`.
     A forced kernel must fit the attention it is asked to compute (checked when it runs). Returns `model`."""
-    bad = {p: k for p, k in by_phase.items() if p not in PHASES or (k is not None and k not in KERNELS)}
+    known = {**KERNELS, **ROTARY_KERNELS}
+    bad = {p: k for p, k in by_phase.items() if p not in PHASES or (k is not None and k not in known)}
     if bad:
-        raise ValueError(f"use_kernels({bad}): phases are {PHASES}, kernels {list(KERNELS)} (or None for automatic).")
+        raise ValueError(f"use_kernels({bad}): phases are {PHASES}, kernels {list(KERNELS)} (rotary latent layers: "
+                         f"{list(ROTARY_KERNELS)}), or None for automatic.")
     for module in model.modules():
         if isinstance(module, MergedAttention):
             overrides = {**(module.kernel_overrides or {}), **by_phase}

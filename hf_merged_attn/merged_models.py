@@ -31,10 +31,12 @@ def merge_attention_modules(model: nn.Module, spec: ArchitectureSpec, record: di
     Used when building a model from a merged config, whose weights then come from a checkpoint.
     """
     patch = check_record(record, num_layers_of(model.config), model.config.hidden_size, model.config.num_attention_heads)
+    rotary = {"rope_pairs": patch.rope_pairs, "rope_selection": patch.rope_selection} if spec.rotary else {}
     for parent, name, child in spec.stock_attentions(model):
         if child.layer_idx in patch.layers:
             setattr(parent, name, spec.merged_attention_class.like(
-                child, model.config, patch.mode, patch.rank_for(child.layer_idx), patch.values, patch.value_rank
+                child, model.config, patch.mode, patch.rank_for(child.layer_idx), patch.values, patch.value_rank,
+                **rotary,
             ))
 
 
@@ -51,7 +53,7 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
                 own -= sum(p.numel() for p in (output.parameters() if output else ()))
             else:  # the output map holds M_h / Q_h in place of stock's d x d output projection
                 stock += d * d + d
-            stock += 3 * d * d + 3 * d - own
+            stock += module.stock_qkv_parameters() - own
     return {"total": total, "stock": stock}
 
 
@@ -61,7 +63,7 @@ def cache_summary(model: nn.Module, has_cache: bool) -> str:
     if not has_cache:
         return "No KV cache (an encoder)."
     ours = sum(m.cache_numbers_per_token() for m in modules)
-    stock = 2 * modules[0].embed_dim * len(modules)
+    stock = sum(m.stock_cache_numbers_per_token() for m in modules)
     return (
         f"KV cache per token over the {len(modules)} patched layers: {ours:,} numbers ({2 * ours:,} bytes in bf16/fp16) "
         f"against stock's {stock:,} ({2 * stock:,} bytes): {ours / stock:.3g}x."

@@ -10,7 +10,7 @@ from importlib import import_module
 import torch
 from torch import nn
 
-from .calibration import collect_attention_moments
+from .calibration import collect_attention_moments, collect_rotary_statistics
 from .merged_attention import (
     ArchitectureSpec,
     MergedAttention,
@@ -24,6 +24,11 @@ from .registry import SPECS, spec_for_model
 from .seeding import (
     best_rank_factors,
     covariance_from_qk,
+    kept_pairs,
+    pair_norm_scores,
+    rorope_maps,
+    rotary_latent_from_kv,
+    selection_maps,
     values_from_vo,
     latent_from_kv,
     latent_singular_values,
@@ -166,6 +171,103 @@ def seeded_attention(
     return new
 
 
+def seeded_rotary_attention(
+    spec: ArchitectureSpec,
+    attn: nn.Module,
+    config,
+    rank: int,
+    rope_pairs: int,
+    rope_selection: str | None,
+    *,
+    moment: torch.Tensor | None = None,
+    pair_norms: tuple[torch.Tensor, torch.Tensor] | None = None,
+    whiten: bool = False,
+    balance: bool = True,
+) -> MergedAttention:
+    """A rotary latent module (`rotary_latent.RotaryLatentAttention`) seeded from the stock rotary attention `attn`.
+
+    The kept pairs come from `rope_selection` ("2norm" ranks the calibration `pair_norms`; "rorope" mixes the KV
+    heads per frequency by the PCA of `moment`); the latent from the joint (balanced, optionally whitened by
+    `moment`) SVD of [NoPE keys | values]. Exact at patch when every pair is kept and r_c covers the values.
+    """
+    new = spec.merged_attention_class.like(attn, config, "latent", rank, rope_pairs=rope_pairs,
+                                           rope_selection=rope_selection)
+    parts = spec.read_weights(attn)
+    heads, kv_heads, hd = new.num_heads, new.num_kv_heads, new.head_dim
+    if rope_selection == "rorope":
+        if moment is None:
+            raise ValueError("rope_selection='rorope' needs the calibration moment of the layer's input (pass calibration).")
+        rope_map, nope_map, freq, _ = rorope_maps(parts["wk"], parts["bk"], moment, rope_pairs)
+    else:
+        scores = pair_norm_scores(*pair_norms) if rope_selection == "2norm" else None
+        rope_map, nope_map, freq = selection_maps(kept_pairs(rope_selection or "high", hd, rope_pairs, kv_heads, scores), hd)
+    seeded = rotary_latent_from_kv(parts["wk"], parts["bk"], parts["wv"], rope_map, nope_map, rank,
+                                   moment if whiten else None, balance=balance)
+    key_heads = rope_map.shape[0]
+    # query head i reads rotary key head i // (H / Gk) through the block of its own KV head i // (H / G)
+    query_map = torch.stack([
+        torch.cat([rope_map[i * key_heads // heads, i * kv_heads // heads],
+                   nope_map[i * key_heads // heads, i * kv_heads // heads]], dim=-1)
+        for i in range(heads)
+    ])  # (H, hd, 2K + w)
+    weights = {
+        "q_proj.weight": attn.q_proj.weight.detach(), "latent_proj.weight": seeded["down"].mT,
+        "v_up.weight": heads_to_linear(seeded["value_up"]),  # (G·hd, r_c)
+    }
+    if attn.q_proj.bias is not None:
+        weights["q_proj.bias"] = attn.q_proj.bias.detach()
+    if parts["bv"] is not None:
+        weights["v_up.bias"] = parts["bv"].reshape(-1)
+    if new.k_rope is not None:
+        weights["k_rope.weight"] = heads_to_linear(seeded["rope_weight"])  # (Gk, d, 2K) -> (Gk·2K, d)
+        if "rope_bias" in seeded and new.k_rope.bias is not None:
+            weights["k_rope.bias"] = seeded["rope_bias"].reshape(-1)
+    if new.k_up is not None:
+        weights["k_up.weight"] = heads_to_linear(seeded["key_up"])  # (Gk, r_c, w) -> (Gk·w, r_c)
+    trainable = all(p.requires_grad for n, p in attn.named_parameters() if not n.startswith(f"{new.output_name}."))
+    params = dict(new.named_parameters())
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor.reshape(params[name].shape))
+        for name, param in params.items():
+            if not name.startswith(f"{new.output_name}."):
+                param.requires_grad_(trainable)
+        new.rope_freq.copy_(freq)
+        new.query_map.copy_(query_map)
+    return new
+
+
+def _resolve_rotary(patch: PatchConfig, spec: ArchitectureSpec, model: nn.Module) -> None:
+    """Check a patch of a rotary family and fill in its rotary defaults (all pairs; '2norm' when pairs are dropped)."""
+    config = model.config
+    if patch.mode != "latent":
+        raise NotImplementedError(
+            f"mode={patch.mode!r} on {spec.family} ({type(model).__name__}): its positions are rotary, and the rotation "
+            "between Wq and Wk makes Wq·Wkᵀ a different matrix at every offset, so no single S_h (covariance, lowrank) "
+            "exists; merged values would cache x (d numbers) where grouped-query attention caches 2·G·hd. Use "
+            "mode='latent', rank=r_c, rope_pairs=r: a shared latent for the values and the keys of the pairs that "
+            "lose their rotation, plus r rotary pairs per KV head."
+        )
+    if patch.energy is not None:
+        raise ValueError(
+            f"rank={patch.energy} (a spectral-energy target) is not available on rotary models yet: pass an integer "
+            "r_c (e.g. MHA2MLA's budgets: r_c = G·d_kv with d_kv = 32, 16 or 8)."
+        )
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    half = head_dim // 2
+    if patch.rope_pairs is not None and patch.rope_pairs > half:
+        raise ValueError(
+            f"rope_pairs={patch.rope_pairs} exceeds hd/2 = {half} (head size {head_dim}): a head has {half} frequency "
+            f"pairs. Use 0 <= rope_pairs <= {half} ({half} keeps every pair rotated: exact)."
+        )
+    if patch.rope_pairs is None:
+        patch.rope_pairs = half
+    if patch.rope_selection is None and patch.rope_pairs < half:
+        patch.rope_selection = "2norm"
+    if patch.rope_pairs == half and patch.rope_selection in ("2norm", "high", "low", "uniform"):
+        patch.rope_selection = None  # every pair of every head is kept: the rules agree
+
+
 def _rank_for_energy(spec: ArchitectureSpec, attn: nn.Module, mode: str, energy: float) -> int:
     """The smallest rank at which the seed keeps `energy` of the spectrum: of every head's S̃_h (lowrank), of the
     layer's balanced stacked [Wk | Wv] (latent)."""
@@ -185,6 +287,8 @@ def patch_model(
     calibration=None,
     values: str | None = None,
     value_rank: int | None = None,
+    rope_pairs: int | None = None,
+    rope_selection: str | None = None,
 ) -> nn.Module:
     """Replace a model's self-attention with merged query–key attention, seeded to compute exactly what it did.
 
@@ -220,6 +324,14 @@ def patch_model(
             stock's K + V. Decoders only (the output projection must be inside the attention module).
         value_rank: r_v, 1 <= r_v <= head size, for low-rank values M_h ≈ P_h Q_hᵀ (V cache (B, H, T, r_v); exact at
             r_v = head size, best rank-r_v below, whitened with init="whitened"). With covariance or lowrank.
+        rope_pairs: rotary families (Llama, Qwen2, Mistral) only, mode "latent": r, the frequency pairs per KV head
+            kept rotated (default hd/2: all, exact with r_c covering the values). The other pairs lose their rotation
+            (a change of the model: fine-tune to recover) and their keys join the values in the latent. The layer
+            then caches r_c + G·2r numbers per token (stock: 2·G·hd).
+        rope_selection: which pairs stay rotated: "2norm" (default when pairs are dropped; calibration's largest
+            query·key pair norms), "high", "low", "uniform" (data-free), or "rorope" (TransMLA: a PCA across the KV
+            heads per frequency on calibration data, the strongest G·r mixed pairs kept as ONE rotary key shared by
+            all heads).
 
     New weights take `requires_grad` from the stock weights they are seeded from (a frozen model stays frozen, a
     PEFT model keeps its frozen / trainable split). A peft model whose adapters sit on the replaced attention weights
@@ -241,7 +353,7 @@ def patch_model(
             f"patch_model takes a transformers model (an nn.Module); got {model!r} ({type(model).__name__}). Load "
             f"the model first, e.g. model = {load}, then patch_model(model, ...)."
         )
-    patch = PatchConfig(mode, rank, layers, init, values, value_rank)
+    patch = PatchConfig(mode, rank, layers, init, values, value_rank, rope_pairs, rope_selection)
     patch.check_calibration(calibration)
     if any(isinstance(module, MergedAttention) for module in model.modules()):
         raise ValueError(
@@ -252,6 +364,14 @@ def patch_model(
     spec = spec_for_model(model)
     config = model.config
     spec.check_model(config)
+    if spec.rotary:
+        _resolve_rotary(patch, spec, model)
+    elif patch.rope_pairs is not None or patch.rope_selection is not None:
+        raise ValueError(
+            f"rope_pairs={patch.rope_pairs!r} / rope_selection={patch.rope_selection!r} were given for "
+            f"{type(model).__name__} ({spec.family}), whose positions are not rotary: there is no rotation to keep. "
+            "Drop them."
+        )
     found = spec.stock_attentions(model)
     if not found:
         raise ValueError(
@@ -262,8 +382,10 @@ def patch_model(
     patch.check_against(config.hidden_size, len(found), config.num_attention_heads)
     patched = [(parent, name, old) for parent, name, old in found if old.layer_idx in patch.layers]
     _refuse_adapters(model, spec, patch, [old for _, _, old in patched])
-    moments, calibration_tokens = {}, None
-    if patch.init == "whitened":  # one pass of the STOCK model; raises on bad calibration before any swap
+    moments, calibration_tokens, pair_norms = {}, None, {}
+    if spec.rotary and calibration is not None:  # the pair norms ('2norm') and moments (RoRoPE, whitening) in one pass
+        moments, calibration_tokens, pair_norms = collect_rotary_statistics(model, calibration, patch.layers)
+    elif patch.init == "whitened":  # one pass of the STOCK model; raises on bad calibration before any swap
         moments, calibration_tokens = collect_attention_moments(model, calibration, patch.layers)
     if patch.energy is not None:
         if any(p.is_meta for _, _, old in patched for p in old.parameters()):
@@ -276,13 +398,20 @@ def patch_model(
     # The patched model gets its own copy of the config: another model built from the same config object must not
     # start reporting a patch (and a merged model_type) it does not have.
     shared_config, config = config, copy.deepcopy(config)
-    seeded = [  # every new module is built before the first swap: a seeding error leaves the model untouched
-        (parent, name, old, seeded_attention(
+    def seed(old):
+        if spec.rotary:
+            return seeded_rotary_attention(
+                spec, old, config, patch.rank_for(old.layer_idx), patch.rope_pairs, patch.rope_selection,
+                moment=moments.get(old.layer_idx), pair_norms=pair_norms.get(old.layer_idx),
+                whiten=patch.init == "whitened",
+            )
+        return seeded_attention(
             spec, old, config, patch.mode, patch.rank_for(old.layer_idx), moment=moments.get(old.layer_idx),
             values=patch.values, value_rank=patch.value_rank,
-        ))
-        for parent, name, old in patched
-    ]
+        )
+
+    # every new module is built before the first swap: a seeding error leaves the model untouched
+    seeded = [(parent, name, old, seed(old)) for parent, name, old in patched]
     for parent, name, old, new in seeded:
         _swap(parent, name, old, new)
     for module in model.modules():  # every module that held the shared config now holds the model's own copy
@@ -377,6 +506,9 @@ def stock_attention(spec: ArchitectureSpec, attn: MergedAttention, config) -> tu
     stock = spec.new_stock_attention(config, attn.layer_idx).to(device=weight.device, dtype=weight.dtype)
     if attn.output_name is not None and attn.values is None and attn.value_rank is None:
         setattr(stock, attn.output_name, getattr(attn, attn.output_name))  # shared, as at patch time
+    if spec.rotary:  # exact where no pair lost its rotation, refused (with the reason) otherwise
+        spec.write_weights(stock, attn.stock_parts())
+        return stock, {"query_key": 0.0}
     if attn.mode == "latent":
         down = attn.latent_proj.weight.detach().mT  # (d, r_c) = W_c
         wq, bq = linear_to_heads(weight.detach(), heads), attn.q_proj.bias.detach().view(heads, -1)  # stock queries

@@ -7,7 +7,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import modeling_merged_bert, modeling_merged_bloom, modeling_merged_gpt2, modeling_merged_opt
+from . import (
+    modeling_merged_bert,
+    modeling_merged_bloom,
+    modeling_merged_gpt2,
+    modeling_merged_llama,
+    modeling_merged_mistral,
+    modeling_merged_opt,
+    modeling_merged_qwen2,
+)
 from .merged_attention import ArchitectureSpec
 
 SPECS: tuple[ArchitectureSpec, ...] = (
@@ -16,12 +24,16 @@ SPECS: tuple[ArchitectureSpec, ...] = (
     modeling_merged_bloom.SPEC,
     modeling_merged_bert.SPEC,
     modeling_merged_bert.ROBERTA_SPEC,
+    modeling_merged_llama.SPEC,
+    modeling_merged_qwen2.SPEC,
+    modeling_merged_mistral.SPEC,
 )
 REGISTRY: dict[str, ArchitectureSpec] = {model_type: spec for spec in SPECS for model_type in spec.model_types}
 MERGED_REGISTRY: dict[str, ArchitectureSpec] = {spec.config_class.model_type: spec for spec in SPECS}
 
 # Families whose positions are rotary (RoPE): the rotation of the query and the key depends on their positions and
-# sits between Wq and Wk, so Wq·Wkᵀ is not one position-free matrix and cannot be merged exactly.
+# sits between Wq and Wk, so Wq·Wkᵀ is not one position-free matrix and cannot be merged exactly. The registered rotary
+# families (Llama, Qwen2, Mistral) take the rotary latent mode; the others here are refused with that reason.
 ROTARY_MODEL_TYPES = (
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3", "phi",
     "phi3", "gpt_neox", "gptj", "codegen", "falcon", "olmo", "olmo2", "stablelm", "starcoder2", "cohere", "glm",
@@ -67,9 +79,9 @@ def spec_for_model(model: nn.Module) -> ArchitectureSpec:
         )
     if _is_rotary(config):
         raise NotImplementedError(
-            f"{type(model).__name__} (model_type {model_type!r}) uses rotary position embeddings (RoPE), which rotate "
-            "the query and the key by their positions between Wq and Wk: Wq·Wkᵀ is then not one position-free matrix, "
-            f"so it cannot be merged exactly. Supported families (absolute or ALiBi positions): {supported()}."
+            f"{type(model).__name__} (model_type {model_type!r}) uses rotary position embeddings (RoPE) and has no "
+            "adapter here. Rotary families take the rotary latent mode (patch_model(model, 'latent', rank=r_c, "
+            f"rope_pairs=r)) through an adapter; supported: {supported()}."
         )
     raise NotImplementedError(
         f"{type(model).__name__} (model_type {model_type!r}) is not a supported family; supported: {supported()}. "

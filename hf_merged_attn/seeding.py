@@ -354,25 +354,29 @@ def whitened_lowrank_from_qk(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _stacked_kv(wk: torch.Tensor, wv: torch.Tensor, moment: torch.Tensor | None, damping: float):
-    """The balanced stacked matrix [Wk | Wv] (d x 2d) the latent is fitted to, optionally whitened: (M, L or None).
+def _stacked_kv(wk: torch.Tensor, wv: torch.Tensor, moment: torch.Tensor | None, damping: float,
+                balance: bool = True):
+    """The balanced stacked matrix [Wk | Wv] (d x (Hk·wk + Hv·wv)) the latent is fitted to, optionally whitened:
+    (M, L or None).
 
     Keys and values are each scaled to unit Frobenius norm (in whitened coordinates when whitening), so neither
-    side owns the SVD; with `moment` = E[x̃ᵀx̃] ((d+1) x (d+1)) the rows are weighted by Lᵀ, L the Cholesky
-    factor of E[xᵀx] (its top-left d x d block): ‖X (M − M̂)‖_F = ‖Lᵀ (M − M̂)‖_F.
+    side owns the SVD (`balance=False`: as they are); with `moment` = E[x̃ᵀx̃] ((d+1) x (d+1)) the rows are weighted
+    by Lᵀ, L the Cholesky factor of E[xᵀx] (its top-left d x d block): ‖X (M − M̂)‖_F = ‖Lᵀ (M − M̂)‖_F. Keys and
+    values may differ in head count and width (a rotary model's NoPE keys and its values); either may be empty.
     """
-    num_heads, d, hd = wk.shape
-    keys = wk.to(_SEED_DTYPE).permute(1, 0, 2).reshape(d, num_heads * hd)  # (H, d, hd) -> (d, H*hd)
-    values = wv.to(_SEED_DTYPE).permute(1, 0, 2).reshape(d, num_heads * hd)
+    d = wk.shape[1]
+    keys = wk.to(_SEED_DTYPE).permute(1, 0, 2).reshape(d, -1)  # (Hk, d, wk) -> (d, Hk*wk)
+    values = wv.to(_SEED_DTYPE).permute(1, 0, 2).reshape(d, -1)  # (Hv, d, wv) -> (d, Hv*wv)
     chol = None
     if moment is not None:
         if moment.shape != (d + 1, d + 1):
             raise ValueError(f"moment has shape {tuple(moment.shape)}; expected ({d + 1}, {d + 1}) = E[x̃ᵀx̃].")
         chol = damped_cholesky(moment.to(device=wk.device, dtype=_SEED_DTYPE)[:d, :d], damping)  # (d, d)
         keys, values = chol.mT @ keys, chol.mT @ values
-    tiny = torch.finfo(_SEED_DTYPE).tiny
-    stacked = torch.cat([keys / keys.norm().clamp_min(tiny), values / values.norm().clamp_min(tiny)], dim=1)  # (d, 2d)
-    return stacked, chol
+    if balance:
+        tiny = torch.finfo(_SEED_DTYPE).tiny
+        keys, values = keys / keys.norm().clamp_min(tiny), values / values.norm().clamp_min(tiny)
+    return torch.cat([keys, values], dim=1), chol  # (d, Hk*wk + Hv*wv)
 
 
 def latent_singular_values(wk: torch.Tensor, wv: torch.Tensor) -> torch.Tensor:
@@ -388,6 +392,7 @@ def latent_from_kv(
     moment: torch.Tensor | None = None,
     *,
     damping: float = DEFAULT_DAMPING,
+    balance: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Seed one latent per layer: W_c (d, r_c) and per-head up-projections Bk_h, Bv_h (r_c, hd) with
     Wk_h ≈ W_c Bk_h and Wv_h ≈ W_c Bv_h (MATH.md, "one shared latent").
@@ -403,20 +408,22 @@ def latent_from_kv(
     the value up-projection (exact: the attention weights of a row sum to 1).
 
     Args:
-        wk, wv: (H, d, hd) per-head key and value weights. rank: r_c, 1 <= r_c <= d.
+        wk, wv: (H, d, hd) per-head key and value weights (a rotary model's NoPE keys (Hk, d, w) may differ from its
+            values (G, d, hd) in head count and width). rank: r_c, 1 <= r_c <= d.
         moment: optional (d+1, d+1) E[x̃ᵀx̃] of the layer's attention input (from `collect_attention_moments`).
         damping: relative ridge of the Cholesky factor (see `damped_cholesky`).
+        balance: scale keys and values to equal norms before the SVD (default); False fits [Wk | Wv] as it is.
 
     Returns:
         W_c (d, r_c), Bk (H, r_c, hd), Bv (H, r_c, hd), float64.
     """
-    num_heads, d, hd = wk.shape
+    d = wk.shape[1]
     if not 1 <= rank <= d:
         raise ValueError(f"rank={rank} must be between 1 and the hidden size d={d} for a latent.")
     wk, wv = wk.to(_SEED_DTYPE), wv.to(_SEED_DTYPE)
     if rank == d:
         return torch.eye(d, dtype=_SEED_DTYPE, device=wk.device), wk.clone(), wv.clone()
-    stacked, chol = _stacked_kv(wk, wv, moment, damping)
+    stacked, chol = _stacked_kv(wk, wv, moment, damping, balance)
     left = torch.linalg.svd(stacked, full_matrices=False)[0][:, :rank]  # (d, r_c), orthonormal
     if chol is None:
         down, whiten = left, torch.eye(d, dtype=_SEED_DTYPE, device=wk.device)
@@ -474,3 +481,143 @@ def values_from_vo(
     chol = damped_cholesky(moment.to(device=wv.device, dtype=_SEED_DTYPE)[:d, :d], damping)  # (d, d)
     eye = torch.eye(d, dtype=_SEED_DTYPE, device=wv.device)
     return whitened_best_rank_factors(wv, wo.mT, value_rank, chol.expand(num_heads, d, d), eye.expand(num_heads, d, d))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rotary models (MATH.md part four): which frequency pairs stay rotated, RoRoPE, and one latent for the
+# NoPE keys and the values. Head size hd, G key/value heads, pair f = dims (f, f + hd/2) (rotate_half).
+# A "key map" sends the G stock key heads (G, hd) to the features of Gk new key heads: rotary features
+# (2K per head: the first halves of K pairs, then their second halves, so rotate_half applies) and NoPE
+# features (w per head). Query head i reads new key head i // (H / Gk) through the same map's block of
+# its own KV head: scores are unchanged wherever the map is orthogonal and nothing is dropped.
+# ---------------------------------------------------------------------------------------------------
+
+def kept_pairs(rule: str, head_dim: int, pairs: int, kv_heads: int, scores: torch.Tensor | None = None) -> torch.Tensor:
+    """The frequency pairs each KV head keeps rotated, (G, r) sorted, by MHA2MLA's rules.
+
+    "high": the r fastest (f = 0 .. r-1); "low": the r slowest; "uniform": every hd/(2r)-th from the fastest;
+    "2norm": the r largest `scores` (G, hd/2) — the mean pair norm of the group's queries times its key's.
+    """
+    half = head_dim // 2
+    if not 0 <= pairs <= half:
+        raise ValueError(f"pairs={pairs} must be between 0 and hd/2 = {half}.")
+    if rule == "high":
+        kept = torch.arange(pairs)
+    elif rule == "low":
+        kept = torch.arange(half - pairs, half)
+    elif rule == "uniform":
+        kept = torch.arange(pairs) * half // max(pairs, 1)
+    elif rule == "2norm":
+        if scores is None or scores.shape != (kv_heads, half):
+            raise ValueError(f"rule '2norm' needs scores of shape ({kv_heads}, {half}); got "
+                             f"{None if scores is None else tuple(scores.shape)}.")
+        return scores.topk(pairs, dim=-1).indices.sort(dim=-1).values
+    else:
+        raise ValueError(f"rule={rule!r} is not a per-head rule; allowed: 'high', 'low', 'uniform', '2norm'.")
+    return kept.expand(kv_heads, pairs).clone()
+
+
+def pair_norm_scores(query_norms: torch.Tensor, key_norms: torch.Tensor) -> torch.Tensor:
+    """MHA2MLA's 2-norm score of each (KV head g, pair f): Σ_{query heads i of g} mean‖q_i,f‖ · mean‖k_g,f‖.
+
+    Args: query_norms (H, hd/2) and key_norms (G, hd/2), mean norms over calibration tokens. Returns (G, hd/2).
+    """
+    kv_heads = key_norms.shape[0]
+    grouped = query_norms.view(kv_heads, -1, query_norms.shape[-1]).sum(1)  # (G, H/G, hd/2) -> (G, hd/2)
+    return grouped * key_norms
+
+
+def selection_maps(kept: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Key maps for per-head kept pairs (0/1 selections, Gk = G): new key head g reads stock key head g only.
+
+    Args: kept (G, r) pair indices from `kept_pairs`.
+    Returns: rope_map (G, G, hd, 2r), nope_map (G, G, hd, hd - 2r), freq (G, r) (the frequency of each rotary pair).
+    """
+    kv_heads, pairs = kept.shape
+    half = head_dim // 2
+    rope = torch.zeros(kv_heads, kv_heads, head_dim, 2 * pairs, dtype=_SEED_DTYPE)
+    nope = torch.zeros(kv_heads, kv_heads, head_dim, head_dim - 2 * pairs, dtype=_SEED_DTYPE)
+    for g in range(kv_heads):
+        dropped = [f for f in range(half) if f not in set(kept[g].tolist())]
+        for j, f in enumerate(kept[g].tolist()):
+            rope[g, g, f, j] = rope[g, g, f + half, pairs + j] = 1.0
+        for j, f in enumerate(dropped):
+            nope[g, g, f, j] = nope[g, g, f + half, len(dropped) + j] = 1.0
+    return rope, nope, kept.clone()
+
+
+def rorope_maps(wk: torch.Tensor, bk: torch.Tensor | None, moment: torch.Tensor, pairs: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TransMLA's RoRoPE: per frequency pair f an orthogonal mix U_f (G x G) across the KV heads — the PCA of their
+    key pairs on calibration activations, the same on both halves of the pair, so it commutes with the rotation —
+    and ONE new key head (DeepSeek-V2's shared rotary key) keeping the G·r mixed pairs of largest energy.
+
+    Exact before truncation: the rotary and NoPE maps together are orthogonal on R^(G·hd), so every query head,
+    reading all mixed components of its frequency, gets its stock score.
+
+    Args:
+        wk (G, d, hd), bk (G, hd) or None: stock key weights. moment (d+1, d+1): E[x̃ᵀx̃] of the layer's input.
+        pairs: r, the per-KV-head budget; G·r mixed pairs are kept (the same rotary numbers per token as r per head).
+
+    Returns:
+        rope_map (1, G, hd, 2K), nope_map (1, G, hd, G·hd - 2K), freq (1, K) with K = G·r, and the energy of every
+        mixed pair (hd/2, G), descending per frequency.
+    """
+    kv_heads, d, head_dim = wk.shape
+    half = head_dim // 2
+    keys = torch.cat([wk.to(_SEED_DTYPE), (torch.zeros(kv_heads, 1, head_dim, dtype=_SEED_DTYPE) if bk is None
+                      else bk.to(_SEED_DTYPE).unsqueeze(1))], dim=1)  # (G, d+1, hd): [Wk; bk]
+    second = torch.einsum("gaf,ab,hbf->fgh", keys, moment.to(_SEED_DTYPE), keys)  # (hd, G, G): E[k_g k_h] per dim
+    cov = second[:half] + second[half:]  # (hd/2, G, G): both halves of each pair
+    energy, vectors = torch.linalg.eigh(cov)  # ascending
+    energy, mix = energy.flip(-1), vectors.flip(-1).mT  # (hd/2, G) descending; mix[f, j, g] = U_f[j, g]
+    order = sorted(range(half * kv_heads), key=lambda t: -energy.reshape(-1)[t].item())
+    kept = sorted(order[: kv_heads * pairs])
+    dropped = sorted(order[kv_heads * pairs:])
+
+    def build(features):
+        out = torch.zeros(1, kv_heads, head_dim, 2 * len(features), dtype=_SEED_DTYPE)
+        for t, flat in enumerate(features):
+            f, j = divmod(flat, kv_heads)
+            out[0, :, f, t] = out[0, :, f + half, len(features) + t] = mix[f, j]  # (G,): U_f[j, g] for every head g
+        return out
+
+    freq = torch.tensor([flat // kv_heads for flat in kept], dtype=torch.long).view(1, -1)
+    return build(kept), build(dropped), freq, energy
+
+
+def rotary_latent_from_kv(
+    wk: torch.Tensor,
+    bk: torch.Tensor | None,
+    wv: torch.Tensor,
+    rope_map: torch.Tensor,
+    nope_map: torch.Tensor,
+    rank: int,
+    moment: torch.Tensor | None = None,
+    *,
+    damping: float = DEFAULT_DAMPING,
+    balance: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Seed a rotary latent layer: the kept rotary keys as a projection of their own, the NoPE keys and the values
+    from ONE latent c = x W_c (the joint, K/V-balanced, optionally whitened SVD of `latent_from_kv`).
+
+    The NoPE part of the key bias is dropped (its score term q_N·bk_N is constant along the softmax row); the rotary
+    part stays with the rotary key (it is rotated with it).
+
+    Args:
+        wk (G, d, hd), bk (G, hd) or None, wv (G, d, hd): stock key and value weights.
+        rope_map (Gk, G, hd, 2K), nope_map (Gk, G, hd, w): from `selection_maps` or `rorope_maps`.
+        rank: r_c. moment: E[x̃ᵀx̃] for whitening, or None. balance: see `latent_from_kv`.
+
+    Returns:
+        {"rope_weight" (Gk, d, 2K), "rope_bias" (Gk, 2K) or absent, "down" W_c (d, r_c), "key_up" (Gk, r_c, w),
+        "value_up" (G, r_c, hd)}, float64.
+    """
+    wk = wk.to(_SEED_DTYPE)
+    out = {"rope_weight": torch.einsum("gdh,kghf->kdf", wk, rope_map)}  # (Gk, d, 2K)
+    if bk is not None:
+        out["rope_bias"] = torch.einsum("gh,kghf->kf", bk.to(_SEED_DTYPE), rope_map)  # (Gk, 2K)
+    nope_keys = torch.einsum("gdh,kghf->kdf", wk, nope_map)  # (Gk, d, w)
+    out["down"], out["key_up"], out["value_up"] = latent_from_kv(nope_keys, wv, rank, moment, damping=damping,
+                                                                 balance=balance)
+    return out

@@ -84,7 +84,7 @@ def _swap(parent: nn.Module, name: str, old: nn.Module, new: nn.Module) -> None:
 
 def seeded_weights(parts: dict[str, torch.Tensor], mode: str, rank: int | None, *, init_std: float = 0.02,
                    moment: torch.Tensor | None = None, values: str | None = None, value_rank: int | None = None,
-                   output_name: str | None = None) -> dict[str, torch.Tensor]:
+                   output_name: str | None = None, balance_kv: bool = True) -> dict[str, torch.Tensor]:
     """The merged module's parameters (by name, in nn.Linear layout) seeded from canonical per-head stock weights.
 
     Args:
@@ -94,6 +94,7 @@ def seeded_weights(parts: dict[str, torch.Tensor], mode: str, rank: int | None, 
         init_std: std of the random extra query columns of lowrank r > hd.
         moment: E[x̃ᵀx̃] of the layer's attention input for activation-aware ("whitened") seeding, or None.
         values, value_rank: merged or low-rank values; the output projection `output_name` then holds M_h / Q_h.
+        balance_kv: latent: keys and values scaled to equal norms before their joint SVD (False: as they are).
     """
     weights = {"q_proj.bias": parts["bq"].reshape(-1)}
     if mode == "covariance":
@@ -108,7 +109,7 @@ def seeded_weights(parts: dict[str, torch.Tensor], mode: str, rank: int | None, 
             query, bias, key = lowrank_from_qk(parts["wq"], parts["bq"], parts["wk"], rank, init_std=init_std)
         weights.update({"q_proj.weight": heads_to_linear(query), "q_proj.bias": bias, "k_proj.weight": heads_to_linear(key)})
     else:  # latent: stock queries, one latent for keys and values
-        down, key_up, value_up = latent_from_kv(parts["wk"], parts["wv"], rank, moment)  # (d,r_c), (H,r_c,hd) x2
+        down, key_up, value_up = latent_from_kv(parts["wk"], parts["wv"], rank, moment, balance=balance_kv)  # (d,r_c), (H,r_c,hd) x2
         weights.update({
             "q_proj.weight": heads_to_linear(parts["wq"]), "latent_proj.weight": down.mT,
             "k_up.weight": heads_to_linear(key_up), "v_up.weight": heads_to_linear(value_up),
@@ -139,6 +140,7 @@ def seeded_attention(
     moment: torch.Tensor | None = None,
     values: str | None = None,
     value_rank: int | None = None,
+    balance_kv: bool = True,
 ) -> MergedAttention:
     """A merged module computing the same scores as the stock `attn` of family `spec` (shares its output projection).
 
@@ -154,7 +156,7 @@ def seeded_attention(
     if values is not None or value_rank is not None:
         parts["wo"], parts["bo"] = read_output(getattr(attn, new.output_name), new.num_heads)  # (H, hd, d), (d,)
     weights = seeded_weights(parts, mode, rank, init_std=init_std, moment=moment, values=values,
-                             value_rank=value_rank, output_name=new.output_name)
+                             value_rank=value_rank, output_name=new.output_name, balance_kv=balance_kv)
     # a new weight is trainable only if every stock weight it is seeded from is: the query/key/value weights, and
     # for an output map that holds M_h (merged or low-rank values) also the stock output projection
     # (the P_h of low-rank values and the value bias c_h = bv_h Wo_h are seeded from both sides as well)
@@ -289,6 +291,7 @@ def patch_model(
     value_rank: int | None = None,
     rope_pairs: int | None = None,
     rope_selection: str | None = None,
+    balance_kv: bool = True,
 ) -> nn.Module:
     """Replace a model's self-attention with merged query–key attention, seeded to compute exactly what it did.
 
@@ -332,6 +335,8 @@ def patch_model(
             query·key pair norms), "high", "low", "uniform" (data-free), or "rorope" (TransMLA: a PCA across the KV
             heads per frequency on calibration data, the strongest G·r mixed pairs kept as ONE rotary key shared by
             all heads).
+        balance_kv: latent mode: scale the keys and the values to equal norms before the joint SVD that seeds the
+            latent (default: neither side owns the SVD); False fits [Wk | Wv] as it is (an ablation).
 
     New weights take `requires_grad` from the stock weights they are seeded from (a frozen model stays frozen, a
     PEFT model keeps its frozen / trainable split). A peft model whose adapters sit on the replaced attention weights
@@ -403,11 +408,11 @@ def patch_model(
             return seeded_rotary_attention(
                 spec, old, config, patch.rank_for(old.layer_idx), patch.rope_pairs, patch.rope_selection,
                 moment=moments.get(old.layer_idx), pair_norms=pair_norms.get(old.layer_idx),
-                whiten=patch.init == "whitened",
+                whiten=patch.init == "whitened", balance=balance_kv,
             )
         return seeded_attention(
             spec, old, config, patch.mode, patch.rank_for(old.layer_idx), moment=moments.get(old.layer_idx),
-            values=patch.values, value_rank=patch.value_rank,
+            values=patch.values, value_rank=patch.value_rank, balance_kv=balance_kv,
         )
 
     # every new module is built before the first swap: a seeding error leaves the model untouched

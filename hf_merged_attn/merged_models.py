@@ -233,6 +233,23 @@ class MergedModelMixin:
             "latent": f"whose keys and values come from one shared latent per layer, c = x·W_c at {rank_text} "
             f"(latent mode, seeded by {seed} of the layer's stacked [Wk | Wv]; {cached})",
         }[record["mode"]]
+        rotary_exact = None
+        if spec.rotary:
+            first = modules[0]
+            pairs, selection, half = record.get("rope_pairs"), record.get("rope_selection"), head_dim // 2
+            kept = (f"the {first.rope_heads * first.rope_width // 2} strongest mixed pairs of a per-frequency PCA across "
+                    "the KV heads (RoRoPE) as ONE rotary key shared by all heads" if selection == "rorope"
+                    else f"{pairs} of {half} frequency pairs per KV head (rule {selection!r}; each layer's choice is its "
+                    "`rope_freq` buffer)")
+            what = (f"whose keys and values come from one shared latent per layer, c = x·W_c at r_c = {rank} (rotary "
+                    f"latent mode: rope_pairs={pairs}, rope_selection={selection!r}, seeded by {seed} of the layer's "
+                    f"[NoPE keys | values]); {kept} keep their rotation; the cache holds c and the rotated rotary keys "
+                    "only")
+            values_covered = all(r >= first.num_kv_heads * head_dim for r in ranks)
+            rotary_exact = pairs == half and values_covered
+            dropped = "" if pairs == half else (
+                f" The other {half - pairs} pairs per KV head lost their rotation: a change of the model that "
+                "fine-tuning recovers only in part, and that no stock export can undo.")
         value_rank = record.get("value_rank")
         if record.get("values") == "merged":
             values = ("Values are merged: the value is the layer input x, shared by every head, and each head's output "
@@ -246,6 +263,8 @@ class MergedModelMixin:
             r >= (head_dim if record["mode"] == "lowrank" else hidden) for r in ranks
         )
         exact_values = value_rank is None or value_rank >= head_dim
+        if rotary_exact is not None:
+            exact_keys = exact_values = rotary_exact
         exact_text = ("At patch time it computed exactly what the base model computed (up to round-off)."
                       if exact_keys and exact_values
                       else "At patch time it approximated the base model (" + ", ".join(
@@ -264,7 +283,7 @@ class MergedModelMixin:
             "",
             f"{spec.family}{base_text} {what}, made with hf_merged_attn. Patched blocks: {record['layers']}.",
             "",
-            f"{values} {exact_text}",
+            f"{values} {exact_text}" + (dropped if spec.rotary else ""),
             "",
             cache_summary(self, spec.has_cache) + quantized_cache_summary(self),
             "",

@@ -309,6 +309,12 @@ def use_quantized_latent_cache(model, nbits: int = 8, axis: str = "token", q_gro
         return model
     settings = QuantizationSettings(nbits, axis, q_group_size, residual_length)
     layers = [m for m in model.modules() if isinstance(m, MergedAttention)]
+    if any(getattr(m, "rotary", False) for m in layers):
+        raise ValueError(
+            "use_quantized_latent_cache: this model's layers are rotary latent layers, which cache the rotated rotary "
+            "keys beside the latent c; the quantized latent cache holds c alone and does not take them yet. Use the "
+            "dynamic or static cache (its size is already c + the kept rotary keys per token)."
+        )
     if not layers or any(not m.cache_layout.values_are_keys for m in layers) or (
         len(layers) != model.config.get_text_config(decoder=True).num_hidden_layers
     ):

@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers.cache_utils import Cache, EncoderDecoderCache
 
 from .attention_kernels import KERNELS, PHASES, CacheLayout, Kernel, KernelQuery, phase_of, resolve_kernel
@@ -38,6 +39,10 @@ RANKED_MODES = ("lowrank", "latent")  # the modes that take rank=...
 VALUES = ("merged",)  # values="merged": value = x shared by all heads, M_h = Wv_h Wo_h per head
 INITS = ("svd", "whitened")  # how lowrank factors are seeded: plain SVD of the weights, or activation-aware
 SUPPORTED_ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+# The checkpoint format a `merged_attn` record describes (its "format_version"). A record without one is from before
+# versions were recorded (hf_merged_attn <= 0.2.0): its merged / low-rank values may lack `value_bias` (the folded
+# form, `merged_models._load_folded_value_bias`). From version 1 on every weight of the patch is in the checkpoint.
+FORMAT_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -264,13 +269,15 @@ class PatchConfig:
         self.layers = sorted({int(i) for i in given})
 
     def to_dict(self) -> dict:
-        """JSON-ready dict (what `config.merged_attn` holds): a per-block rank as {"block": r}; energy if used."""
+        """JSON-ready dict (what `config.merged_attn` holds): a per-block rank as {"block": r}; energy if used; the
+        checkpoint format (`FORMAT_VERSION`) the weights saved with it are in."""
         record = asdict(self)
         if isinstance(self.rank, dict):
             record["rank"] = {str(i): r for i, r in sorted(self.rank.items())}
         for optional in ("energy", "values", "value_rank"):  # absent unless used: older records stay as they were
             if record[optional] is None:
                 del record[optional]
+        record["format_version"] = FORMAT_VERSION
         return record
 
 
@@ -278,10 +285,12 @@ def check_record(record, num_layers: int, hidden_size: int, num_heads: int | Non
     """Rebuild and check the `PatchConfig` of a checkpoint's `merged_attn` record against the model's sizes.
 
     The same validation as `patch_model` (through `PatchConfig`), plus what only a saved record can get wrong:
-    layers must be a list (with a per-block rank, exactly its keys), the energy must sit next to a per-block rank.
+    layers must be a list (with a per-block rank, exactly its keys), the energy must sit next to a per-block rank,
+    the format version (absent in records from before it was recorded) must be one this code reads.
 
     Raises:
-        CorruptRecordError: naming the bad field and saying that the checkpoint is corrupted.
+        CorruptRecordError: naming the bad field and saying that the checkpoint is corrupted, or that it was saved
+            by a newer hf_merged_attn.
     """
 
     def corrupt(text: str) -> CorruptRecordError:
@@ -293,6 +302,14 @@ def check_record(record, num_layers: int, hidden_size: int, num_heads: int | Non
         raise corrupt(
             f"merged_attn={record!r} is not a patch record (a dict with mode, rank and layers as written by "
             "save_pretrained on a patched model)"
+        )
+    version = record.get("format_version")
+    if version is not None and (type(version) is not int or version < 1):
+        raise corrupt(f"merged_attn.format_version={version!r} must be an integer from 1 to {FORMAT_VERSION}, or absent")
+    if version is not None and version > FORMAT_VERSION:
+        raise CorruptRecordError(
+            f"merged_attn.format_version={version} is newer than this hf_merged_attn reads ({FORMAT_VERSION}): the "
+            "checkpoint was saved by a newer version of it. Upgrade hf_merged_attn (pip install -U hf_merged_attn)."
         )
     mode, rank, layers, energy = record.get("mode"), record.get("rank"), record.get("layers"), record.get("energy")
     if not (isinstance(layers, list) and layers and all(type(i) is int and 0 <= i < num_layers for i in layers)):

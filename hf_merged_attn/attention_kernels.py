@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 from torch.nn import functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 PHASES = ("train", "prefill", "decode")
 
@@ -75,13 +76,18 @@ class CacheLayout:
         return tensor.view(batch, length, heads, -1).transpose(1, 2)
 
 
+# The phase a static cache's length gave in the current forward: {cache: (layer index, phase, that layer's version)}
+_STATIC_PHASES = WeakIdKeyDictionary()
+
+
 def phase_of(cache, layer_idx: int) -> str:
     """"train" without a cache, "prefill" when the cache holds no token of this layer yet, "decode" when it does.
 
     Read before the layer's update. A static layer's length is a tensor: under torch.compile (where transformers runs
     only decode steps; prefill runs eagerly) an initialised static layer counts as holding tokens, so no value is
-    read and nothing recompiles; in eager mode its length is read. Either answer is exact — the phase only picks
-    the kernel and whether fresh or cached keys are attended.
+    read and nothing recompiles. In eager mode reading it is a device-to-host sync, so it is read once per forward:
+    by the first merged layer that runs, whose phase the later layers of the same forward take (`_shared_phase`).
+    Either answer is exact — the phase only picks the kernel and whether fresh or cached keys are attended.
     """
     if cache is None:
         return "train"
@@ -93,7 +99,28 @@ def phase_of(cache, layer_idx: int) -> str:
         return "prefill"
     if getattr(layer, "is_compileable", False) and torch.compiler.is_compiling():
         return "decode"
-    return "decode" if int(layer.get_seq_length()) > 0 else "prefill"
+    length = layer.get_seq_length()
+    if not isinstance(length, torch.Tensor):  # a Python int (dynamic layers): nothing to synchronise
+        return "decode" if length > 0 else "prefill"
+    return _shared_phase(cache, layer_idx, length)
+
+
+def _shared_phase(cache, layer_idx: int, length: torch.Tensor) -> str:
+    """The phase from a static layer's length tensor, read once per forward.
+
+    The layers of a forward run in order, each updating its cache after reading its phase. A layer takes the phase
+    recorded by an earlier layer when both have seen the same number of in-place updates of their length (its version
+    counter, a host-side number: no sync): the recording layer, before its update in this forward, and this one, before
+    its own. Anything else — the first merged layer of a forward, a layer called on its own, a cache cropped or reset
+    between layers — reads its own length.
+    """
+    version = length._version
+    recorded = _STATIC_PHASES.get(cache)
+    if recorded is not None and recorded[0] < layer_idx and recorded[2] == version:
+        return recorded[1]
+    phase = "decode" if int(length) > 0 else "prefill"
+    _STATIC_PHASES[cache] = (layer_idx, phase, version)
+    return phase
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers.cache_utils import Cache, EncoderDecoderCache
 
 from .attention_kernels import (
@@ -48,6 +49,10 @@ RANKED_MODES = ("lowrank", "latent")  # the modes that take rank=...
 VALUES = ("merged",)  # values="merged": value = x shared by all heads, M_h = Wv_h Wo_h per head
 INITS = ("svd", "whitened")  # how lowrank factors are seeded: plain SVD of the weights, or activation-aware
 SUPPORTED_ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+# The checkpoint format a `merged_attn` record describes (its "format_version"). A record without one is from before
+# versions were recorded (hf_merged_attn <= 0.2.0): its merged / low-rank values may lack `value_bias` (the folded
+# form, `merged_models._load_folded_value_bias`). From version 1 on every weight of the patch is in the checkpoint.
+FORMAT_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -321,13 +326,15 @@ class PatchConfig:
         self.layers = sorted({int(i) for i in given})
 
     def to_dict(self) -> dict:
-        """JSON-ready dict (what `config.merged_attn` holds): a per-block rank as {"block": r}; energy if used."""
+        """JSON-ready dict (what `config.merged_attn` holds): a per-block rank as {"block": r}; energy if used; the
+        checkpoint format (`FORMAT_VERSION`) the weights saved with it are in."""
         record = asdict(self)
         if isinstance(self.rank, dict):
             record["rank"] = {str(i): r for i, r in sorted(self.rank.items())}
         for optional in ("energy", "values", "value_rank", "rope_pairs", "rope_selection"):  # absent unless used: older records stay as they were
             if record[optional] is None:
                 del record[optional]
+        record["format_version"] = FORMAT_VERSION
         return record
 
 
@@ -335,10 +342,12 @@ def check_record(record, num_layers: int, hidden_size: int, num_heads: int | Non
     """Rebuild and check the `PatchConfig` of a checkpoint's `merged_attn` record against the model's sizes.
 
     The same validation as `patch_model` (through `PatchConfig`), plus what only a saved record can get wrong:
-    layers must be a list (with a per-block rank, exactly its keys), the energy must sit next to a per-block rank.
+    layers must be a list (with a per-block rank, exactly its keys), the energy must sit next to a per-block rank,
+    the format version (absent in records from before it was recorded) must be one this code reads.
 
     Raises:
-        CorruptRecordError: naming the bad field and saying that the checkpoint is corrupted.
+        CorruptRecordError: naming the bad field and saying that the checkpoint is corrupted, or that it was saved
+            by a newer hf_merged_attn.
     """
 
     def corrupt(text: str) -> CorruptRecordError:
@@ -350,6 +359,14 @@ def check_record(record, num_layers: int, hidden_size: int, num_heads: int | Non
         raise corrupt(
             f"merged_attn={record!r} is not a patch record (a dict with mode, rank and layers as written by "
             "save_pretrained on a patched model)"
+        )
+    version = record.get("format_version")
+    if version is not None and (type(version) is not int or version < 1):
+        raise corrupt(f"merged_attn.format_version={version!r} must be an integer from 1 to {FORMAT_VERSION}, or absent")
+    if version is not None and version > FORMAT_VERSION:
+        raise CorruptRecordError(
+            f"merged_attn.format_version={version} is newer than this hf_merged_attn reads ({FORMAT_VERSION}): the "
+            "checkpoint was saved by a newer version of it. Upgrade hf_merged_attn (pip install -U hf_merged_attn)."
         )
     mode, rank, layers, energy = record.get("mode"), record.get("rank"), record.get("layers"), record.get("energy")
     if not (isinstance(layers, list) and layers and all(type(i) is int and 0 <= i < num_layers for i in layers)):
@@ -723,16 +740,20 @@ class MergedAttention:
             fresh_value = hidden_states if self.values == "merged" else self.v_proj(hidden_states)  # (B, T, d or H*v)
             value = layout.stored(fresh_value, layout.value_heads)
 
-        phase, codes = "train", None
+        phase, codes, buffer = "train", None, length
+        # a hook on k_up / v_up (or a forward replaced on them) acts on what they are called on: the decode then calls
+        # them on the cached latent as the prefill does, instead of multiplying by their weights (the absorbed order)
+        hooked = self.mode == "latent" and (_hooked(self.k_up) or _hooked(self.v_up))
         if cache is not None:
             layer_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
             phase = phase_of(layer_cache, self.layer_idx)  # read before the update
             # eager returns the weights; attention dropout (training with a cache) goes through the kernels
             if phase == "decode" and layout.values_are_keys and implementation == "sdpa" and not (
-                    self.training and self.attn_dropout.p > 0):
+                    self.training and self.attn_dropout.p > 0) and not hooked:
                 codes = _code_reading_layer(layer_cache, self.layer_idx)  # a quantized cache of c or x, read in blocks
             extra = {"read_codes": True} if codes is not None else {}  # then the update returns its window alone
             cached = layer_cache.update(key, value, self.layer_idx, kwargs=kwargs, **extra)  # (B, Hk|Hv, Tk, .) each
+            buffer = cached[0].shape[2]  # the keys the cache returns: a static one returns its whole buffer
             if phase == "decode":  # attend the cache; a prefill attends its own fresh tokens (a static buffer is longer)
                 key, value = cached
         if phase != "decode" and attention_mask is not None and attention_mask.shape[-1] > length:
@@ -742,18 +763,19 @@ class MergedAttention:
         key = layout.unpacked(key, layout.key_heads)  # (B, Hk, Tk, .): a view
         value = key if layout.values_are_keys else layout.unpacked(value, layout.value_heads)
 
-        absorbed = self.mode == "latent" and phase == "decode"
+        absorbed = self.mode == "latent" and phase == "decode" and not hooked
         if absorbed:  # scores q_h·(c Bk_h) = (q_h Bk_hᵀ)·c: the queries move to the latent, the cache stays as it is
-            k_up = _linear_map(self.k_up, self.rank)[0].view(self.num_heads, self.head_dim, -1)  # (H, hd, r_c): Bk_hᵀ
+            k_up = _linear_map(self.k_up, key)[0].view(self.num_heads, self.head_dim, -1)  # (H, hd, r_c): Bk_hᵀ
             query, value = query @ k_up, key  # (B, H, T, r_c); the latent is the value too
-        elif self.mode == "latent":  # training / prefill: expand the latent per head, fused SDPA kernels apply
+        elif self.mode == "latent":  # training / prefill (or hooked up-projections): expand the latent per head
             latent = key[:, 0]  # (B, Tk, r_c)
             key = self.k_up(latent).view(*latent.shape[:2], self.num_heads, -1).transpose(1, 2)  # (B, H, Tk, hd)
             value = self.v_up(latent).view(*latent.shape[:2], self.num_heads, -1).transpose(1, 2)  # (B, H, Tk, hd)
         # under attention dropout the rows of A_h do not sum to 1: carry a constant 1 channel through A·V to get the row
-        # sums the per-head value bias c_h needs (training only: no cache is copied at decode time)
+        # sums that the per-head value bias c_h — and the absorbed latent's bv_h — need (training only: no cache is
+        # copied at decode time)
         dropout = self.training and self.attn_dropout.p > 0
-        count_rows = self.value_bias is not None and dropout
+        count_rows = dropout and (self.value_bias is not None or absorbed)
         if count_rows:
             value = torch.cat([value, value.new_ones(*value.shape[:-1], 1)], dim=-1)  # (B, Hv, Tk, v + 1)
         if score_bias is not None:
@@ -765,18 +787,21 @@ class MergedAttention:
         else:
             attn_output, attn_weights = self._run_kernel(implementation, phase, query, key, value, attention_mask,
                                                          dropout, length, kwargs)
-        if absorbed:  # z_h = (A_h c) Bv_h + rowsum(A_h) bv_h
-            v_up, v_bias = _linear_map(self.v_up, self.rank)  # (H*hd, r_c), (H*hd,)
-            v_up = v_up.view(self.num_heads, self.head_dim, -1)  # (H, hd, r_c)
-            v_bias = v_bias.view(self.num_heads, -1)  # (H, hd)
-            rows = _row_sums(attention_mask)  # (B, T, 1 or H), or None: every row sums to 1
-            attn_output = (attn_output.unsqueeze(-2) @ v_up.mT).squeeze(-2)  # (B, T, H, hd)
-            attn_output = attn_output + (v_bias if rows is None else rows.unsqueeze(-1).to(v_bias.dtype) * v_bias)
+        # the row sums of the weights: counted under dropout (B, T, H); else from the mask (B, T, 1 or H), or None where
+        # every row sums to 1
         rows = None
         if count_rows:
             attn_output, rows = attn_output[..., :-1], attn_output[..., -1]  # (B, T, H, v), (B, T, H)
-        elif self.value_bias is not None:
+        elif self.value_bias is not None or absorbed:
             rows = _row_sums(attention_mask)
+        if absorbed:  # z_h = (A_h c) Bv_h + rowsum(A_h) bv_h
+            v_up, v_bias = _linear_map(self.v_up, key)  # (H*hd, r_c), (H*hd,)
+            v_up = v_up.view(self.num_heads, self.head_dim, -1)  # (H, hd, r_c)
+            v_bias = v_bias.view(self.num_heads, -1)  # (H, hd)
+            attn_output = (attn_output.unsqueeze(-2) @ v_up.mT).squeeze(-2)  # (B, T, H, hd)
+            attn_output = attn_output + (v_bias if rows is None else rows.unsqueeze(-1).to(v_bias.dtype) * v_bias)
+        if attn_weights is not None and attn_weights.shape[-1] < buffer:  # a static cache's prefill: stock returns
+            attn_weights = nn.functional.pad(attn_weights, (0, buffer - attn_weights.shape[-1]))  # the whole buffer
         attn_output = attn_output.reshape(*lead, -1)  # (B, T, H, v) -> (B, T, H*v)
         if self.output_name is None:  # the family applies its output projection outside this module (BERT)
             return attn_output.contiguous(), attn_weights
@@ -888,32 +913,115 @@ class MergedAttention:
 def use_kernels(model: nn.Module, **by_phase: str | None) -> nn.Module:
     """Force attention kernels by phase on every merged layer of `model`, e.g. `use_kernels(model, decode="sdpa_folded")`
     (None: back to the automatic choice). Phases: "train", "prefill", "decode"; kernels: `attention_kernels.KERNELS`.
-    A forced kernel must fit the attention it is asked to compute (checked when it runs). Returns `model`."""
+    A forced kernel must fit the attention it is asked to compute (checked when it runs). Returns `model`.
+
+    Raises:
+        ValueError: an unknown phase or kernel, or a model without merged attention (nothing would use the kernel).
+    """
     known = {**KERNELS, **ROTARY_KERNELS}
     bad = {p: k for p, k in by_phase.items() if p not in PHASES or (k is not None and k not in known)}
     if bad:
         raise ValueError(f"use_kernels({bad}): phases are {PHASES}, kernels {list(KERNELS)} (rotary latent layers: "
                          f"{list(ROTARY_KERNELS)}), or None for automatic.")
-    for module in model.modules():
-        if isinstance(module, MergedAttention):
-            overrides = {**(module.kernel_overrides or {}), **by_phase}
-            module.kernel_overrides = {p: k for p, k in overrides.items() if k is not None} or None
+    merged = [module for module in model.modules() if isinstance(module, MergedAttention)]
+    if not merged:
+        raise ValueError(
+            f"use_kernels: {type(model).__name__} has no merged attention layer (it is not patched), so no kernel would "
+            f"be used. Patch it first (patch_model(model, ...)) or load a merged checkpoint, then call "
+            f"use_kernels(model, {', '.join(f'{p}={k!r}' for p, k in by_phase.items())})."
+        )
+    for module in merged:
+        overrides = {**(module.kernel_overrides or {}), **by_phase}
+        module.kernel_overrides = {p: k for p, k in overrides.items() if k is not None} or None
     return model
 
 
-def _linear_map(module: nn.Module, in_features: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight (out, in), bias (out,) or None) of a linear projection, including any adapter wrapped around it.
+# The map of each probed (wrapped) up-projection, kept per state of the module: {module: (state, weight, bias)}
+_PROBED_MAPS = WeakIdKeyDictionary()
 
-    A plain nn.Linear gives its own tensors. A wrapped one (a peft LoRA / DoRA layer on `k_up`, `v_up`) is read by
-    probing it with 0 and the unit vectors, so that its adapter acts in the absorbed decode exactly as in the
-    expanded forward (eval mode: the adapter's dropout is off).
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling `module` runs more than its modules' own forward: a forward hook or pre-hook on it, on a module
+    inside it or on every module (global), or a forward replaced on an instance (as accelerate's offloading does)."""
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return True
+    stack = [module]
+    while stack:  # every module inside (module.modules() without its names: this runs in every forward)
+        m = stack.pop()
+        if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
+            return True
+        stack.extend(child for child in m._modules.values() if child is not None)
+    return False
+
+
+def _linear_map(module: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight (out, in), bias (out,) or None) of an up-projection that the absorbed decode multiplies by instead of
+    calling it on the cached latent `like` (..., in) — never a hooked one (`_hooked`: the decode calls those).
+
+    A plain nn.Linear gives its own tensors. Anything else holding a linear map (a peft LoRA / DoRA layer, a dynamically
+    quantized Linear, which has no parameters) is read by probing it with 0 and the unit vectors, in the latent's dtype
+    and device, so that what it adds acts in the absorbed decode as in the expanded forward. The probed map is kept
+    per state of the module (`_module_state`) and probed again only when that state changes: after set_adapter,
+    disable_adapter, a training step or any in-place update of its weights.
     """
-    if isinstance(module, nn.Linear):
+    if type(module).forward is nn.Linear.forward:
         return module.weight, module.bias
-    weight = next(p for p in module.parameters())
-    probe = torch.cat([weight.new_zeros(1, in_features), torch.eye(in_features, dtype=weight.dtype, device=weight.device)])
+    state, pinned = (None, None) if torch.compiler.is_compiling() else _module_state(module)
+    kept = _PROBED_MAPS.get(module) if state is not None else None
+    if kept is not None and kept[0] == state:
+        return kept[2:]
+    width = like.shape[-1]
+    probe = torch.cat([like.new_zeros(1, width), torch.eye(width, dtype=like.dtype, device=like.device)])
     out = module(probe)  # (1 + in, out): row 0 = the bias, row 1 + i = column i of the weight + the bias
-    return (out[1:] - out[:1]).mT, out[0]
+    weight, bias = (out[1:] - out[:1]).mT, out[0]
+    if state is not None:  # kept in nn.Linear's layout: the decode's products then read it as a plain weight
+        weight = weight.contiguous()
+        _PROBED_MAPS[module] = (state, pinned, weight, bias)
+    return weight, bias
+
+
+def _module_state(module: nn.Module) -> tuple[tuple | None, list]:
+    """What a probed module's map depends on, as a tuple that compares equal while none of it changes — or None where
+    the map must be probed at every call: while gradients flow to its parameters, or while a dropout inside it acts
+    (an adapter's dropout in training mode draws anew at every call) — and the storages it names by address.
+
+    Per module inside it: train / eval; each parameter and buffer by storage address and version counter (an in-place
+    update such as an optimizer step moves the counter, a replaced tensor the address; the storages are returned to
+    be held with the map, so that no new tensor takes an address the state names); for a peft adapter layer (it wraps
+    a `base_layer`) its active adapters, disabled flag, merged adapters and scaling; a torch.ao quantized Linear's
+    packed weights by identity (also held; `set_weight_bias` and `load_state_dict` replace them).
+    """
+    grad, state, pinned, stack = torch.is_grad_enabled(), [], [], [module]
+    while stack:  # every module inside (module.modules() without its names: this runs in every decode step)
+        m = stack.pop()
+        stack.extend(child for child in m._modules.values() if child is not None)
+        if m.training and isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return None, []
+        state.append(m.training)
+        for tensors in (m._parameters, m._buffers):
+            for tensor in tensors.values():
+                if tensor is not None:
+                    if grad and tensor.requires_grad:
+                        return None, []
+                    state.append((tensor.data_ptr(), None if tensor.is_inference() else tensor._version))
+                    pinned.append(_storage(tensor))
+        if "base_layer" in m._modules:  # peft's tuner layers (LoRA, DoRA, ...)
+            state.append(repr((m.active_adapters, m.disable_adapters, m.merged_adapters, m.__dict__.get("scaling"))))
+        packed = m.__dict__.get("_packed_params")  # torch.ao's quantized Linear: weights outside any tensor attribute
+        if packed is not None:
+            state.append(id(packed))
+            pinned.append(packed)
+    return tuple(state), pinned
+
+
+def _storage(tensor: torch.Tensor):
+    """The storage behind `tensor` (which keeps its address taken while held), or the tensor itself where it has no
+    storage of its own to give (wrapper subclasses)."""
+    try:
+        return tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return tensor
 
 
 def _code_reading_layer(cache, layer_idx: int):

@@ -14,10 +14,25 @@ import torch
 from torch import nn
 from transformers.utils.hub import CommitOperationAdd, hf_api
 
-from .merged_attention import ArchitectureSpec, CorruptRecordError, MergedAttention, check_record
+from .merged_attention import FORMAT_VERSION, ArchitectureSpec, CorruptRecordError, MergedAttention, check_record
 from .quantized_cache import GENERATION_FIELD, LatentQuantizedCache, QuantizationSettings
 
 logger = logging.getLogger(__name__)
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` can be a Hugging Face Hub model id: `name` (legacy ids such as `gpt2`) or `namespace/name` —
+    at most one slash — each part of letters, digits, "-", "_" and ".", beginning and ending with a letter, digit or
+    "_", without "--" or "..", the name at most 96 characters (the Hub's own rule). A relative folder such as
+    `runs/exp1/checkpoint-500` is not one."""
+    parts = name.split("/")
+    if len(parts) > 2 or len(parts[-1]) > 96 or "--" in name or ".." in name:
+        return False
+    return all(
+        part and all(c.isalnum() or c in "-_." for c in part) and (part[0].isalnum() or part[0] == "_")
+        and (part[-1].isalnum() or part[-1] == "_")
+        for part in parts
+    )
 
 
 def num_layers_of(config) -> int:
@@ -73,9 +88,10 @@ def cache_summary(model: nn.Module, has_cache: bool) -> str:
 def _load_folded_value_bias(model: nn.Module, info: dict, where) -> None:
     """Checkpoints of merged / low-rank values saved before `value_bias` existed hold b̃ = bo + Σ_h c_h in the output
     bias: with c_h = 0 they compute exactly what they computed when saved. Zero those, drop them from the missing
-    keys, and say what that folded form does not reproduce."""
+    keys, and say what that folded form does not reproduce. Only a record without a format version can be such a
+    checkpoint: from version 1 on a missing `value_bias` is a missing weight like any other."""
     old = [key for key in info.get("missing_keys", []) if key.endswith(".value_bias")]
-    if not old:
+    if not old or model.config.merged_attn.get("format_version") is not None:
         return
     params = dict(model.named_parameters())
     prefix = getattr(model, "base_model_prefix", "")
@@ -182,8 +198,13 @@ class MergedModelMixin:
         return super().generate(*args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, model_card_results: dict | None = None, **kwargs):
-        """`PreTrainedModel.save_pretrained` (safetensors only) plus a README.md model card if none is there."""
+        """`PreTrainedModel.save_pretrained` (safetensors only) plus a README.md model card if none is there.
+
+        The record is written with the current `FORMAT_VERSION`: every weight of the patch is saved, whichever format
+        the model was loaded from.
+        """
         kwargs.pop("safe_serialization", None)  # only safetensors are ever written
+        self.config.merged_attn = {**self.config.merged_attn, "format_version": FORMAT_VERSION}
         merged = {m for m, _ in self.merged_spec.model_classes.values()}
         own = next((c for c in type(self).__mro__ if c in merged), type(self))
         # remote code: every Auto class of the family loads the checkpoint as its merged class (transformers itself
@@ -209,9 +230,10 @@ class MergedModelMixin:
         vs stock, the cache, how to load, optional results."""
         spec, record = self.merged_spec, self.config.merged_attn
         counts = parameter_counts(self)
-        base = record.get("base_model")
-        base_text = f" (`{base}`)" if base else (f" (from a local folder `{record['base_model_folder']}`)"
-                                                 if record.get("base_model_folder") else "")
+        base, folder = record.get("base_model"), record.get("base_model_folder")
+        if base and not is_hub_id(base):  # a folder recorded as a Hub id (before #27): its last name only
+            base, folder = None, os.path.basename(os.path.normpath(base))
+        base_text = f" (`{base}`)" if base else (f" (from a local folder `{folder}`)" if folder else "")
         where = repo_id or "path/to/this/folder"
         rank = record["rank"]
         modules = [m for m in self.modules() if isinstance(m, MergedAttention)]

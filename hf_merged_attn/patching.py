@@ -20,6 +20,7 @@ from .merged_attention import (
     read_output,
     write_output,
 )
+from .merged_models import is_hub_id
 from .registry import SPECS, spec_for_model
 from .seeding import (
     best_rank_factors,
@@ -453,11 +454,13 @@ def _adapters_on(model: nn.Module, modules: list[tuple[nn.Module, str | None]]) 
 def base_model_record(name_or_path) -> dict[str, str | None]:
     """What a patch record says about the model it was made from: {"base_model": a Hub id} — or, for a model loaded
     from a local folder, {"base_model": None, "base_model_folder": the folder's name}: a user's path never goes into
-    a config, a model card or the Hub."""
+    a config, a model card or the Hub. A name that cannot be a Hub id (`merged_models.is_hub_id`: two or more
+    slashes, as `runs/exp1/checkpoint-500`, or characters the Hub does not allow) is a folder, on disk or not."""
     path = str(name_or_path or "")
     if not path:
         return {"base_model": None}
-    if os.path.isabs(path) or os.path.exists(path) or path.startswith((".", "~")) or "\\" in path:
+    if (os.path.isabs(path) or os.path.exists(path) or path.startswith((".", "~")) or "\\" in path
+            or not is_hub_id(path)):
         return {"base_model": None, "base_model_folder": os.path.basename(os.path.normpath(path)) or None}
     return {"base_model": path}
 

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from transformers.cache_utils import Cache
 
 from .attention_kernels import ROTARY_KERNELS, CacheLayout, Kernel, KernelQuery, phase_of, resolve_kernel
-from .merged_attention import SUPPORTED_ATTN_IMPLEMENTATIONS, MergedAttention, _linear_map, _masked_softmax
+from .merged_attention import SUPPORTED_ATTN_IMPLEMENTATIONS, MergedAttention, _hooked, _linear_map, _masked_softmax
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -216,6 +216,10 @@ class RotaryLatentAttention(MergedAttention):
             width=self.rank, dropout=dropout, masked=attention_mask is not None,
         ))
         inputs = RotaryInputs(rope_query, query[..., width:], latent, rope_key)
+        hooked = any(m is not None and _hooked(m) for m in (self.k_up, self.v_up))
+        if phase == "decode" and hooked:  # what hooks on k_up / v_up do acts on the latent itself: expand it
+            kernel = ROTARY_KERNELS["rotary_expand"]
+            attention_mask = self._decode_mask(attention_mask, length, latent.shape[1])
         output, weights = kernel.run(self, inputs, attention_mask, implementation == "eager", kwargs)  # (B, T, H, hd)
         return self.o_proj(output.reshape(batch, length, -1)), weights
 
@@ -240,12 +244,12 @@ class RotaryLatentAttention(MergedAttention):
         return attention(self, query, key, value, mask, dropout=self.attn_dropout.p if self.training else 0.0,
                          scaling=self.scaling, **kwargs)
 
-    def _latent_query(self, nope_query: torch.Tensor) -> torch.Tensor:
-        """q̃ = q_N·Bkᵀ per head against the shared latent: (B, H, T, w) -> (B, H, T, r_c)."""
+    def _latent_query(self, nope_query: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """q̃ = q_N·Bkᵀ per head against the shared latent `latent` (B, Tk, r_c): (B, H, T, w) -> (B, H, T, r_c)."""
         batch, heads, length, _ = nope_query.shape
         if self.k_up is None:
             return nope_query.new_zeros(batch, heads, length, self.rank)
-        k_up = _linear_map(self.k_up, self.rank)[0].view(self.rope_heads, -1, self.rank)  # (Gk, w, r_c): Bk
+        k_up = _linear_map(self.k_up, latent)[0].view(self.rope_heads, -1, self.rank)  # (Gk, w, r_c): Bk
         grouped = nope_query.unflatten(1, (self.rope_heads, -1))  # (B, Gk, H/Gk, T, w)
         return (grouped @ k_up[:, None]).flatten(1, 2)  # (B, H, T, r_c)
 
@@ -264,7 +268,7 @@ class RotaryLatentAttention(MergedAttention):
     def _values(self, mixed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """z_i = (A_i c)·Bv_g(i) + rowsum(A_i)·bv_g(i): (B, H, T, r_c) and row sums (B, 1 or H, T) -> (B, T, H, hd)."""
         batch, heads, length, _ = mixed.shape
-        v_up, v_bias = _linear_map(self.v_up, self.rank)  # (G·hd, r_c), (G·hd,) or None
+        v_up, v_bias = _linear_map(self.v_up, mixed)  # (G·hd, r_c), (G·hd,) or None
         v_up = v_up.view(self.num_kv_heads, self.head_dim, -1)  # (G, hd, r_c)
         out = (mixed.unflatten(1, (self.num_kv_heads, -1)) @ v_up.mT[:, None]).flatten(1, 2)  # (B, H, T, hd)
         if v_bias is not None:
@@ -277,7 +281,7 @@ class RotaryLatentAttention(MergedAttention):
         latent = inputs.latent
         batch, heads, length, _ = inputs.nope_query.shape
         kv_length = latent.shape[1]
-        latent_query = self._latent_query(inputs.nope_query)  # (B, H, T, r_c)
+        latent_query = self._latent_query(inputs.nope_query, latent)  # (B, H, T, r_c)
         scores = torch.bmm(latent_query.reshape(batch, heads * length, -1), latent.mT)  # (B, H·T, Tk)
         scores = (scores.view(batch, heads, length, kv_length) + self._rope_scores(inputs)) * self.scaling
         weights = _masked_softmax(scores, self._decode_mask(mask, length, kv_length), latent.dtype)
@@ -299,7 +303,7 @@ class RotaryLatentAttention(MergedAttention):
             rows = rows * mask.any(-1)  # a query that sees no key gets 0, as stock SDPA gives
         elif mask is not None:
             bias = bias + mask
-        query = self._latent_query(inputs.nope_query).reshape(batch, 1, heads * length, -1)  # (B, 1, H·T, r_c)
+        query = self._latent_query(inputs.nope_query, latent).reshape(batch, 1, heads * length, -1)  # (B, 1, H·T, r_c)
         keys = latent.unsqueeze(1)  # (B, 1, Tk, r_c)
         mixed = F.scaled_dot_product_attention(query, keys, keys, attn_mask=bias.reshape(batch, 1, heads * length, -1),
                                                scale=self.scaling)  # (B, 1, H·T, r_c)

@@ -250,8 +250,11 @@ def test_a_checkpoint_from_before_value_bias_loads_as_it_was_saved(tmp_path, cap
 
     model = patch_model(make_gpt2(), "covariance", values="merged")
     model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["merged_attn"]["format_version"]  # the old format: a record without a version (#27) ...
+    (tmp_path / "config.json").write_text(json.dumps(config))
     weights = load_file(tmp_path / "model.safetensors")
-    for i in range(2):  # rewrite as the old format: folded bias, no value_bias
+    for i in range(2):  # ... and weights with the folded bias, no value_bias
         weights[f"transformer.h.{i}.attn.c_proj.bias"] += weights.pop(f"transformer.h.{i}.attn.value_bias").sum(0)
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     ids = torch.randint(1, VOCAB, (2, 10))

@@ -432,3 +432,18 @@ def test_smollm2_real_weights(smollm2):
     ppl = evaluate_perplexity(reduced, text[0], max_length=256, stride=256)["perplexity"]
     stock_ppl = evaluate_perplexity(stock, text[0], max_length=256, stride=256)["perplexity"]
     assert stock_ppl < ppl < 20 * stock_ppl  # training-free cost, far from chance (49152)
+
+
+@pytest.mark.parametrize("target", ["k_up", "v_up"])
+def test_forward_hooks_on_the_up_projections_act_in_decode_steps(target):
+    """A hook on k_up / v_up changes what the layer computes; a decode step then expands the cached latent through the
+    hooked module (as the prefill does) instead of reading its weight."""
+    model = _reduced(FAMILIES[0], "2norm")
+    for layer in model.model.layers:
+        getattr(layer.self_attn, target).register_forward_hook(lambda module, args, out: out * 1.5)
+    ids = torch.randint(2, VOCAB, (2, 10))
+    with torch.no_grad():
+        full = model(ids).logits[:, -3:]
+        prefix = model(ids[:, :-3], use_cache=True)
+        step = model(ids[:, -3:], past_key_values=prefix.past_key_values).logits
+    assert max_diff(step, full) < 2e-5

@@ -871,11 +871,10 @@ _PROBED_MAPS = WeakIdKeyDictionary()
 
 
 def _hooked(module: nn.Module) -> bool:
-    """Whether calling `module` runs more than its modules' own forward: a forward hook or pre-hook on it, on a module
-    inside it or on every module (global), or a forward replaced on an instance (as accelerate's offloading does)."""
-    hooks = nn.modules.module
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
-        return True
+    """Whether calling `module` runs more than its modules' own forward: a forward hook or pre-hook on it or on a module
+    inside it, or a forward replaced on an instance (as accelerate's offloading does). Global hooks on every module
+    (`register_module_forward_hook`: profilers, FlopCounterMode's module tracker) observe and are not counted: the
+    decode then runs as it does without them."""
     stack = [module]
     while stack:  # every module inside (module.modules() without its names: this runs in every forward)
         m = stack.pop()
@@ -892,12 +891,15 @@ def _linear_map(module: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, to
     A plain nn.Linear gives its own tensors. Anything else holding a linear map (a peft LoRA / DoRA layer, a dynamically
     quantized Linear, which has no parameters) is read by probing it with 0 and the unit vectors, in the latent's dtype
     and device, so that what it adds acts in the absorbed decode as in the expanded forward. The probed map is kept
-    per state of the module (`_module_state`) and probed again only when that state changes: after set_adapter,
-    disable_adapter, a training step or any in-place update of its weights.
+    per state of the module (`_module_state`; and per dtype and device of the latent, inside or outside
+    inference_mode) and probed again only when that state changes: after set_adapter, disable_adapter, a training
+    step or any in-place update of its weights.
     """
     if type(module).forward is nn.Linear.forward:
         return module.weight, module.bias
     state, pinned = (None, None) if torch.compiler.is_compiling() else _module_state(module)
+    if state is not None:  # a map probed in another dtype (autocast) or under inference_mode is not this call's
+        state = (like.dtype, like.device, torch.is_inference_mode_enabled(), state)
     kept = _PROBED_MAPS.get(module) if state is not None else None
     if kept is not None and kept[0] == state:
         return kept[2:]

@@ -379,3 +379,40 @@ def test_the_adapter_decode_benchmark_runs(tmp_path, monkeypatch, capsys):
     assert "LoRA on k_up, v_up" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         script.main(["--ranks", "800"])  # above the hidden size: refused by argparse before any work
+
+
+def test_a_global_observer_hook_leaves_the_absorbed_decode():
+    """Hooks on every module (torch's module tracker behind FlopCounterMode, profilers) observe: the decode stays in
+    the absorbed order — k_up is not called on the cache — so what they measure is what runs without them."""
+    model = patch_model(make_gpt2(), "latent", rank=8)
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: seen.append(args[0].shape[-2]) if module is model.transformer.h[0].attn.k_up else None)
+    try:
+        step, full = _step_and_full(model, torch.randint(1, VOCAB, (2, 10)))
+    finally:
+        handle.remove()
+    assert seen == [10, 9] and max_diff(step, full) < 1e-5  # the full forward and the prefill only; fp32 round-off
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_map_read_under_autocast_or_inference_mode_is_not_reused_outside_it():
+    """The kept map of an adapted k_up / v_up belongs to the latent's dtype and to inference_mode: an fp32 decode after a
+    bf16 autocast one reads it again (the bf16 map would meet fp32 queries), and so does a decode with gradients
+    after one under inference_mode (a tensor made there may not be saved for backward)."""
+    model = get_peft_model(patch_model(make_gpt2(), "latent", rank=8),
+                           LoraConfig(r=2, target_modules=["k_up", "v_up"], init_lora_weights=False)).eval()
+    ids = torch.randint(1, VOCAB, (2, 10))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids[:, -1:], past_key_values=model(ids[:, :-1], use_cache=True).past_key_values)  # a bf16 latent
+    step, full = _step_and_full(model, ids)
+    assert max_diff(step, full) < 1e-5  # fp32 round-off: the fp32 map, not the bf16 one
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for block in model.base_model.model.transformer.h:
+        block.attn.q_proj.weight.requires_grad_(True)  # gradients flow through the absorbed queries q_h Bk_hᵀ
+    with torch.inference_mode():
+        model(ids[:, -1:], past_key_values=model(ids[:, :-1], use_cache=True).past_key_values)
+    prefix = model(ids[:, :-1], use_cache=True)
+    model(ids[:, -1:], past_key_values=prefix.past_key_values).logits[:, -1].sum().backward()
+    assert model.base_model.model.transformer.h[0].attn.q_proj.weight.grad is not None

@@ -14,7 +14,8 @@ Shapes: batch B, query length T (Tk with the cache), hidden d, heads H, head siz
 - latent:     q_h stock; ONE latent c = x W_c (B, 1, T, r_c) per layer, cached for keys and values alike;
               k_h = c Bk_h, v_h = c Bv_h + bv_h. Training and prefill expand c (SDPA's fused kernels); decoding
               with cached tokens uses the absorbed order (q_h Bk_hᵀ against c, then (A c) Bv_h) and never
-              re-expands the cache.
+              re-expands the cache — unless k_up / v_up carry forward hooks, which then act on the cache as in
+              the prefill.
 Values and the output projection are the stock model's unless values="merged" / value_rank is given (then the
 output projection holds M_h = Wv_h Wo_h, or its factors). Scores use the stock scaling (hd^-½ and the family's
 rules), plus any additive score bias the family has (ALiBi), so the softmax equals stock's.
@@ -866,7 +867,7 @@ def use_kernels(model: nn.Module, **by_phase: str | None) -> nn.Module:
     return model
 
 
-# The map of each probed (wrapped) up-projection, kept per state of the module: {module: (state, weight, bias)}
+# The map of each probed (wrapped) up-projection, kept per state: {module: (state, what it pins, weight, bias)}
 _PROBED_MAPS = WeakIdKeyDictionary()
 
 
@@ -939,7 +940,8 @@ def _module_state(module: nn.Module) -> tuple[tuple | None, list]:
                     state.append((tensor.data_ptr(), None if tensor.is_inference() else tensor._version))
                     pinned.append(_storage(tensor))
         if "base_layer" in m._modules:  # peft's tuner layers (LoRA, DoRA, ...)
-            state.append(repr((m.active_adapters, m.disable_adapters, m.merged_adapters, m.__dict__.get("scaling"))))
+            settings = ("active_adapters", "disable_adapters", "merged_adapters", "scaling")
+            state.append(repr([getattr(m, name, None) for name in settings]))
         packed = m.__dict__.get("_packed_params")  # torch.ao's quantized Linear: weights outside any tensor attribute
         if packed is not None:
             state.append(id(packed))

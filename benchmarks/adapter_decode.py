@@ -6,7 +6,9 @@ over the step of the same model without (#27).
 
 The absorbed decode multiplies by k_up's and v_up's weights instead of expanding the cached latent; an adapted one
 (peft LoRA) is read as a linear map by probing it with r_c + 1 rows. Before #27 that probe ran in every layer of every
-step (2.1x the plain step at r_c = 192, 7.8x at r_c = 768); now the map is kept per adapter state. GPT-2-small-shaped
+step; now the map is kept per adapter state. Measured with the defaults (1 thread of a shared 2-core CPU), LoRA on
+k_up, v_up over the plain step, batch 1 / 8: before r_c = 192 1.48x / 1.20x, r_c = 768 4.23x / 1.90x; after
+1.05x / 1.03x and 1.01x / 1.03x, beside 0.98-1.04x for LoRA on latent_proj (peft's own cost). GPT-2-small-shaped
 random model (vocabulary 8192, fp32, sdpa), one prefilled DynamicCache per model cropped back after each repeat;
 medians of interleaved repeats, rotating which model goes first, each after one untimed step. Prints one line per
 (r_c, batch): ms per step of each model and the ratio to the plain step, beside a model with the same LoRA on

@@ -76,7 +76,7 @@ class CacheLayout:
         return tensor.view(batch, length, heads, -1).transpose(1, 2)
 
 
-# The phase a static cache's length gave in the current forward: {cache: (layer index, phase, that layer's version)}
+# The phase a static cache's length gave in the current forward: {cache: (layer index, phase, version, length)}
 _STATIC_PHASES = WeakIdKeyDictionary()
 
 
@@ -108,18 +108,19 @@ def phase_of(cache, layer_idx: int) -> str:
 def _shared_phase(cache, layer_idx: int, length: torch.Tensor) -> str:
     """The phase from a static layer's length tensor, read once per forward.
 
-    The layers of a forward run in order, each updating its cache after reading its phase. A layer takes the phase
-    recorded by an earlier layer when both have seen the same number of in-place updates of their length (its version
-    counter, a host-side number: no sync): the recording layer, before its update in this forward, and this one, before
-    its own. Anything else — the first merged layer of a forward, a layer called on its own, a cache cropped or reset
-    between layers — reads its own length.
+    The layers of a forward run in order, each updating its cache (one in-place addition to its length) after reading
+    its phase. A layer takes the phase an earlier layer recorded when that layer has been updated exactly once since
+    and this one not yet: the recorded length's version counter (a host-side number: no sync) moved by one, and this
+    layer's equals the recorded one. Anything else — the first merged layer of a forward, a layer called on its own, a
+    cache cropped or reset between layers, a cache whose lengths are not updated in place — reads its own length.
     """
-    version = length._version
-    recorded = _STATIC_PHASES.get(cache)
-    if recorded is not None and recorded[0] < layer_idx and recorded[2] == version:
-        return recorded[1]
+    version, recorded = length._version, _STATIC_PHASES.get(cache)
+    if recorded is not None:
+        index, phase, recorded_version, recorded_length = recorded
+        if index < layer_idx and version == recorded_version and recorded_length._version == recorded_version + 1:
+            return phase
     phase = "decode" if int(length) > 0 else "prefill"
-    _STATIC_PHASES[cache] = (layer_idx, phase, version)
+    _STATIC_PHASES[cache] = (layer_idx, phase, version, length)
     return phase
 
 

@@ -14,7 +14,8 @@ Shapes: batch B, query length T (Tk with the cache), hidden d, heads H, head siz
 - latent:     q_h stock; ONE latent c = x W_c (B, 1, T, r_c) per layer, cached for keys and values alike;
               k_h = c Bk_h, v_h = c Bv_h + bv_h. Training and prefill expand c (SDPA's fused kernels); decoding
               with cached tokens uses the absorbed order (q_h Bk_hᵀ against c, then (A c) Bv_h) and never
-              re-expands the cache.
+              re-expands the cache — unless k_up / v_up carry forward hooks, which then act on the cache as in
+              the prefill.
 Values and the output projection are the stock model's unless values="merged" / value_rank is given (then the
 output projection holds M_h = Wv_h Wo_h, or its factors). Scores use the stock scaling (hd^-½ and the family's
 rules), plus any additive score bias the family has (ALiBi), so the softmax equals stock's.
@@ -936,16 +937,15 @@ def use_kernels(model: nn.Module, **by_phase: str | None) -> nn.Module:
     return model
 
 
-# The map of each probed (wrapped) up-projection, kept per state of the module: {module: (state, weight, bias)}
+# The map of each probed (wrapped) up-projection, kept per state: {module: (state, what it pins, weight, bias)}
 _PROBED_MAPS = WeakIdKeyDictionary()
 
 
 def _hooked(module: nn.Module) -> bool:
-    """Whether calling `module` runs more than its modules' own forward: a forward hook or pre-hook on it, on a module
-    inside it or on every module (global), or a forward replaced on an instance (as accelerate's offloading does)."""
-    hooks = nn.modules.module
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
-        return True
+    """Whether calling `module` runs more than its modules' own forward: a forward hook or pre-hook on it or on a module
+    inside it, or a forward replaced on an instance (as accelerate's offloading does). Global hooks on every module
+    (`register_module_forward_hook`: profilers, FlopCounterMode's module tracker) observe and are not counted: the
+    decode then runs as it does without them."""
     stack = [module]
     while stack:  # every module inside (module.modules() without its names: this runs in every forward)
         m = stack.pop()
@@ -962,12 +962,15 @@ def _linear_map(module: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, to
     A plain nn.Linear gives its own tensors. Anything else holding a linear map (a peft LoRA / DoRA layer, a dynamically
     quantized Linear, which has no parameters) is read by probing it with 0 and the unit vectors, in the latent's dtype
     and device, so that what it adds acts in the absorbed decode as in the expanded forward. The probed map is kept
-    per state of the module (`_module_state`) and probed again only when that state changes: after set_adapter,
-    disable_adapter, a training step or any in-place update of its weights.
+    per state of the module (`_module_state`; and per dtype and device of the latent, inside or outside
+    inference_mode) and probed again only when that state changes: after set_adapter, disable_adapter, a training
+    step or any in-place update of its weights.
     """
     if type(module).forward is nn.Linear.forward:
         return module.weight, module.bias
     state, pinned = (None, None) if torch.compiler.is_compiling() else _module_state(module)
+    if state is not None:  # a map probed in another dtype (autocast) or under inference_mode is not this call's
+        state = (like.dtype, like.device, torch.is_inference_mode_enabled(), state)
     kept = _PROBED_MAPS.get(module) if state is not None else None
     if kept is not None and kept[0] == state:
         return kept[2:]
@@ -1007,7 +1010,8 @@ def _module_state(module: nn.Module) -> tuple[tuple | None, list]:
                     state.append((tensor.data_ptr(), None if tensor.is_inference() else tensor._version))
                     pinned.append(_storage(tensor))
         if "base_layer" in m._modules:  # peft's tuner layers (LoRA, DoRA, ...)
-            state.append(repr((m.active_adapters, m.disable_adapters, m.merged_adapters, m.__dict__.get("scaling"))))
+            settings = ("active_adapters", "disable_adapters", "merged_adapters", "scaling")
+            state.append(repr([getattr(m, name, None) for name in settings]))
         packed = m.__dict__.get("_packed_params")  # torch.ao's quantized Linear: weights outside any tensor attribute
         if packed is not None:
             state.append(id(packed))

@@ -23,9 +23,8 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, StaticCache
-from transformers.cache_utils import StaticLayer
 
-from hf_merged_attn import MergedAttention, patch_model, unpatch_model, use_kernels
+from hf_merged_attn import patch_model, unpatch_model, use_kernels
 from hf_merged_attn.merged_attention import FORMAT_VERSION
 from hf_merged_attn.patching import base_model_record
 
@@ -328,34 +327,26 @@ def test_an_adapted_up_projection_is_read_once_per_adapter_state():
 # --- cost: the phase is read once per forward ------------------------------------------------------------------------
 
 
+def _script(name: str, monkeypatch):
+    """benchmarks/<name>.py as a module (its sibling imports resolve)."""
+    folder = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers 5.25 renames past_key_values (5.17 needs it)
 def test_a_static_caches_length_is_read_once_per_forward(monkeypatch):
     """The phase (prefill or decode) of an eager step came from each layer's static length, a device tensor: one
     device-to-host read (a sync on a GPU) per layer per step. Now the first merged layer of a forward reads it and the
-    others take its phase: one read per step more than stock's own, whatever the depth (4 blocks here)."""
-    lengths, reads = [], []  # the caches' length tensors; each host read of one (int, bool, item, ...)
-    for name in ("__int__", "__bool__", "__index__", "__float__", "item", "tolist"):
-        original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *args, _original=original, _name=name: (
-            reads.append(_name) if any(self is t for t in lengths) else None) or _original(self, *args))
-    family = DECODERS[0]
-    config = copy.deepcopy(family.config)
-    config.n_layer = 4
-    counts = {}
-    for name, patch in (("stock", None), ("merged", {"mode": "latent", "rank": 8})):
-        model = family.model_class(config).eval()
-        model = patch_model(model, **patch) if patch else model
-        ids, mask = inputs(family, batch=2, length=6)
-        cache = StaticCache(config=model.config, max_cache_len=12)
-        full = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype)], dim=1)
-        with torch.no_grad():
-            token = model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1)
-            lengths[:] = [layer.get_seq_length() for layer in cache.layers]
-            reads.clear()
-            for step in range(3):
-                token = model(token, attention_mask=full[:, :7 + step], past_key_values=cache).logits[:, -1:].argmax(-1)
-        counts[name] = len(reads) / 3
-    # measured: stock 0, merged 1 (was 4: one per block)
-    assert counts["merged"] <= counts["stock"] + 1, counts
+    others take its phase: one read per decode step more than stock's own, whatever the depth (6 blocks here;
+    benchmarks/phase_reads.py counts them in generate())."""
+    counts = _script("phase_reads", monkeypatch).main(["--layers", "6", "--tokens", "4"])
+    # per generated token; the first comes from the prefill (no read: the layers are not initialised yet), 3 from
+    # decode steps. Measured: stock 0, merged 0.75 (was 4.5: 6 reads per decode step)
+    assert counts["latent"] <= counts["stock"] + 1 and counts["covariance"] <= counts["stock"] + 1, counts
 
 
 def test_the_phase_is_exact_when_layers_are_called_out_of_order():
@@ -368,7 +359,9 @@ def test_the_phase_is_exact_when_layers_are_called_out_of_order():
     hidden = torch.randn(1, 1, 32)
     attn = model.transformer.h[1].attn
     with torch.no_grad():
-        model(ids, past_key_values=cache)  # a prefill: block 0 reads the phase, block 1 takes it
+        model(ids, past_key_values=cache)  # allocates the buffers (an uninitialised layer is a prefill: nothing read)
+        cache.reset()  # initialised and empty
+        model(ids, past_key_values=cache)  # a prefill: block 0 reads "prefill", block 1 takes it
         expected = attn(hidden, cache=copy.deepcopy(cache))[0]  # a cache no layer has read a phase of
         alone = attn(hidden, cache=cache)[0]  # block 1 alone: it must attend its 6 cached tokens too
         fresh = attn(hidden)[0]  # what a (wrong) prefill phase gives: the new token alone
@@ -378,11 +371,7 @@ def test_the_phase_is_exact_when_layers_are_called_out_of_order():
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_the_adapter_decode_benchmark_runs(tmp_path, monkeypatch, capsys):
     """benchmarks/adapter_decode.py (the figures of the cost above) at tiny sizes, so that it cannot rot."""
-    root = pathlib.Path(__file__).resolve().parents[1]
-    monkeypatch.syspath_prepend(str(root / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("_bench_adapter_decode", root / "benchmarks" / "adapter_decode.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("adapter_decode", monkeypatch)
     rows = script.main(["--hidden", "32", "--heads", "4", "--ranks", "8", "--batches", "1", "2", "--context", "16",
                         "--steps", "2", "--repeats", "1", "--json", str(tmp_path / "out.json")])
     assert [(r["rank"], r["batch"]) for r in rows] == [(8, 1), (8, 2)] and all(r["ratio"] > 0 for r in rows)
@@ -390,3 +379,40 @@ def test_the_adapter_decode_benchmark_runs(tmp_path, monkeypatch, capsys):
     assert "LoRA on k_up, v_up" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         script.main(["--ranks", "800"])  # above the hidden size: refused by argparse before any work
+
+
+def test_a_global_observer_hook_leaves_the_absorbed_decode():
+    """Hooks on every module (torch's module tracker behind FlopCounterMode, profilers) observe: the decode stays in
+    the absorbed order — k_up is not called on the cache — so what they measure is what runs without them."""
+    model = patch_model(make_gpt2(), "latent", rank=8)
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: seen.append(args[0].shape[-2]) if module is model.transformer.h[0].attn.k_up else None)
+    try:
+        step, full = _step_and_full(model, torch.randint(1, VOCAB, (2, 10)))
+    finally:
+        handle.remove()
+    assert seen == [10, 9] and max_diff(step, full) < 1e-5  # the full forward and the prefill only; fp32 round-off
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_map_read_under_autocast_or_inference_mode_is_not_reused_outside_it():
+    """The kept map of an adapted k_up / v_up belongs to the latent's dtype and to inference_mode: an fp32 decode after a
+    bf16 autocast one reads it again (the bf16 map would meet fp32 queries), and so does a decode with gradients
+    after one under inference_mode (a tensor made there may not be saved for backward)."""
+    model = get_peft_model(patch_model(make_gpt2(), "latent", rank=8),
+                           LoraConfig(r=2, target_modules=["k_up", "v_up"], init_lora_weights=False)).eval()
+    ids = torch.randint(1, VOCAB, (2, 10))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids[:, -1:], past_key_values=model(ids[:, :-1], use_cache=True).past_key_values)  # a bf16 latent
+    step, full = _step_and_full(model, ids)
+    assert max_diff(step, full) < 1e-5  # fp32 round-off: the fp32 map, not the bf16 one
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for block in model.base_model.model.transformer.h:
+        block.attn.q_proj.weight.requires_grad_(True)  # gradients flow through the absorbed queries q_h Bk_hᵀ
+    with torch.inference_mode():
+        model(ids[:, -1:], past_key_values=model(ids[:, :-1], use_cache=True).past_key_values)
+    prefix = model(ids[:, :-1], use_cache=True)
+    model(ids[:, -1:], past_key_values=prefix.past_key_values).logits[:, -1].sum().backward()
+    assert model.base_model.model.transformer.h[0].attn.q_proj.weight.grad is not None

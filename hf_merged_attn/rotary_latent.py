@@ -98,6 +98,11 @@ class RotaryLatentAttention(MergedAttention):
         self.qk_head_dim, self.scaling, self.is_causal, self.upcast_scores = hd, settings["scaling"], True, False
         self.values = self.value_rank = self.value_bias = None
         self.rope_pairs = hd // 2 if rope_pairs is None else rope_pairs
+        if not 0 <= self.rope_pairs <= hd // 2 or rope_selection not in (None, "2norm", "high", "low", "uniform", "rorope"):
+            raise ValueError(
+                f"rope_pairs={rope_pairs!r} / rope_selection={rope_selection!r} do not describe a rotary latent of head "
+                f"size {hd}: rope_pairs must be 0 .. {hd // 2}, rope_selection one of 2norm, high, low, uniform, rorope."
+            )
         self.rope_selection = rope_selection
         shared = rope_selection == "rorope"  # one rotary key for all heads (DeepSeek-V2's layout)
         self.rope_heads = 1 if shared else kv_heads  # Gk

@@ -6,8 +6,8 @@
 
 The model is benchmarks/run.py's (GPT-2-small-shaped: d = 768, 12 heads, 2 layers, vocabulary 8192, fp32, random
 weights, seed 0), stock and patched to the latent at --rank (default 256 = d/3, GPT-2 small's "⅓" point). Each cache is
-filled by one prefill of --context tokens (not timed), then --steps single-token decode steps are timed, --repeats
-times, the caches interleaved (rotating which goes first). Compared, on the same latent model:
+filled by one prefill of --context tokens (timed once: prefill_ms), then --steps single-token decode steps are timed,
+--repeats times, the caches interleaved (rotating which goes first). Compared, on the same latent model:
 
 - the latent in a DynamicCache (fp32);
 - `LatentQuantizedCache(nbits=8 / 4, residual_length=0)` read block by block (`attend_absorbed`, the default), and
@@ -16,7 +16,7 @@ times, the caches interleaved (rotating which goes first). Compared, on the same
 - stock GPT-2 with its DynamicCache (the K and V of every head).
 
 --attn_implementation eager times the eager path (BLOOM's only one; it returns the attention weights): its decode
-reads the codes block by block as well. The untimed prefill of each cache is timed once too (prefill_ms).
+reads the codes block by block as well. Under load, `--steps 1 --repeats 60` and the min_ms of the JSON are steadier.
 
 Writes quantized_decode.json and quantized_decode.md to --output_dir. Median ms per step and ratios to the
 unquantized latent; the cache bytes per token are measured on the cache objects after the run.
@@ -138,8 +138,8 @@ def markdown(result: dict) -> str:
         "",
         f"`{result['command']}` — {m['cpu']}, {a['num_threads']} torch thread(s) of {m['cpu_count']} cores, torch "
         f"{m['torch']}, transformers {m['transformers']}. benchmarks/run.py's model (GPT-2-small-shaped, 2 layers, "
-        f"fp32, random weights), latent r_c = {a['rank']}; batch {a['batch']}, context {a['context']} (one untimed "
-        f"prefill), median over {a['repeats']} repeats of {a['steps']} single-token steps, caches interleaved. Every "
+        f"fp32, random weights), latent r_c = {a['rank']}; batch {a['batch']}, context {a['context']} (one prefill, "
+        f"timed once), median over {a['repeats']} repeats of {a['steps']} single-token steps, caches interleaved. Every "
         "token of the quantized caches is quantized (no full-precision window), one scale and minimum per token.",
         "",
         "| cache | ms / step | × the fp32 latent | × stock | cache bytes / token (× stock) | prefill ms (once) |",

@@ -364,6 +364,9 @@ class LatentQuantizedLayer(DynamicLayer):
         past recording kept (see the class doc); a crop also ends that recording period. Without their originals, a
         crop within the window only shortens it (the quantized tokens stay as they are, and the window refills before
         anything more is quantized), and one that would remove quantized tokens is refused, saying what to change."""
+        if isinstance(tokens_to_remove, torch.Tensor) and tokens_to_remove.numel() == 1 and not (
+                tokens_to_remove.is_floating_point() or tokens_to_remove.dtype == torch.bool):
+            tokens_to_remove = int(tokens_to_remove)  # transformers 5.17's assisted decoding passes a 0-d tensor
         if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, Integral) or tokens_to_remove > 0:
             raise ValueError(
                 f"LatentQuantizedCache.crop({tokens_to_remove!r}): pass the number of newest tokens to remove as a "
@@ -403,7 +406,10 @@ class LatentQuantizedLayer(DynamicLayer):
         self.values = self.keys[..., :0]
 
     def reset(self) -> None:
-        super().reset()
+        """Drop every token: the layer is empty and uninitialised again (transformers 5.17's DynamicLayer.reset
+        would only zero the window in place, and the next update would append to those zeros)."""
+        self.keys = self.values = None
+        self.is_initialized = False
         self.codes = self.scale = self.low = self.pending = None
 
 

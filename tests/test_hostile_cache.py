@@ -18,6 +18,7 @@ import pytest
 import torch
 from families import DECODERS, inputs
 from transformers import DynamicCache, GenerationConfig, StaticCache
+from transformers.generation.utils import ALL_CACHE_NAMES
 
 from hf_merged_attn import (
     LatentQuantizedCache,
@@ -112,7 +113,7 @@ def test_a_cache_implementation_set_anywhere_wins_over_the_quantized_default(whe
 def test_a_passed_cache_or_use_cache_false_wins_over_the_quantized_default():
     model = _latent(nbits=8)
     ids, mask = inputs(GPT2, batch=2, length=6)
-    for name in ("cache", "past_key_values"):  # transformers' name for it, and the former one
+    for name in {ALL_CACHE_NAMES[0], "past_key_values"}:  # this transformers' name for it ("cache" in 5.25), the former
         passed = DynamicCache(config=model.config)
         assert _generate(model, ids, mask, **{name: passed}).past_key_values is passed
     with torch.no_grad():
@@ -147,8 +148,13 @@ def test_crop_takes_a_count_to_remove_as_transformers_layers_do():
     empty = LatentQuantizedCache(num_layers=2)
     empty.crop(-2)  # a layer that holds nothing: nothing to do (DynamicLayer's rule)
     assert empty.get_seq_length() == 0
+    cache.crop(torch.tensor(-1))  # transformers 5.17's assisted decoding passes a 0-d tensor
     cache.crop(-20)  # more than it holds removes all, as DynamicLayer's slicing does
     assert cache.get_seq_length() == 0 and cache.layers[0].codes is None
+    cache.reset()  # empty and uninitialised again: the next update starts afresh
+    latents = torch.randn(2, 1, 3, WIDTH)
+    cache.update(latents, latents[..., :0], 0)
+    assert torch.equal(cache.layers[0].keys, latents)
 
 
 # --- 7. rolling back what assisted decoding rejects -----------------------------------------------------------------
@@ -167,8 +173,7 @@ def test_a_crop_into_the_quantized_part_restores_what_the_kept_tokens_alone_give
         cache.update(candidates, candidates[..., :0], 0)
         cache.crop(-remove)
         kept = torch.cat([prompt, candidates[:, :, : 6 - remove]], dim=2)
-        reference, _ = _filled(residual_length=3, **settings)
-        reference.layers[0].reset()
+        reference = LatentQuantizedCache(num_layers=1, residual_length=3, **settings)
         reference.update(kept, kept[..., :0], 0)
         layer, expected = cache.layers[0], reference.layers[0]
         assert layer.get_seq_length() == 16 - remove and layer.pending is None
@@ -283,11 +288,13 @@ def test_a_forced_kernel_is_honoured_or_refused_under_a_quantized_cache():
 
 
 @pytest.mark.parametrize("family", DECODERS, ids=[f.model_type for f in DECODERS])
-def test_eager_decode_and_prefill_read_blocks_and_return_eagers_weights(family, monkeypatch):
+@pytest.mark.parametrize("patch", [dict(mode="latent", rank=WIDTH), dict(mode="covariance", values="merged")],
+                         ids=["latent", "merged-values"])
+def test_eager_decode_and_prefill_read_blocks_and_return_eagers_weights(family, patch, monkeypatch):
     """Eager attention (always for BLOOM) decodes from the codes in blocks too, returning the weights eager returns, and
     a prefill dequantizes nothing: with one scale per token no dequantize call at all (each block is only converted),
     and the same logits and attention weights as the whole cache dequantized (code reading switched off)."""
-    model = _latent(family, "eager")
+    model = patch_model(family.make("eager"), **patch)
     ids, mask = inputs(family, batch=3, length=12)
     outputs, calls = [], []
     real = quantized_cache.dequantize

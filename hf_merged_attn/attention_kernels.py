@@ -137,17 +137,20 @@ class KernelQuery:
     width: int  # query/key width
     dropout: bool  # attention dropout acts (training with p > 0)
     masked: bool  # an attention mask is given (padding, a static cache's unwritten slots; ALiBi comes as one)
+    codes: bool = False  # the cache can be attended from its codes (a quantized cache of one tensor, read in blocks)
 
 
 @dataclass(frozen=True)
 class Kernel:
     """A named attention kernel: `run(module, query, key, value, mask, causal, need_weights, kwargs)` returns the
-    output (B, T, H, v) and the weights or None."""
+    output (B, T, H, v) and the weights or None. A kernel that `reads_codes` gets the cache layer holding the codes
+    as its key and value (the layer's update then returns its full-precision window alone, nothing dequantized)."""
 
     name: str
     fits: Callable[[KernelQuery], bool]
     prefers: Callable[[KernelQuery], bool]
     run: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+    reads_codes: bool = False
 
 
 def _eager(module, query, key, value, mask, causal, need_weights, kwargs):
@@ -164,6 +167,12 @@ def _zero_hidden_rows(output: torch.Tensor, mask: torch.Tensor | None) -> torch.
     if mask is not None and mask.dtype == torch.bool:
         return output.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
     return output
+
+
+def _quantized_blocks(module, query, layer, value, mask, causal, need_weights, kwargs):
+    """A quantized cache of one tensor (`LatentQuantizedLayer`, passed as the key) read block by block, in one pass
+    with an online softmax, or with the weights that eager returns (`attend_absorbed`)."""
+    return layer.attend_absorbed(query, mask, module.scaling, need_weights=need_weights)
 
 
 def _sdpa_gqa(module, query, key, value, mask, causal, need_weights, kwargs):
@@ -218,6 +227,11 @@ def _sdpa(module, query, key, value, mask, causal, need_weights, kwargs):
 
 # In order of preference; the first kernel that fits and prefers the query wins, else the first that fits.
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
+    # a quantized cache of the latent or of x (merged values), decoding: its codes read in blocks, never the whole cache
+    # dequantized (eager or sdpa; attention dropout goes to the kernels below, over the dequantized cache). Any other
+    # kernel that fits a forced choice reads the whole cache dequantized instead.
+    Kernel("quantized_blocks", fits=lambda q: q.codes and q.phase == "decode" and not q.dropout,
+           prefers=lambda q: True, run=_quantized_blocks, reads_codes=True),
     # eager: stock's eager math (weights returned, GPT-2's reorder_and_upcast_attn); a shared key in one GEMM
     Kernel("eager", fits=lambda q: q.implementation == "eager", prefers=lambda q: True, run=_eager),
     # On GPUs (fused kernels; measured choices are for `benchmarks/gpu.sh` to confirm): one KV head shared by all

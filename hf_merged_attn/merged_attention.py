@@ -741,18 +741,24 @@ class MergedAttention:
             fresh_value = hidden_states if self.values == "merged" else self.v_proj(hidden_states)  # (B, T, d or H*v)
             value = layout.stored(fresh_value, layout.value_heads)
 
-        phase, codes, buffer = "train", None, length
+        phase, codes, code_kernel, buffer = "train", None, None, length
         # a hook on k_up / v_up (or a forward replaced on them) acts on what they are called on: the decode then calls
         # them on the cached latent as the prefill does, instead of multiplying by their weights (the absorbed order)
         hooked = self.mode == "latent" and (_hooked(self.k_up) or _hooked(self.v_up))
         if cache is not None:
             layer_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
             phase = phase_of(layer_cache, self.layer_idx)  # read before the update
-            # eager returns the weights; attention dropout (training with a cache) goes through the kernels
-            if phase == "decode" and layout.values_are_keys and implementation == "sdpa" and not (
-                    self.training and self.attn_dropout.p > 0) and not hooked:
-                codes = _code_reading_layer(layer_cache, self.layer_idx)  # a quantized cache of c or x, read in blocks
-            extra = {"read_codes": True} if codes is not None else {}  # then the update returns its window alone
+            reader = (_code_reading_layer(layer_cache, self.layer_idx) if layout.values_are_keys and not hooked
+                      else None)
+            if reader is not None and phase == "decode":  # a quantized cache of c or x: the kernel table decides
+                code_kernel = self._kernel(KernelQuery(  # the absorbed query is as wide as the cached tensor
+                    implementation, query.device.type, phase, shared=True, mqa=self.num_heads > 1, equal_widths=True,
+                    width=key.shape[-1], dropout=self.training and self.attn_dropout.p > 0,
+                    masked=attention_mask is not None or score_bias is not None, codes=True,
+                ))
+                codes, code_kernel = (reader, code_kernel) if code_kernel.reads_codes else (None, None)
+            # a prefill attends its fresh tokens, a code-reading decode the codes: the update returns its window alone
+            extra = {"read_codes": True} if reader is not None and (phase != "decode" or codes is not None) else {}
             cached = layer_cache.update(key, value, self.layer_idx, kwargs=kwargs, **extra)  # (B, Hk|Hv, Tk, .) each
             buffer = cached[0].shape[2]  # the keys the cache returns: a static one returns its whole buffer
             if phase == "decode":  # attend the cache; a prefill attends its own fresh tokens (a static buffer is longer)
@@ -784,7 +790,8 @@ class MergedAttention:
             attention_mask = _bias_mask(score_bias, attention_mask, length, keys, self.is_causal)
 
         if codes is not None:  # decode over a quantized cache of c (absorbed) or x (merged values), read in blocks
-            attn_output, attn_weights = codes.attend_absorbed(query, attention_mask, self.scaling), None
+            attn_output, attn_weights = code_kernel.run(self, query, codes, codes, attention_mask, False,
+                                                        implementation == "eager", kwargs)
         else:
             attn_output, attn_weights = self._run_kernel(implementation, phase, query, key, value, attention_mask,
                                                          dropout, length, kwargs)

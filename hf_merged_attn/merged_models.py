@@ -12,6 +12,7 @@ import tempfile
 
 import torch
 from torch import nn
+from transformers.generation.utils import ALL_CACHE_NAMES
 from transformers.utils.hub import CommitOperationAdd, hf_api
 
 from .merged_attention import FORMAT_VERSION, ArchitectureSpec, CorruptRecordError, MergedAttention, check_record
@@ -126,6 +127,35 @@ def quantized_cache_summary(model) -> str:
     )
 
 
+def default_cache(model, args: tuple, kwargs: dict) -> LatentQuantizedCache | None:
+    """The quantized latent cache `model.generate(*args, **kwargs)` starts with by default, or None (transformers then
+    picks the cache as usual).
+
+    A setting is read as transformers resolves it: the argument, else the `generation_config` passed (positionally
+    second, or by name), else `model.generation_config`. None where no generation config asks for the quantized cache,
+    a cache is passed, a `cache_implementation` is set or use_cache is False. An assistant's default cache (assisted
+    decoding calls the assistant's generate() with is_assistant set) records what each update quantizes, so that the
+    rollback of rejected candidates can restore it, as transformers does for the caches it makes for assistants.
+    """
+    passed = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
+    configs = [c for c in (passed, getattr(model, "generation_config", None)) if c is not None]
+
+    def setting(name: str, argument: bool = True):
+        if argument and kwargs.get(name) is not None:
+            return kwargs[name]
+        return next((getattr(c, name) for c in configs if getattr(c, name, None) is not None), None)
+
+    settings = setting(GENERATION_FIELD, argument=False)
+    if not settings or setting("cache_implementation") is not None or setting("use_cache") is False or any(
+        kwargs.get(name) is not None for name in ("cache", "past_key_values")
+    ):
+        return None
+    cache = LatentQuantizedCache(model.config, **settings)
+    if setting("is_assistant"):
+        cache.activate_past_recording()
+    return cache
+
+
 class MergedModelMixin:
     """What every merged model class adds to its stock transformers class: build, check, save, card, push.
 
@@ -190,11 +220,11 @@ class MergedModelMixin:
 
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, with the quantized latent cache as the default where the generation config says
-        so (`use_quantized_latent_cache`); a cache or cache_implementation passed here wins."""
-        settings = getattr(getattr(self, "generation_config", None), GENERATION_FIELD, None)
-        chosen = any(kwargs.get(k) is not None for k in ("past_key_values", "cache", "cache_implementation"))
-        if settings and not chosen and kwargs.get("use_cache", True):
-            kwargs["past_key_values"] = LatentQuantizedCache(self.config, **settings)
+        so (`use_quantized_latent_cache`). A cache passed here, a `cache_implementation` set anywhere (an argument, the
+        `generation_config` passed, or `model.generation_config`) and use_cache=False win over that default."""
+        cache = default_cache(self, args, kwargs)
+        if cache is not None:  # under the name this transformers takes a cache by: "cache" (5.25), "past_key_values" (5.17)
+            kwargs[ALL_CACHE_NAMES[0]] = cache
         return super().generate(*args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, model_card_results: dict | None = None, **kwargs):

@@ -21,6 +21,7 @@ from .merged_attention import (
     write_output,
 )
 from .merged_models import is_hub_id
+from .quantized_cache import GENERATION_FIELD, QuantizationSettings, cache_problem
 from .registry import SPECS, spec_for_model
 from .seeding import (
     best_rank_factors,
@@ -341,7 +342,9 @@ def patch_model(
 
     New weights take `requires_grad` from the stock weights they are seeded from (a frozen model stays frozen, a
     PEFT model keeps its frozen / trainable split). A peft model whose adapters sit on the replaced attention weights
-    is refused (merge them first); adapters elsewhere are kept.
+    is refused (merge them first); adapters elsewhere are kept. A quantized-cache default left in the model's
+    generation config (`use_quantized_latent_cache` on an earlier patch, or a saved generation_config.json) that this
+    patch cannot decode with is dropped, with a warning giving the reason.
 
     Returns:
         The same `model` object, patched.
@@ -439,7 +442,30 @@ def patch_model(
             "%s is not a stock %s class: it is patched, but save_pretrained will not write a checkpoint "
             "that reloads as a merged model.", type(inner).__name__, spec.family,
         )
+    _drop_unusable_cache_default(inner)
     return model
+
+
+def _drop_unusable_cache_default(model: nn.Module) -> None:
+    """Remove a quantized-cache default (generation_config.merged_attn_cache, from `use_quantized_latent_cache` on an
+    earlier patch, or a saved generation_config.json) that the model as patched now cannot decode with, and say why."""
+    generation = getattr(model, "generation_config", None)
+    settings = getattr(generation, GENERATION_FIELD, None) if generation is not None else None
+    if not settings:
+        return
+    try:
+        problem = cache_problem(model, QuantizationSettings(**settings), "the quantized latent cache")
+    except (TypeError, ValueError) as error:  # a hand-edited record
+        problem = f"its settings are not valid ({error})"
+    if problem:
+        del generation.__dict__[GENERATION_FIELD]
+        logger.warning(
+            "patch_model dropped generation_config.%s=%s, a quantized latent cache as generate()'s default (set by "
+            "use_quantized_latent_cache on an earlier patch or read from a saved generation_config.json), which this "
+            "patch cannot use: %s generate() uses transformers' default cache; to quantize the cache, patch as "
+            "'latent' (or 'covariance' with values='merged') and call use_quantized_latent_cache(model).",
+            GENERATION_FIELD, settings, problem,
+        )
 
 
 def _adapters_on(model: nn.Module, modules: list[tuple[nn.Module, str | None]]) -> list[str]:
@@ -570,7 +596,8 @@ def unpatch_model(model: nn.Module, *, strict: bool = False, return_errors: bool
 
     A peft model (`PeftModel`) is unpatched inside: its adapters elsewhere (LoRA on the MLP, or on an output
     projection the patch kept) stay. Adapters on the merged projections themselves are refused: the export reads
-    base weights only, so they would be dropped — merge them first (`model.merge_and_unload()`).
+    base weights only, so they would be dropped — merge them first (`model.merge_and_unload()`). A quantized latent
+    cache default (`use_quantized_latent_cache`) is removed from the generation config: a stock model cannot use it.
 
     Args:
         model: a model patched by `patch_model` or loaded as a merged checkpoint (or a peft model around one).
@@ -624,6 +651,10 @@ def unpatch_model(model: nn.Module, *, strict: bool = False, return_errors: bool
     for stock_cls, (merged_cls, _) in spec.model_classes.items():
         if type(inner) is merged_cls:
             _set_class(inner, stock_cls)
+    generation = getattr(inner, "generation_config", None)  # a stock model has no quantized latent cache
+    if generation is not None and generation.__dict__.pop(GENERATION_FIELD, None) is not None:
+        logger.info("unpatch_model removed generation_config.%s (the quantized latent cache default of the patched "
+                    "model): a stock model caches per-head keys and values.", GENERATION_FIELD)
     return (model, errors) if return_errors else model
 
 

@@ -10,11 +10,14 @@ unsigned integers of `nbits` (8, or 4 packed two per byte) with a scale and a mi
 - axis="channel": each channel over groups of `q_group_size` tokens (per-channel scales, as KIVI does for keys; the
   latent is both, so both are offered; the overflow is quantized in whole groups of tokens).
 
-The decode (sdpa) reads the codes block by block (`LatentQuantizedLayer.attend_absorbed`: each block of `block_size`
-tokens read where it is used, one pass with an online softmax, the window last) — the absorbed latent, and x of
-merged values alike: both attend one cached tensor that is keys and values at once — so no step materialises the
-whole cache in full precision; eager attention (which returns the weights) gets the whole cache dequantized. A prefill attends its own tokens in full precision. Bytes per token — integers, scales and minima,
-residual window included — come from `LatentQuantizedLayer.stored_tensors`.
+The decode reads the codes block by block (`LatentQuantizedLayer.attend_absorbed`, the kernel table's
+"quantized_blocks": each block of `block_size` tokens read where it is used; sdpa in one pass with an online softmax,
+eager keeping the weights it returns) — the absorbed latent, and x of merged values alike: both attend one cached
+tensor that is keys and values at once — so no step materialises the whole cache in full precision. A prefill attends
+its own tokens in full precision and dequantizes nothing. Bytes per token — integers, scales and minima, residual
+window included — come from `LatentQuantizedLayer.stored_tensors`. Rolling back rejected candidates (assisted and
+prompt-lookup decoding) is exact: see `LatentQuantizedLayer`. The cache is not compileable: a fullgraph compile of a
+forward that uses it is refused at its first call (`COMPILE_REFUSAL`).
 
     from hf_merged_attn import LatentQuantizedCache
     cache = LatentQuantizedCache(model.config, nbits=8)              # or nbits=4, axis="channel", residual_length=64
@@ -25,6 +28,7 @@ residual window included — come from `LatentQuantizedLayer.stored_tensors`.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from numbers import Integral
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -43,9 +47,11 @@ class QuantizationSettings:
     residual_length: int = 128  # the most recent tokens kept in full precision
 
     def __post_init__(self):
-        if isinstance(self.nbits, bool) or self.nbits not in BITS:
-            raise ValueError(f"nbits={self.nbits!r} is not supported; allowed: {BITS} (int8, or int4 packed two per "
-                             "byte). Pass nbits=8 or nbits=4.")
+        if isinstance(self.nbits, bool) or not isinstance(self.nbits, Integral) or int(self.nbits) not in BITS:
+            kind = "" if isinstance(self.nbits, Integral) else f" (a {type(self.nbits).__name__}, not an integer)"
+            raise ValueError(f"nbits={self.nbits!r}{kind} is not supported; allowed: {BITS} (int8, or int4 packed two "
+                             "per byte), as integers. Pass nbits=8 or nbits=4.")
+        object.__setattr__(self, "nbits", int(self.nbits))  # a numpy integer is recorded as a plain int
         if self.axis not in AXES:
             raise ValueError(f"axis={self.axis!r} is not a quantization axis; allowed: {AXES} (scales per token over "
                              "groups of channels, or per channel over groups of tokens).")
@@ -60,6 +66,16 @@ class QuantizationSettings:
 
     def group(self, width: int) -> int:
         return self.q_group_size or (width if self.axis == "token" else 32)
+
+
+def width_problem(settings: QuantizationSettings, width: int) -> str | None:
+    """Why `settings` cannot quantize a cached tensor `width` numbers wide, or None if they can."""
+    group = settings.group(width)
+    if settings.axis == "token" and width % group:
+        return f"q_group_size={group} does not divide the latent width {width}; pass a divisor of {width}."
+    if settings.nbits == 4 and width % 2:
+        return f"nbits=4 packs two channels per byte, but the latent width {width} is odd; use nbits=8."
+    return None
 
 
 def quantize(x: torch.Tensor, nbits: int, axis: str, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -95,8 +111,35 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, nbit
     return (codes.view(shape).float() * scale.float() + low.float()).to(dtype).view(batch, heads, length, width)
 
 
+COMPILE_REFUSAL = (
+    "LatentQuantizedCache cannot be compiled with torch.compile(..., fullgraph=True): its codes grow by whole tokens "
+    "and are read in a number of blocks that changes with the length, so every decode step would need a new graph "
+    "(Dynamo would recompile until its recompile limit). Decode with it uncompiled (generate() does, the cache is not "
+    "compileable), or compile the decode with a static cache (cache_implementation='static')."
+)
+
+
+def _not_in_a_graph() -> None:
+    """Called while Dynamo traces a quantized cache update: a graph break carrying COMPILE_REFUSAL, which
+    fullgraph=True turns into an error at the first compiled call (without fullgraph the update runs eagerly)."""
+
+
+try:  # the reason shows in Dynamo's error (torch >= 2.7)
+    _not_in_a_graph = torch.compiler.disable(_not_in_a_graph, reason=COMPILE_REFUSAL)
+except TypeError:
+    _not_in_a_graph = torch.compiler.disable(_not_in_a_graph)
+
+
 class LatentQuantizedLayer(DynamicLayer):
-    """One layer's cache: quantized older tokens, a full-precision window of the newest (see the module doc)."""
+    """One layer's cache: quantized older tokens, a full-precision window of the newest (see the module doc).
+
+    Rolling back (`crop`, as assisted and prompt-lookup decoding do after rejecting candidates): a crop that stays in
+    the full-precision window only shortens it. One that reaches into the quantized part needs the tokens that then
+    return to the window in full precision: while past recording is on (`activate_past_recording`, which transformers'
+    assisted decoding calls on its caches), each update keeps the originals of the tokens it quantizes until the next
+    crop, which restores them: the layer is then exactly what it would be had the kept tokens alone been appended
+    (quantization of a token, or of a whole group of tokens, depends on those tokens only).
+    """
 
     is_compileable = False
     reads_codes = True  # the decode may attend it block by block (`attend_absorbed`)
@@ -106,6 +149,8 @@ class LatentQuantizedLayer(DynamicLayer):
         super().__init__()
         self.settings = settings
         self.codes = self.scale = self.low = None  # the quantized part
+        self.record_past = False  # keep the originals of what each update quantizes until the next crop
+        self.pending = None  # those originals (B, 1, P, r): the P most recently quantized tokens, in order
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if value_states.shape[-1] != 0 or key_states.shape[1] != 1:
@@ -115,18 +160,24 @@ class LatentQuantizedLayer(DynamicLayer):
                 f"{tuple(key_states.shape)} and values {tuple(value_states.shape)}; patch every layer in one of those "
                 "modes, or use the default dynamic cache."
             )
-        width, group = key_states.shape[-1], self.settings.group(key_states.shape[-1])
-        if self.settings.axis == "token" and width % group:
-            raise ValueError(f"q_group_size={group} does not divide the latent width {width}; pass a divisor of {width}.")
-        if self.settings.nbits == 4 and width % 2:
-            raise ValueError(f"nbits=4 packs two channels per byte, but the latent width {width} is odd; use nbits=8.")
+        problem = width_problem(self.settings, key_states.shape[-1])
+        if problem:
+            raise ValueError(problem)
         super().lazy_initialization(key_states, value_states)
-        self.group = group
+        self.group = self.settings.group(key_states.shape[-1])
+
+    def activate_past_recording(self, **kwargs) -> None:
+        """Keep the originals of the tokens each update quantizes until the next `crop`, so that a crop may take back
+        tokens that already left the full-precision window (transformers calls this before assisted decoding; its
+        arguments, such as a number of recurrent states, do not apply: a crop may undo whatever came since the last)."""
+        self.record_past = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, read_codes: bool = False, **kwargs):
         """Append (B, 1, T, r) latent tokens; quantize what leaves the window. Returns the whole cache (dequantized
-        part + window) as keys, and an empty value slot — or, with read_codes=True (the caller attends through
-        `attend_absorbed`), the window alone, nothing dequantized."""
+        part + window) as keys, and an empty value slot — or, with read_codes=True (the caller attends the fresh
+        tokens, or the cache through `attend_absorbed`), the window alone, nothing dequantized."""
+        if torch.compiler.is_compiling():
+            _not_in_a_graph()  # see COMPILE_REFUSAL
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.keys = torch.cat([self.keys, key_states], dim=-2)  # the full-precision window
@@ -136,6 +187,8 @@ class LatentQuantizedLayer(DynamicLayer):
             overflow -= overflow % self.group  # whole groups of tokens
         if overflow > 0:
             old, self.keys = self.keys[..., :overflow, :], self.keys[..., overflow:, :].contiguous()
+            if self.record_past:  # what a crop may take back
+                self.pending = old if self.pending is None else torch.cat([self.pending, old], dim=-2)
             codes, scale, low = quantize(old, self.settings.nbits, self.settings.axis, self.group)
             if self.codes is None:
                 self.codes, self.scale, self.low = codes, scale, low
@@ -152,24 +205,59 @@ class LatentQuantizedLayer(DynamicLayer):
         keys = torch.cat([restored, self.keys], dim=-2)  # (B, 1, Tk, r_c)
         return keys, keys[..., :0]
 
-    def attend_absorbed(self, query: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    def _blocks(self) -> list[tuple[int, int]]:
+        """(start, end) of the blocks `attend_absorbed` reads: the quantized part in `block_size` tokens (whole groups
+        of tokens on the channel axis), then the full-precision window."""
+        step = self.block_size
+        if self.settings.axis == "channel":  # whole groups of tokens per block
+            step = -(-step // self.group) * self.group
+        quantized = 0 if self.codes is None else self.codes.shape[2]
+        blocks = [(start, min(start + step, quantized)) for start in range(0, quantized, step)]
+        return [(start, end) for start, end in [*blocks, (quantized, self.get_seq_length())] if start < end]
+
+    def _read(self, start: int, end: int, halves: tuple[slice, ...], affine: bool):
+        """Tokens start..end as float32 (B, Tb, r or r/2) per channel half, and the per-token scale and minimum
+        (B, 1, Tb) still to apply (affine reading of the codes), or None where the block is already dequantized."""
+        quantized = 0 if self.codes is None else self.codes.shape[2]
+        if start < quantized and affine:
+            codes = self.codes[:, 0, start:end]  # (B, Tb, r or r/2) uint8
+            split = len(halves) == 2
+            values = [codes.float()] if not split else [(codes & 0x0F).float(), (codes >> 4).float()]
+            token_scale = self.scale[:, 0, start:end, 0, 0].float().unsqueeze(1)  # (B, 1, Tb)
+            token_low = self.low[:, 0, start:end, 0, 0].float().unsqueeze(1)
+            return values, token_scale, token_low
+        if start < quantized:
+            channel = self.settings.axis == "channel"
+            groups = slice(start // self.group, -(-end // self.group)) if channel else slice(start, end)
+            latent = dequantize(self.codes[:, :, start:end], self.scale[:, :, groups], self.low[:, :, groups],
+                                self.settings.nbits, self.settings.axis, self.group, torch.float32)
+        else:
+            latent = self.keys.float()
+        return [latent[:, 0][..., h] for h in halves], None, None
+
+    def attend_absorbed(self, query: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                        need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """softmax(scale · query · cᵀ + mask) · c over every cached c (the latent, or x), reading the codes in blocks.
 
         Each block of tokens is read where it is used (a few hundred KB, cache-resident: with one scale and minimum
         per token only converted to float, the affine map moved onto the scores and weights; else dequantized) and
         folded into an online softmax (running maximum and sum, as flash-decoding does), the full-precision window
-        last: one pass, and no tensor of the whole cache in full precision. Computed in float32: for an fp32 model
-        equal to attending the dequantized cache up to summation order; for bf16 / fp16 models slightly more accurate
-        than it (the whole cache path rounds the dequantized latent to the model's dtype first).
+        last: one pass, and no tensor of the whole cache in full precision. With `need_weights` (eager attention,
+        which returns the weights) the scores of all blocks are kept instead — (B, H, T, Tk), what eager returns —
+        and the blocks are read a second time for the weighted sum. Computed in float32: for an fp32 model equal to
+        attending the dequantized cache up to summation order; for bf16 / fp16 models slightly more accurate than it
+        (the whole cache path rounds the dequantized latent to the model's dtype first).
 
         Args:
             query: (B, H, T, r): the absorbed queries q_h Bk_hᵀ of the latent, or covariance's x S_h + u_h.
             mask: boolean (True = attend) or additive float, broadcastable to (B, H, T, Tk), or None (no padding:
                 causal over the last T of the Tk keys).
             scale: the score scaling.
+            need_weights: also return the attention weights.
 
         Returns:
-            (B, T, H, r) in the query's dtype (what the attention kernels return); a query that sees no key gets 0.
+            The output (B, T, H, r) in the query's dtype (what the attention kernels return; a query that sees no key
+            gets 0), and the weights (B, H, T, Tk) in that dtype, or None without `need_weights`.
         """
         batch, heads, length, width = query.shape
         total = self.get_seq_length()
@@ -184,53 +272,55 @@ class LatentQuantizedLayer(DynamicLayer):
         halves = (slice(0, None, 2), slice(1, None, 2)) if split else (slice(None),)
         queries = [rows[..., h].contiguous() for h in halves]  # (B, H*T, r or r/2) each
         row_sums = rows.sum(-1, keepdim=True)  # (B, H*T, 1)
-        peak = rows.new_full((batch, heads * length, 1), float("-inf"))
-        norm = rows.new_zeros(batch, heads * length, 1)
-        outs = [rows.new_zeros(q.shape) for q in queries]
-        step = self.block_size
-        if self.settings.axis == "channel":  # whole groups of tokens per block
-            step = -(-step // self.group) * self.group
-        quantized = 0 if self.codes is None else self.codes.shape[2]
-        blocks = [(start, min(start + step, quantized)) for start in range(0, quantized, step)]
-        for start, end in [*blocks, (quantized, total)]:
-            if start == end:
-                continue
-            token_scale = token_low = None
-            if start < quantized and affine:
-                codes = self.codes[:, 0, start:end]  # (B, Tb, r or r/2) uint8
-                values = [codes.float()] if not split else [(codes & 0x0F).float(), (codes >> 4).float()]
-                token_scale = self.scale[:, 0, start:end, 0, 0].float().unsqueeze(1)  # (B, 1, Tb)
-                token_low = self.low[:, 0, start:end, 0, 0].float().unsqueeze(1)
-            else:
-                if start < quantized:
-                    groups = slice(start // self.group, -(-end // self.group)) if self.settings.axis == "channel" else slice(start, end)
-                    latent = dequantize(self.codes[:, :, start:end], self.scale[:, :, groups], self.low[:, :, groups],
-                                        self.settings.nbits, self.settings.axis, self.group, torch.float32)
-                else:
-                    latent = self.keys.float()
-                values = [latent[:, 0][..., h] for h in halves]  # (B, Tb, r or r/2) each
-            scores = sum(torch.bmm(q, v.mT) for q, v in zip(queries, values))  # (B, H*T, Tb)
+
+        def scores_of(start, end, values, token_scale, token_low):  # (B, H*T, Tb), scaled and masked
+            scores = sum(torch.bmm(q, v.mT) for q, v in zip(queries, values))
             if token_scale is not None:
                 scores = scores * token_scale + row_sums * token_low
             scores = scores.mul_(scale)
             if mask is not None:
                 part = mask[..., start:end].expand(batch, heads, length, end - start).reshape(batch, heads * length, -1)
                 scores = scores.masked_fill_(~part, float("-inf")) if part.dtype == torch.bool else scores + part.float()
-            new_peak = torch.maximum(peak, scores.amax(-1, keepdim=True))
-            safe = new_peak.masked_fill(new_peak == float("-inf"), 0.0)  # rows with no key seen yet stay at zero
-            weights = (scores - safe).exp_()  # (B, H*T, Tb)
-            correction = (peak - safe).exp_()
-            norm = norm * correction + weights.sum(-1, keepdim=True)
+            return scores
+
+        def fold(outs, weights, values, token_scale, token_low):  # outs + weights · (block), per channel half
             if token_scale is None:
-                outs = [o * correction + torch.bmm(weights, v) for o, v in zip(outs, values)]
-            else:
-                shift = (weights * token_low).sum(-1, keepdim=True)  # (B, H*T, 1): Σ_t a_t m_t, every channel
-                scaled = weights * token_scale
-                outs = [o * correction + torch.bmm(scaled, v) + shift for o, v in zip(outs, values)]
-            peak = new_peak
+                return [o + torch.bmm(weights, v) for o, v in zip(outs, values)]
+            shift = (weights * token_low).sum(-1, keepdim=True)  # (B, H*T, 1): Σ_t a_t m_t, every channel
+            scaled = weights * token_scale
+            return [o + torch.bmm(scaled, v) + shift for o, v in zip(outs, values)]
+
+        outs = [rows.new_zeros(q.shape) for q in queries]
+        blocks = self._blocks()
+        if need_weights:  # every block's scores, one softmax, then the blocks again for the weighted sum
+            scores = torch.cat([scores_of(s, e, *self._read(s, e, halves, affine)) for s, e in blocks], dim=-1)
+            peak = scores.amax(-1, keepdim=True)
+            weights = (scores - peak.masked_fill(peak == float("-inf"), 0.0)).exp_()  # (B, H*T, Tk)
+            norm = weights.sum(-1, keepdim=True)
+            weights = torch.where(norm > 0, weights / norm.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+            for start, end in blocks:
+                outs = fold(outs, weights[..., start:end], *self._read(start, end, halves, affine))
+            norm = None
+        else:
+            peak = rows.new_full((batch, heads * length, 1), float("-inf"))
+            norm = rows.new_zeros(batch, heads * length, 1)
+            for start, end in blocks:
+                values, token_scale, token_low = self._read(start, end, halves, affine)
+                scores = scores_of(start, end, values, token_scale, token_low)
+                new_peak = torch.maximum(peak, scores.amax(-1, keepdim=True))
+                safe = new_peak.masked_fill(new_peak == float("-inf"), 0.0)  # rows with no key seen yet stay at zero
+                block_weights = (scores - safe).exp_()  # (B, H*T, Tb)
+                correction = (peak - safe).exp_()
+                norm = norm * correction + block_weights.sum(-1, keepdim=True)
+                outs = fold([o * correction for o in outs], block_weights, values, token_scale, token_low)
+                peak = new_peak
         out = outs[0] if not split else torch.stack(outs, dim=-1).flatten(-2)  # (B, H*T, r), channels interleaved back
-        out = torch.where(norm > 0, out / norm.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-        return out.view(batch, heads, length, width).transpose(1, 2).to(query.dtype)  # (B, T, H, r)
+        if norm is not None:
+            out = torch.where(norm > 0, out / norm.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+        out = out.view(batch, heads, length, width).transpose(1, 2).to(query.dtype)  # (B, T, H, r)
+        if not need_weights:
+            return out, None
+        return out, weights.view(batch, heads, length, total).to(query.dtype)
 
     def get_seq_length(self) -> int:
         if not self.is_initialized:
@@ -238,11 +328,12 @@ class LatentQuantizedLayer(DynamicLayer):
         return self.keys.shape[-2] + (0 if self.codes is None else self.codes.shape[-2])
 
     def stored_tensors(self) -> list[torch.Tensor]:
-        """What the cache holds for its tokens: codes, scales, minima and the full-precision window."""
-        return [t for t in (self.codes, self.scale, self.low, self.keys) if t is not None]
+        """What the cache holds for its tokens: codes, scales, minima and the full-precision window (and, while past
+        recording is on, the originals of what was quantized since the last crop)."""
+        return [t for t in (self.codes, self.scale, self.low, self.keys, self.pending) if t is not None]
 
     def _select(self, fn) -> None:
-        for name in ("keys", "codes", "scale", "low"):
+        for name in ("keys", "codes", "scale", "low", "pending"):
             if getattr(self, name, None) is not None:
                 setattr(self, name, fn(getattr(self, name)))
         if self.keys is not None:
@@ -260,19 +351,66 @@ class LatentQuantizedLayer(DynamicLayer):
         if self.is_initialized:
             self._select(lambda t: t[indices, ...])
 
+    def _quantized_count(self, length: int) -> int:
+        """How many of `length` tokens this layer holds quantized: all but the newest `residual_length` (in whole
+        groups of tokens on the channel axis)."""
+        overflow = max(0, length - self.settings.residual_length)
+        return overflow - overflow % self.group if self.settings.axis == "channel" else overflow
+
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            tokens_to_remove = self.get_seq_length() - tokens_to_remove
-        if tokens_to_remove and abs(tokens_to_remove) > self.keys.shape[-2]:
-            raise ValueError(f"LatentQuantizedCache can only crop tokens of its full-precision window "
-                             f"({self.keys.shape[-2]}); asked to remove {abs(tokens_to_remove)}.")
-        if tokens_to_remove:
-            self.keys = self.keys[..., : -abs(tokens_to_remove), :]
-            self.values = self.keys[..., :0]
+        """Remove the newest `-tokens_to_remove` tokens (a count <= 0, as transformers' cache layers take it; more than
+        the cache holds removes all; nothing on a layer that holds none). A positive value is refused, as
+        transformers' DynamicLayer refuses it. Tokens that return to the full-precision window come back from what
+        past recording kept (see the class doc); a crop also ends that recording period. Without their originals, a
+        crop within the window only shortens it (the quantized tokens stay as they are, and the window refills before
+        anything more is quantized), and one that would remove quantized tokens is refused, saying what to change."""
+        if isinstance(tokens_to_remove, torch.Tensor) and tokens_to_remove.numel() == 1 and not (
+                tokens_to_remove.is_floating_point() or tokens_to_remove.dtype == torch.bool):
+            tokens_to_remove = int(tokens_to_remove)  # transformers 5.17's assisted decoding passes a 0-d tensor
+        if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, Integral) or tokens_to_remove > 0:
+            raise ValueError(
+                f"LatentQuantizedCache.crop({tokens_to_remove!r}): pass the number of newest tokens to remove as a "
+                "negative integer (crop(-n); crop(0) removes none), as transformers' cache layers take it. A positive "
+                "value (the length to keep, an old convention) is not supported: pass crop(length - cache length)."
+            )
+        pending, self.pending = self.pending, None
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        total = self.get_seq_length()
+        length = max(0, total - abs(int(tokens_to_remove)))
+        quantized = 0 if self.codes is None else self.codes.shape[2]
+        kept = min(self._quantized_count(length), quantized)  # of the `length` tokens left, those held quantized
+        back = min(length, quantized) - kept  # quantized tokens that return to the full-precision window
+        first = quantized - (0 if pending is None else pending.shape[-2])  # the oldest token whose original is kept
+        if back > 0 and kept < first:  # some originals are gone
+            if length < quantized:
+                removable = max(total - quantized, total - first - self.settings.residual_length)
+                raise ValueError(
+                    f"LatentQuantizedCache.crop({tokens_to_remove}) would remove quantized tokens and leave {length} of "
+                    f"{total}, whose newest {length - kept} belong in full precision (residual_length="
+                    f"{self.settings.residual_length}); {min(back, first - kept)} of them are quantized and their "
+                    f"originals were not kept: at most {removable} token(s), or all {total}, can be removed now. Call "
+                    "cache.activate_past_recording() before the updates a crop may undo (transformers' assisted and "
+                    "prompt-lookup decoding do), or use a larger residual_length."
+                )
+            kept, back = quantized, 0  # within the window: what would return to it stays quantized until it refills
+        if back > 0:
+            self.keys = torch.cat([pending[..., kept - first : kept - first + back, :], self.keys], dim=-2)
+        if kept < quantized:
+            groups = kept // self.group if self.settings.axis == "channel" else kept
+            self.codes, self.scale, self.low = (t[:, :, :n] for t, n in ((self.codes, kept), (self.scale, groups),
+                                                                          (self.low, groups)))
+            if kept == 0:
+                self.codes = self.scale = self.low = None
+        self.keys = self.keys[..., : length - kept, :]
+        self.values = self.keys[..., :0]
 
     def reset(self) -> None:
-        super().reset()
-        self.codes = self.scale = self.low = None
+        """Drop every token: the layer is empty and uninitialised again (transformers 5.17's DynamicLayer.reset
+        would only zero the window in place, and the next update would append to those zeros)."""
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.codes = self.scale = self.low = self.pending = None
 
 
 class LatentQuantizedCache(Cache):
@@ -297,17 +435,12 @@ class LatentQuantizedCache(Cache):
 GENERATION_FIELD = "merged_attn_cache"  # the generation-config field that makes a quantized latent cache the default
 
 
-def use_quantized_latent_cache(model, nbits: int = 8, axis: str = "token", q_group_size: int | None = None,
-                               residual_length: int = 128):
-    """Make `LatentQuantizedCache(nbits, ...)` the default cache of `model.generate` (None: back to the dynamic cache
-    when called with nbits=None). Recorded in the generation config, so `save_pretrained` keeps the choice.
-    Checks the settings now, and that the model's layers cache one tensor (latent, or covariance + merged values)."""
+def cache_problem(model, settings: QuantizationSettings, subject: str = "LatentQuantizedCache") -> str | None:
+    """Why `model` cannot decode with `LatentQuantizedCache` under `settings` (a sentence starting with `subject`), or
+    None if it can: every layer must cache one tensor (the latent, or covariance + merged values) of a width the
+    settings can quantize."""
     from .merged_attention import MergedAttention
 
-    if nbits is None:
-        model.generation_config.__dict__.pop(GENERATION_FIELD, None)
-        return model
-    settings = QuantizationSettings(nbits, axis, q_group_size, residual_length)
     layers = [m for m in model.modules() if isinstance(m, MergedAttention)]
     if any(getattr(m, "rotary", False) for m in layers):
         raise ValueError(
@@ -318,12 +451,33 @@ def use_quantized_latent_cache(model, nbits: int = 8, axis: str = "token", q_gro
     if not layers or any(not m.cache_layout.values_are_keys for m in layers) or (
         len(layers) != model.config.get_text_config(decoder=True).num_hidden_layers
     ):
-        raise ValueError(
-            "use_quantized_latent_cache needs every layer patched so that it caches one tensor: "
+        return (
+            f"{subject} needs every layer patched so that it caches one tensor: "
             "patch_model(model, 'latent', rank=r_c) or patch_model(model, 'covariance', values='merged') on all layers. "
             f"{type(model).__name__} has {len(layers)} merged layer(s) of "
             f"{sorted({m.mode + ('+values' if m.values else '') for m in layers}) or 'none'}."
         )
+    for width in sorted({m.cache_layout.key_width for m in layers}):
+        problem = width_problem(settings, width)
+        if problem:
+            return f"{subject}: {problem}"
+    return None
+
+
+def use_quantized_latent_cache(model, nbits: int = 8, axis: str = "token", q_group_size: int | None = None,
+                               residual_length: int = 128):
+    """Make `LatentQuantizedCache(nbits, ...)` the default cache of `model.generate` (None: back to the dynamic cache
+    when called with nbits=None). Recorded in the generation config, so `save_pretrained` keeps the choice; a cache or
+    a `cache_implementation` given to generate() (or set in a generation config) still wins. `unpatch_model` removes
+    the choice, and `patch_model` drops it (with a warning) where the new patch cannot use it. Checks the settings
+    now, and that the model's layers cache one tensor (latent, or covariance + merged values) of a width they fit."""
+    if nbits is None:
+        model.generation_config.__dict__.pop(GENERATION_FIELD, None)
+        return model
+    settings = QuantizationSettings(nbits, axis, q_group_size, residual_length)
+    problem = cache_problem(model, settings, "use_quantized_latent_cache")
+    if problem:
+        raise ValueError(problem)
     setattr(model.generation_config, GENERATION_FIELD, asdict(settings))
     # a generation config marked as derived from the model config loads back without extra fields: this one is set
     model.generation_config._from_model_config = False

@@ -240,11 +240,11 @@ def _tiny(config_class, **sizes):
     [
         (lambda: LlamaForCausalLM(_tiny(LlamaConfig, hidden_size=HIDDEN, num_attention_heads=HEADS, num_hidden_layers=1,
                                         intermediate_size=64)),
-         r"LlamaForCausalLM \(model_type 'llama'\) uses rotary position embeddings .* between Wq and Wk.*Supported "
-         r"families .*GPT-2 \(gpt2\), OPT \(opt\), BLOOM \(bloom\), BERT \(bert\), RoBERTa \(roberta\)"),
+         r"mode='covariance' on Llama \(LlamaForCausalLM\): its positions are rotary.*between Wq and Wk.*no single "
+         r"S_h.*Use mode='latent', rank=r_c, rope_pairs=r"),
         (lambda: GPTNeoXForCausalLM(_tiny(GPTNeoXConfig, hidden_size=HIDDEN, num_attention_heads=HEADS,
                                           num_hidden_layers=1, intermediate_size=64)),
-         r"model_type 'gpt_neox'\) uses rotary position embeddings"),
+         r"model_type 'gpt_neox'\) uses rotary position embeddings \(RoPE\) and has no adapter here.*Llama \(llama\)"),
         (lambda: GPTJForCausalLM(_tiny(GPTJConfig, n_embd=HIDDEN, n_head=HEADS, n_layer=1, rotary_dim=4)),
          r"model_type 'gptj'\) uses rotary position embeddings"),
         (lambda: T5Model(_tiny(T5Config, d_model=HIDDEN, num_heads=HEADS, num_layers=1, d_kv=HEAD_DIM, d_ff=64)),

@@ -10,8 +10,13 @@
         --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1   # real GPT-2 (needs the Hub)
     accelerate launch examples/finetune.py --model_name_or_path facebook/opt-125m ...   # another causal family
 
-The model can be of any causal family that hf_merged_attn registers (GPT-2, OPT, BLOOM: see
-`hf_merged_attn.registry`); encoders and rotary models are refused before any work.
+The model can be of any causal family that hf_merged_attn registers (GPT-2, OPT, BLOOM, and the rotary Llama, Qwen2,
+Mistral: see `hf_merged_attn.registry`); encoders and unregistered families are refused before any work. A rotary model
+takes stock and latent only (its rotation sits between Wq and Wk: no covariance / lowrank, and merged values would
+cache more than grouped-query attention does); --rope_pairs / --rope_selection choose the rotary pairs its latent keeps:
+
+    accelerate launch examples/finetune.py --model_name_or_path runs/SmolLM2-135M-Instruct \
+        --modes stock,latent:96 --rope_pairs 4 --rope_selection 2norm   # see examples/smollm2.py for the folder
 
 For every mode in --modes (default: stock, covariance, covariance with merged values, lowrank at half the head size and
 the latent at a quarter of the hidden size — the exact modes and the two that shrink the KV cache) and every seed,
@@ -89,12 +94,19 @@ class ComparisonArguments:
     modes: str = arg("stock,covariance,covariance+values,lowrank,latent",
                      "comma-separated: stock, covariance, covariance+values (merged values: keys and values one cached "
                      "tensor), lowrank (uses --rank), lowrank:R, lowrank:E with E in (0, 1) (per block, the smallest rank "
-                     "keeping that share of the spectral energy), latent (r_c = d/4), latent:R, latent:E")
+                     "keeping that share of the spectral energy), latent (r_c = d/4), latent:R, latent:E; rotary models (Llama, "
+                     "Qwen2, Mistral) take stock and latent:R only")
     rank: int | None = arg(None, "lowrank rank (default: half the head size)")
     seeds: int = arg(1, "run every mode with seeds seed, seed+1, ...")
     init: Literal["svd", "whitened"] = arg(
         "svd", "lowrank / latent seeding: svd (weights only) or whitened (activation-aware, calibrated on train blocks)")
-    calibration_samples: int = arg(16, "evenly spaced train blocks that calibrate --init whitened (at most all of them)")
+    calibration_samples: int = arg(16, "evenly spaced train blocks that calibrate --init whitened and the rope "
+                                       "selections 2norm / rorope (at most all of them)")
+    rope_pairs: int | None = arg(None, "rotary models, latent modes: frequency pairs per KV head kept rotated (default: "
+                                 "all, hd/2: exact with r_c covering the values; MHA2MLA keeps hd/16)")
+    rope_selection: Literal["2norm", "high", "low", "uniform", "rorope"] | None = arg(
+        None, "rotary models, latent modes: which pairs stay rotated (default 2norm when --rope_pairs drops pairs); "
+        "2norm and rorope are calibrated on --calibration_samples train blocks, high / low / uniform use no data")
 
 
 @dataclass
@@ -168,10 +180,24 @@ def parse_args(argv: list[str] | None = None, allow_abbrev: bool = True) -> Fine
     return FinetuneArguments(**vars(argument_parser(allow_abbrev=allow_abbrev).parse_args(argv)))
 
 
-def patch_kwargs(mode: str) -> tuple[str, dict]:
-    """A --modes mode ('covariance+values', 'latent', ...) -> (patch_model mode, extra patch_model kwargs)."""
+def patch_kwargs(mode: str, args: FinetuneArguments | None = None) -> tuple[str, dict]:
+    """A --modes mode ('covariance+values', 'latent', ...) -> (patch_model mode, extra patch_model kwargs); with
+    `args`, a latent mode also takes the given --rope_pairs / --rope_selection (validate allows them on rotary models
+    only)."""
     base, _, extra = mode.partition("+")
-    return base, ({"values": "merged"} if extra == "values" else {})
+    kwargs = {"values": "merged"} if extra == "values" else {}
+    if args is not None and base == "latent":
+        kwargs.update({k: getattr(args, k) for k in ("rope_pairs", "rope_selection") if getattr(args, k) is not None})
+    return base, kwargs
+
+
+def uses_calibration(args: FinetuneArguments, mode: str) -> bool:
+    """Whether patching for `mode` reads calibration batches: --init whitened (lowrank, latent), or a rope selection
+    that ranks the rotary pairs on data (2norm, the default when pairs are dropped, and rorope)."""
+    base, kwargs = patch_kwargs(mode, args)
+    if base not in RANKED:
+        return False
+    return args.init == "whitened" or PatchConfig(base, 1, **kwargs).rope_needs_calibration()
 
 
 def parse_modes(text: str, default_rank: int, default_latent_rank: int) -> list[tuple[str, str, int | float | None]]:
@@ -223,18 +249,19 @@ def validate(args: FinetuneArguments) -> tuple[list, AutoConfig]:
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} {getattr(args, flag)} must be >= 1.")
     config = AutoConfig.from_pretrained(args.model_name_or_path)
-    causal_lm_spec(config, args.model_name_or_path)
+    spec = causal_lm_spec(config, args.model_name_or_path)
     positions = getattr(config, "max_position_embeddings", None)  # None: no learned positions (BLOOM's ALiBi)
     if positions is not None and args.block_size > positions:
         raise ValueError(
             f"--block_size {args.block_size} is larger than the model's context ({positions} positions "
             f"in {args.model_name_or_path}). Use --block_size {positions} or less."
         )
-    head_dim = config.hidden_size // config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     modes = parse_modes(args.modes, args.rank if args.rank is not None else head_dim // 2, config.hidden_size // 4)
+    check_rotary(args, spec, modes, head_dim)
     for _, mode, rank in modes:
         if mode != "stock":
-            base, extra = patch_kwargs(mode)
+            base, extra = patch_kwargs(mode, args)
             PatchConfig(base, rank, **extra).check_against(config.hidden_size, config.num_hidden_layers)
     resume = args.resume_from_checkpoint
     if resume and resume != "latest":
@@ -250,6 +277,35 @@ def validate(args: FinetuneArguments) -> tuple[list, AutoConfig]:
     return modes, config
 
 
+def check_rotary(args, spec, modes, head_dim: int) -> None:
+    """A rotary model takes stock and latent (integer r_c) only, and --rope_pairs <= hd/2; other models take no rope
+    setting. Errors say what to pass instead."""
+    rope = [f"--{k} {getattr(args, k)}" for k in ("rope_pairs", "rope_selection") if getattr(args, k) is not None]
+    name = f"--model_name_or_path {args.model_name_or_path!r}"
+    if not spec.rotary:
+        if rope:
+            raise ValueError(f"{' / '.join(rope)}: {name} is a {spec.family} model, whose positions are not rotary: "
+                             "there is no rotation to keep. Drop them (they apply to Llama, Qwen2 and Mistral).")
+        return
+    for label, mode, rank in modes:
+        if mode not in ("stock", "latent"):
+            raise ValueError(
+                f"--modes entry {mode!r} cannot run on {name}, a {spec.family} model: its positions are rotary, and the "
+                "rotation between Wq and Wk makes Wq·Wkᵀ a different matrix at every offset (no covariance or lowrank "
+                "S_h), while merged values would cache more than its grouped-query attention does. Use the latent: "
+                "--modes stock,latent:R (R = r_c) with --rope_pairs r (rotary pairs kept per KV head) and "
+                "--rope_selection, e.g. --modes stock,latent:96 --rope_pairs 4.")
+        if isinstance(rank, float):
+            raise ValueError(f"--modes entry {label!r}: a spectral-energy target is not available on rotary models "
+                             "yet; give an integer r_c, e.g. latent:96.")
+    if rope and not any(mode == "latent" for _, mode, _ in modes):
+        raise ValueError(f"{' / '.join(rope)}: the rotary settings apply to latent modes, and --modes {args.modes!r} "
+                         "has none; add one (e.g. latent:96) or drop them.")
+    if args.rope_pairs is not None and not 0 <= args.rope_pairs <= head_dim // 2:
+        raise ValueError(f"--rope_pairs {args.rope_pairs}: a head of {head_dim} has {head_dim // 2} frequency pairs; "
+                         f"use 0 <= --rope_pairs <= {head_dim // 2} ({head_dim // 2} keeps every pair rotated: exact).")
+
+
 def causal_lm_spec(config, name: str):
     """The registry entry of the model's family; a ValueError unless it is a registered causal (decoder) family."""
     model_type = getattr(config, "model_type", None)
@@ -262,14 +318,14 @@ def causal_lm_spec(config, name: str):
         why = f"an encoder ({spec.family}: bidirectional attention, no causal LM head)"
         also = " (an encoder can be patched with hf_merged_attn.patch_model directly)"
     elif model_type in ROTARY_MODEL_TYPES:
-        why = ("a rotary-position model: RoPE rotates q and k by their positions between Wq and Wk, so Wq·Wkᵀ is "
-               "not one position-free matrix and cannot be merged exactly")
+        why = ("a rotary-position model of a family without an adapter here (the rotary families Llama, Qwen2 and "
+               "Mistral take the latent mode)")
     else:
         why = "not a family hf_merged_attn can patch"
     raise ValueError(
         f"--model_name_or_path {name!r} is a {model_type!r} model, {why}. This comparison fine-tunes causal language "
         f"models of the families: {', '.join(causal)}. Pass a checkpoint of one of them, e.g. gpt2, "
-        f"facebook/opt-125m or bigscience/bloom-560m{also}."
+        f"facebook/opt-125m, bigscience/bloom-560m or HuggingFaceTB/SmolLM2-135M{also}."
     )
 
 
@@ -279,19 +335,20 @@ def causal_lm_spec(config, name: str):
 def build_model(args, mode: str, rank: int | None, calibration=None):
     """A fresh pretrained model, patched for `mode` (lowrank: seeded by --init), with LoRA adapters if --lora."""
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
-    base, extra = patch_kwargs(mode)
+    base, extra = patch_kwargs(mode, args)
     if base in RANKED and args.init == "whitened":
         patch_model(model, base, rank=rank, init="whitened", calibration=calibration, **extra)
-    elif mode != "stock":
-        patch_model(model, base, rank=rank, **extra)
+    elif mode != "stock":  # calibration: for a rope selection that reads data (uses_calibration), else None
+        patch_model(model, base, rank=rank, calibration=calibration, **extra)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
     if args.lora:
         from peft import LoraConfig, get_peft_model
 
         # like for like: the stock q/k/v projections of the family (GPT-2's fused c_attn, OPT's q_proj/k_proj/v_proj,
-        # BLOOM's query_key_value) vs the patched q_proj / k_proj (lowrank) / v_proj
-        patched = ("q_proj", "k_proj", "v_proj", "latent_proj", "k_up", "v_up")  # those the mode has
+        # BLOOM's query_key_value) vs the patched q_proj / k_proj (lowrank) / v_proj, the latent's projections and a
+        # rotary latent's k_rope (its rotary keys)
+        patched = ("q_proj", "k_proj", "v_proj", "k_rope", "latent_proj", "k_up", "v_up")  # those the mode has
         names = REGISTRY[model.config.model_type].qkv_names if mode == "stock" else patched
         found = {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules()}
         targets = [t for t in names if t in found]  # lowrank has a k_proj, covariance none
@@ -307,6 +364,12 @@ def _ranks_per_block(model) -> dict[str, int] | None:
     """{block: rank} of a lowrank model patched with a per-block rank (e.g. an energy target), else None."""
     rank = (getattr(model.config, "merged_attn", None) or {}).get("rank")
     return rank if isinstance(rank, dict) else None
+
+
+def _rope_settings(model) -> dict:
+    """{"rope_pairs", "rope_selection"} as the patch resolved them on a rotary model (None on others and stock)."""
+    record = getattr(model.config, "merged_attn", None) or {}
+    return {key: record.get(key) for key in ("rope_pairs", "rope_selection")}
 
 
 def eval_loss(model, stream, args, max_tokens=None) -> dict:
@@ -326,7 +389,7 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
     set_seed(seed)
     run_dir = run_dir_of(args, label, seed)
     calibration = None
-    if mode in RANKED and args.init == "whitened":  # the same evenly spaced train blocks for every run
+    if uses_calibration(args, mode):  # the same evenly spaced train blocks for every run
         n = min(args.calibration_samples, len(train_data))
         calibration = train_data[[i * len(train_data) // n for i in range(n)]]["input_ids"].split(4)
     model = build_model(args, mode, rank, calibration)
@@ -437,7 +500,7 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
     if accelerator.is_main_process:
         record = {
             "label": label, "mode": mode, "rank": rank, "seed": seed,
-            "ranks_per_block": _ranks_per_block(unwrapped),
+            "ranks_per_block": _ranks_per_block(unwrapped), **_rope_settings(unwrapped),
             "total_params": total, "trainable_params": trainable, "kv_cache_bytes_per_token": cache_bytes,
             "perplexity_at_patch": at_patch["perplexity"], "perplexity_after": after["perplexity"],
             "eval_tokens": after["tokens"], "train_steps": step, "train_tokens": step * tokens_per_step,

@@ -23,6 +23,7 @@ def summarize(records: list[dict], stock_before: float) -> dict:
         keys = ("mode", "rank", "ranks_per_block", "total_params", "trainable_params", "kv_cache_bytes_per_token",
                 "train_tokens")
         entry = {k: runs[0][k] for k in keys}
+        entry.update({k: runs[0].get(k) for k in ("rope_pairs", "rope_selection")})  # rotary latents: as resolved
         entry["perplexity_before"] = stock_before
         for key in ("perplexity_at_patch", "perplexity_after", "tokens_per_s", "peak_memory_mb", "train_time_s"):
             entry[key], entry[key + "_std"] = mean_std([r[key] for r in runs])
@@ -45,6 +46,8 @@ def markdown_table(summary: dict, args, world_size: int, accumulation: int | Non
         after = f"{e['perplexity_after']:.2f}" + (f" ± {e['perplexity_after_std']:.2f}" if n > 1 else "")
         if e.get("ranks_per_block"):  # an energy target: show the ranks it chose
             label = f"{label} (ranks {'/'.join(str(r) for r in e['ranks_per_block'].values())})"
+        if e.get("rope_pairs") is not None:  # a rotary latent: the pairs it keeps and the rule that chose them
+            label = f"{label} (rope_pairs {e['rope_pairs']}, {e['rope_selection'] or 'all kept'})"
         lines.append(
             f"| {label} | {e['total_params'] / 1e6:.2f}M ({e['trainable_params'] / 1e6:.2f}M) "
             f"| {e.get('kv_cache_bytes_per_token', 0):,.0f} | {e['perplexity_before']:.2f} "

@@ -21,7 +21,11 @@ schedule, evaluator and KV-cache measurement), in three phases:
 
 Modes (--modes) are those of finetune.py, with sizes that may be written hd/N or d/N (head size, hidden size), plus
 lora:R (peft LoRA of rank R, alpha 2R, on stock's q/k/v projection). --init whitened (the default) seeds lowrank and
-latent modes activation-aware; it changes nothing for stock, covariance, covariance+values and LoRA.
+latent modes activation-aware; it changes nothing for stock, covariance, covariance+values and LoRA. A rotary model
+(Llama, Qwen2, Mistral) takes stock, latent and lora modes, with finetune.py's --rope_pairs / --rope_selection:
+
+    accelerate launch examples/study.py --model_name_or_path runs/SmolLM2-135M-Instruct \
+        --modes stock,latent:96,latent:48,lora:16 --rope_pairs 4 --rope_selection 2norm --output_dir runs/study_smollm2
 
 Resumable: a finished run leaves a record.json that a rerun reuses; an unfinished one resumes from its newest
 checkpoint. Writes study.json, study.md, study_pareto_cache.png, study_pareto_params.png and study_lr.png to
@@ -155,9 +159,11 @@ def parse_bits(text: str) -> list[int]:
     return [int(b) for b in bits]
 
 
-def resolve_modes(text: str, hidden: int, heads: int) -> list[tuple[str, str, int | float | None, int | None]]:
-    """'stock,lowrank:hd/4,lora:16' -> [(label, finetune mode, rank, lora rank)]; hd/N and d/N are sizes of the model."""
-    sizes = {"hd": hidden // heads, "d": hidden}
+def resolve_modes(text: str, hidden: int, heads: int,
+                  head_dim: int | None = None) -> list[tuple[str, str, int | float | None, int | None]]:
+    """'stock,lowrank:hd/4,lora:16' -> [(label, finetune mode, rank, lora rank)]; hd/N and d/N are sizes of the model
+    (head_dim: a config's own head size, where it is not hidden / heads)."""
+    sizes = {"hd": head_dim or hidden // heads, "d": hidden}
     modes = []
     for item in [m.strip() for m in text.split(",") if m.strip()]:
         name, colon, size = item.partition(":")
@@ -199,10 +205,15 @@ def validate(args, ft) -> tuple[list, list[float]]:
         raise FileNotFoundError(f"--test_file {args.test_file!r} does not exist. Pass the held-out test split as a "
                                 ".txt file.")
     config = AutoConfig.from_pretrained(ft.model_name_or_path)
-    modes = resolve_modes(args.modes, config.hidden_size, config.num_attention_heads)
+    modes = resolve_modes(args.modes, config.hidden_size, config.num_attention_heads, getattr(config, "head_dim", None))
     every_run = ",".join(sorted({m[1] if m[2] is None else f"{m[1]}:{m[2]}" for m in modes}))
     ft.modes = every_run  # what the runs are, as study.json records it
-    finetune.validate(ft)  # data files, model family, block size, ranks against the model
+    finetune.validate(ft)  # data files, model family (rotary: stock and latent only), block size, ranks, rope settings
+    if args.quantized_cache_bits and finetune.causal_lm_spec(config, ft.model_name_or_path).rotary:
+        raise ValueError(
+            f"--quantized_cache_bits {args.quantized_cache_bits!r}: the quantized latent cache does not take rotary "
+            "latent layers yet (they cache the rotated rotary keys beside the latent). Drop it for "
+            f"{ft.model_name_or_path!r}.")
     saved = Path(args.output_dir) / "settings.json"
     if saved.is_file():  # finished runs are reused only if they were made with the same settings
         before, now = json.loads(saved.read_text()), run_settings(args, ft)
@@ -301,6 +312,8 @@ class Study:
                                                "train_tokens", "tokens_per_s", "train_time_s", "final_train_loss",
                                                "eval_tokens")}
                 record.update(phase=phase, lr=lr, lora_r=lora_r, init=ft.init, val_perplexity=full["perplexity_after"])
+                if full.get("rope_pairs") is not None:  # a rotary latent: its kept pairs, as the patch resolved them
+                    record.update(rope_pairs=full["rope_pairs"], rope_selection=full["rope_selection"])
                 if phase == "final":
                     test = self.test_perplexity(ft, run_dir)
                     record.update(test_perplexity=test["perplexity"], test_tokens=test["tokens"])
@@ -389,6 +402,7 @@ def summarize(modes, sweeps: dict, best: dict, finals: dict, same: dict) -> dict
         lrs = sorted(sweep)
         row = {k: first[k] for k in ("mode", "rank", "lora_r", "init", "total_params", "trainable_params",
                                      "kv_cache_bytes_per_token", "perplexity_at_patch", "eval_tokens", "test_tokens")}
+        row.update({k: first[k] for k in ("rope_pairs", "rope_selection") if k in first})  # rotary latents
         row.update(
             sweep={f"{lr:g}": sweep[lr] for lr in lrs}, best_lr=best[label],
             best_lr_at_edge=best[label] in (lrs[0], lrs[-1]),

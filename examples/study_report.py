@@ -19,8 +19,11 @@ def fmt_delta(d: dict) -> str:
 
 
 def mode_name(label: str, row: dict) -> str:
-    whitened = row["init"] == "whitened" and row["mode"] in RANKED
-    return f"{label} (whitened)" if whitened else label
+    """The label, with "whitened" for a whitened-seeded mode and the kept rotary pairs of a rotary latent."""
+    notes = ["whitened"] if row["init"] == "whitened" and row["mode"] in RANKED else []
+    if row.get("rope_pairs") is not None:
+        notes.append(f"rope_pairs {row['rope_pairs']}, {row.get('rope_selection') or 'all kept'}")
+    return f"{label} ({'; '.join(notes)})" if notes else label
 
 
 def markdown(study: dict) -> str:

@@ -23,10 +23,10 @@ from transformers import (
     BloomForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
     OPTConfig,
     OPTForCausalLM,
     PreTrainedTokenizerFast,
+    Qwen3Config,
     get_scheduler,
 )
 
@@ -551,15 +551,16 @@ def test_block_size_limit_follows_the_family(assets, family_models, tmp_path):
     [
         (BertConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128),
          r"is a 'bert' model, an encoder \(BERT: bidirectional attention, no causal LM head\)\. This comparison "
-         r"fine-tunes causal language models of the families: GPT-2 \(gpt2\), OPT \(opt\), BLOOM \(bloom\)\. "
-         r"Pass a checkpoint of one of them"),
-        (LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128),
-         r"is a 'llama' model, a rotary-position model: RoPE .* cannot be merged exactly\. This comparison fine-tunes "
-         r"causal language models of the families: GPT-2 \(gpt2\), OPT \(opt\), BLOOM \(bloom\)"),
+         r"fine-tunes causal language models of the families: GPT-2 \(gpt2\), OPT \(opt\), BLOOM \(bloom\), Llama "
+         r"\(llama\), Qwen2 \(qwen2\), Mistral \(mistral\)\. Pass a checkpoint of one of them"),
+        (Qwen3Config(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128),
+         r"is a 'qwen3' model, a rotary-position model of a family without an adapter here \(the rotary families "
+         r"Llama, Qwen2 and Mistral take the latent mode\)\. This comparison fine-tunes causal language models of the "
+         r"families: GPT-2 \(gpt2\), OPT \(opt\), BLOOM \(bloom\), Llama"),
     ],
-    ids=["bert-encoder", "llama-rotary"],
+    ids=["bert-encoder", "unregistered-rotary"],
 )
-def test_encoder_and_rotary_models_are_refused_before_any_work(assets, tmp_path, config, match):
+def test_encoder_and_unregistered_rotary_models_are_refused_before_any_work(assets, tmp_path, config, match):
     folder = tmp_path / config.model_type
     config.save_pretrained(folder)  # validate reads only the config
     out = tmp_path / "bad"

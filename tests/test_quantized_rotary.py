@@ -90,6 +90,7 @@ def test_generate_attends_the_round_tripped_latent_and_exact_rotary_keys(nbits, 
         exact = run(model, ids, mask, None, **strategy)
         layer = out.past_key_values.layers[0]
         assert layer.carries_values and layer.codes is not None and layer.codes.shape[2] > 10  # most tokens quantized
+        assert not layer.reads_codes  # MergedAttention's block reader (c alone) is never offered this layer
         assert layer.values.dtype == torch.float32 and layer.values.shape[-2] == out.past_key_values.get_seq_length()
         assert torch.equal(out.sequences, reference.sequences)
         quantized, expected = torch.stack(out.logits), torch.stack(reference.logits)
@@ -161,3 +162,21 @@ def test_prompt_lookup_decoding_crops_both_tensors(nbits, monkeypatch):
     assert common > ids.shape[1] and (first[..., :common, :] - reference[..., :common, :]).abs().max() < 1e-5
     if nbits == 8:
         assert torch.equal(lookup.sequences, plain.sequences)
+
+
+def test_every_token_operation_acts_on_the_rotary_keys():
+    """On one layer: the values (rotary keys) follow c through batch repeat / select, a crop and a reset, and come
+    back whole and exact; without full_precision_values a non-empty value slot is still refused."""
+    layer = quantized_cache.LatentQuantizedLayer(quantized_cache.QuantizationSettings(nbits=8, residual_length=WINDOW))
+    latent, rotary = torch.randn(2, 1, 7, RANK), torch.randn(2, 1, 7, ROTARY)  # (B, 1, T, r_c), (B, 1, T, Gk·2K)
+    keys, values = layer.update(latent, rotary, full_precision_values=True)
+    assert keys.shape == latent.shape and 0 < (keys - latent).abs().max() < 0.1 and torch.equal(values, rotary)
+    layer.batch_repeat_interleave(2)  # rows 0, 0, 1, 1
+    layer.batch_select_indices(torch.tensor([3, 0]))  # rows 1, 0
+    assert torch.equal(layer.values, rotary[[1, 0]]) and layer.codes.shape[0] == 2
+    layer.crop(-1)  # within the window
+    assert torch.equal(layer.values, rotary[[1, 0], :, :6]) and layer.get_seq_length() == 6
+    layer.reset()
+    assert layer.get_seq_length() == 0 and layer.values is None and not layer.carries_values
+    with pytest.raises(ValueError, match="values are their keys"):
+        quantized_cache.LatentQuantizedLayer(layer.settings).update(latent, rotary)

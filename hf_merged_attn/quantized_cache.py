@@ -15,14 +15,14 @@ The decode reads the codes block by block (`LatentQuantizedLayer.attend_absorbed
 eager keeping the weights it returns) — the absorbed latent, and x of merged values alike: both attend one cached
 tensor that is keys and values at once — so no step materialises the whole cache in full precision. A prefill attends
 its own tokens in full precision and dequantizes nothing. Bytes per token — integers, scales and minima, residual
-window included — come from `LatentQuantizedLayer.stored_tensors`.
+window included — come from `LatentQuantizedLayer.stored_tensors`. Rolling back rejected candidates (assisted and
+prompt-lookup decoding) is exact: see `LatentQuantizedLayer`. The cache is not compileable: a fullgraph compile of a
+forward that uses it is refused at its first call (`COMPILE_REFUSAL`).
 
 Rotary latent layers (Llama, Qwen2, Mistral: `rotary_latent.RotaryLatentAttention`) cache the rotated rotary keys
 (B, 1, T, Gk·2K) beside c, in the value slot: those are kept in the model's dtype, never quantized, and every operation
 on tokens (crop, reorder, batch selection, reset) acts on them with c. Their decode receives the whole cache with c
-dequantized at every step (no block-wise reading of the rotary layout yet). Rolling back rejected candidates (assisted and
-prompt-lookup decoding) is exact: see `LatentQuantizedLayer`. The cache is not compileable: a fullgraph compile of a
-forward that uses it is refused at its first call (`COMPILE_REFUSAL`).
+dequantized at every step (no block-wise reading of the rotary layout yet).
 
     from hf_merged_attn import LatentQuantizedCache
     cache = LatentQuantizedCache(model.config, nbits=8)              # or nbits=4, axis="channel", residual_length=64

@@ -120,10 +120,18 @@ def quantized_cache_summary(model) -> str:
     group = QuantizationSettings(**settings).group(width)
     scales = 2 * (width // group if settings["axis"] == "token" else width / group)  # scale + minimum per group
     per_layer = width * settings["nbits"] / 8  # bytes of codes per token and layer, plus the scales below
+    rotary = ""
+    if getattr(modules[0], "rotary", False):  # the rotary keys (value slot) stay in the model's dtype, every token
+        numbers = modules[0].cache_layout.value_width
+        dtype = modules[0].latent_proj.weight.dtype
+        size, name = dtype.itemsize, str(dtype).removeprefix("torch.")
+        rotary = (f" The rotary keys are not quantized: {numbers} numbers ({numbers * size} bytes in {name}) per token "
+                  f"and layer, every token; beyond the window {per_layer + (scales + numbers) * size:g} bytes per token "
+                  f"and layer in all (codes, scales and minima in {name}, rotary keys).")
     return (
         f" `generate()` defaults to a quantized latent cache (LatentQuantizedCache: int{settings['nbits']}, scales per "
         f"{settings['axis']}, groups of {group}, the newest {settings['residual_length']} tokens in full precision): "
-        f"{per_layer:g} bytes of codes + {scales:g} scale numbers per token and layer beyond that window."
+        f"{per_layer:g} bytes of codes + {scales:g} scale numbers per token and layer beyond that window." + rotary
     )
 
 

@@ -19,6 +19,11 @@ window included — come from `LatentQuantizedLayer.stored_tensors`. Rolling bac
 prompt-lookup decoding) is exact: see `LatentQuantizedLayer`. The cache is not compileable: a fullgraph compile of a
 forward that uses it is refused at its first call (`COMPILE_REFUSAL`).
 
+Rotary latent layers (Llama, Qwen2, Mistral: `rotary_latent.RotaryLatentAttention`) cache the rotated rotary keys
+(B, 1, T, Gk·2K) beside c, in the value slot: those are kept in the model's dtype, never quantized, and every operation
+on tokens (crop, reorder, batch selection, reset) acts on them with c. Their decode receives the whole cache with c
+dequantized at every step (no block-wise reading of the rotary layout yet).
+
     from hf_merged_attn import LatentQuantizedCache
     cache = LatentQuantizedCache(model.config, nbits=8)              # or nbits=4, axis="channel", residual_length=64
     model.generate(ids, past_key_values=cache, max_new_tokens=50)
@@ -151,9 +156,14 @@ class LatentQuantizedLayer(DynamicLayer):
         self.codes = self.scale = self.low = None  # the quantized part
         self.record_past = False  # keep the originals of what each update quantizes until the next crop
         self.pending = None  # those originals (B, 1, P, r): the P most recently quantized tokens, in order
+        self.carries_values = False  # a rotary latent layer: its values (the rotary keys) kept whole, unquantized
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if value_states.shape[-1] != 0 or key_states.shape[1] != 1:
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor,
+                            full_precision_values: bool = False) -> None:
+        if full_precision_values and value_states.shape[-1] != 0 and key_states.shape[1] == 1:
+            self.carries_values = True
+            self.reads_codes = False  # attend_absorbed reads c alone: the rotary decode takes the whole cache instead
+        elif value_states.shape[-1] != 0 or key_states.shape[1] != 1:
             raise ValueError(
                 f"LatentQuantizedCache holds layers whose values are their keys, one shared head: the latent "
                 f"(patch_model(model, 'latent', rank=r_c)) or covariance with values='merged'. This layer caches keys "
@@ -172,16 +182,24 @@ class LatentQuantizedLayer(DynamicLayer):
         arguments, such as a number of recurrent states, do not apply: a crop may undo whatever came since the last)."""
         self.record_past = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, read_codes: bool = False, **kwargs):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, read_codes: bool = False,
+               full_precision_values: bool = False, **kwargs):
         """Append (B, 1, T, r) latent tokens; quantize what leaves the window. Returns the whole cache (dequantized
         part + window) as keys, and an empty value slot — or, with read_codes=True (the caller attends the fresh
-        tokens, or the cache through `attend_absorbed`), the window alone, nothing dequantized."""
+        tokens, or the cache through `attend_absorbed`), the window alone, nothing dequantized.
+
+        full_precision_values=True (a rotary latent layer, its rotated rotary keys (B, 1, T, Gk·2K) as values): the
+        values are appended whole in their dtype and returned whole, (B, 1, Tk, Gk·2K), beside the keys above. Without
+        it, a non-empty value slot is refused (the layer caches two tensors of another kind)."""
         if torch.compiler.is_compiling():
             _not_in_a_graph()  # see COMPILE_REFUSAL
         if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+            self.lazy_initialization(key_states, value_states, full_precision_values)
         self.keys = torch.cat([self.keys, key_states], dim=-2)  # the full-precision window
-        self.values = self.keys[..., :0]
+        if self.carries_values:
+            self.values = torch.cat([self.values, value_states], dim=-2)  # (B, 1, Tk, v): every token, never quantized
+        else:
+            self.values = self.keys[..., :0]
         overflow = self.keys.shape[-2] - self.settings.residual_length
         if self.settings.axis == "channel":
             overflow -= overflow % self.group  # whole groups of tokens
@@ -196,14 +214,15 @@ class LatentQuantizedLayer(DynamicLayer):
                 self.codes = torch.cat([self.codes, codes], dim=2)
                 self.scale = torch.cat([self.scale, scale], dim=2)
                 self.low = torch.cat([self.low, low], dim=2)
-            self.values = self.keys[..., :0]
+            if not self.carries_values:
+                self.values = self.keys[..., :0]
         if self.codes is None or read_codes:
             return self.keys, self.values
         # the quantized part is dequantized for this step only: nothing but codes, scales and the window is kept
         restored = dequantize(self.codes, self.scale, self.low, self.settings.nbits, self.settings.axis, self.group,
                               self.keys.dtype)
         keys = torch.cat([restored, self.keys], dim=-2)  # (B, 1, Tk, r_c)
-        return keys, keys[..., :0]
+        return keys, (self.values if self.carries_values else keys[..., :0])
 
     def _blocks(self) -> list[tuple[int, int]]:
         """(start, end) of the blocks `attend_absorbed` reads: the quantized part in `block_size` tokens (whole groups
@@ -329,14 +348,16 @@ class LatentQuantizedLayer(DynamicLayer):
 
     def stored_tensors(self) -> list[torch.Tensor]:
         """What the cache holds for its tokens: codes, scales, minima and the full-precision window (and, while past
-        recording is on, the originals of what was quantized since the last crop)."""
-        return [t for t in (self.codes, self.scale, self.low, self.keys, self.pending) if t is not None]
+        recording is on, the originals of what was quantized since the last crop), and a rotary layer's values (its
+        rotary keys, every token in the model's dtype)."""
+        values = self.values if self.carries_values else None
+        return [t for t in (self.codes, self.scale, self.low, self.keys, self.pending, values) if t is not None]
 
     def _select(self, fn) -> None:
-        for name in ("keys", "codes", "scale", "low", "pending"):
+        for name in ("keys", "codes", "scale", "low", "pending") + (("values",) if self.carries_values else ()):
             if getattr(self, name, None) is not None:
                 setattr(self, name, fn(getattr(self, name)))
-        if self.keys is not None:
+        if self.keys is not None and not self.carries_values:
             self.values = self.keys[..., :0]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -403,7 +424,8 @@ class LatentQuantizedLayer(DynamicLayer):
             if kept == 0:
                 self.codes = self.scale = self.low = None
         self.keys = self.keys[..., : length - kept, :]
-        self.values = self.keys[..., :0]
+        # a rotary layer's values (never quantized) keep their first `length` tokens
+        self.values = self.values[..., :length, :] if self.carries_values else self.keys[..., :0]
 
     def reset(self) -> None:
         """Drop every token: the layer is empty and uninitialised again (transformers 5.17's DynamicLayer.reset
@@ -411,6 +433,8 @@ class LatentQuantizedLayer(DynamicLayer):
         self.keys = self.values = None
         self.is_initialized = False
         self.codes = self.scale = self.low = self.pending = None
+        self.carries_values = False
+        self.__dict__.pop("reads_codes", None)  # the next update decides again
 
 
 class LatentQuantizedCache(Cache):
@@ -438,22 +462,17 @@ GENERATION_FIELD = "merged_attn_cache"  # the generation-config field that makes
 def cache_problem(model, settings: QuantizationSettings, subject: str = "LatentQuantizedCache") -> str | None:
     """Why `model` cannot decode with `LatentQuantizedCache` under `settings` (a sentence starting with `subject`), or
     None if it can: every layer must cache one tensor (the latent, or covariance + merged values) of a width the
-    settings can quantize."""
+    settings can quantize, or be a rotary latent layer (c quantized, its rotary keys kept in the model's dtype)."""
     from .merged_attention import MergedAttention
 
     layers = [m for m in model.modules() if isinstance(m, MergedAttention)]
-    if any(getattr(m, "rotary", False) for m in layers):
-        raise ValueError(
-            "use_quantized_latent_cache: this model's layers are rotary latent layers, which cache the rotated rotary "
-            "keys beside the latent c; the quantized latent cache holds c alone and does not take them yet. Use the "
-            "dynamic or static cache (its size is already c + the kept rotary keys per token)."
-        )
-    if not layers or any(not m.cache_layout.values_are_keys for m in layers) or (
+    if not layers or any(not (m.cache_layout.values_are_keys or getattr(m, "rotary", False)) for m in layers) or (
         len(layers) != model.config.get_text_config(decoder=True).num_hidden_layers
     ):
         return (
             f"{subject} needs every layer patched so that it caches one tensor: "
-            "patch_model(model, 'latent', rank=r_c) or patch_model(model, 'covariance', values='merged') on all layers. "
+            "patch_model(model, 'latent', rank=r_c) or patch_model(model, 'covariance', values='merged') on all layers "
+            "(on rotary families, the latent with its kept rotary keys). "
             f"{type(model).__name__} has {len(layers)} merged layer(s) of "
             f"{sorted({m.mode + ('+values' if m.values else '') for m in layers}) or 'none'}."
         )

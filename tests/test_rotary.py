@@ -448,3 +448,21 @@ def test_forward_hooks_on_the_up_projections_act_in_decode_steps(target):
         prefix = model(ids[:, :-3], use_cache=True)
         step = model(ids[:, -3:], past_key_values=prefix.past_key_values).logits
     assert max_diff(step, full) < 2e-5
+
+
+def test_output_attentions_with_a_static_cache_has_stocks_shape():
+    """A prefill into a static cache returns weights over the whole buffer (B, H, T, max_cache_len), as stock does;
+    the real columns agree with stock's when every pair is kept and r_c covers the values."""
+    family = FAMILIES[0]
+    stock = family.make("eager")
+    model = patch_model(copy.deepcopy(stock), "latent", rank=family.kv_heads * HEAD_DIM)
+    ids, mask = batch(length=6)
+    outputs = []
+    for m in (stock, model):
+        cache = StaticCache(config=m.config, max_cache_len=10)
+        with torch.no_grad():
+            outputs.append(m(ids, attention_mask=mask, past_key_values=cache, output_attentions=True).attentions)
+    for ours, theirs in zip(outputs[1], outputs[0]):
+        assert ours.shape == theirs.shape == (3, HEADS, 6, 10)
+        rows = mask.bool()[:, None, :, None]  # real query rows
+        assert max_diff(ours.masked_fill(~rows, 0), theirs.masked_fill(~rows, 0)) < 1e-5

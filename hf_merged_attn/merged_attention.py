@@ -537,12 +537,13 @@ class MergedAttention:
     dropout_name: str = "attention_dropout"  # the config field of the attention-probability dropout
 
     @classmethod
-    def like(cls, stock: nn.Module, config, mode: str, rank: int | None, values=None, value_rank=None):
-        """An unseeded merged module for the place of `stock` (same layer, device and dtype, its output projection)."""
+    def like(cls, stock: nn.Module, config, mode: str, rank: int | None, values=None, value_rank=None, **extra):
+        """An unseeded merged module for the place of `stock` (same layer, device and dtype, its output projection);
+        `extra` goes to the class's `__init__` (the rotary settings of a rotary latent)."""
         weight = next(stock.parameters())
         output = getattr(stock, cls.output_name) if cls.output_name else None
         return cls(config, mode, rank, stock.layer_idx, output=output, values=values, value_rank=value_rank,
-                   device=weight.device, dtype=weight.dtype)
+                   device=weight.device, dtype=weight.dtype, **extra)
 
     def __init__(
         self,
@@ -663,16 +664,17 @@ class MergedAttention:
         return self.cache_layout.numbers_per_token()
 
     kernel_overrides: dict[str, str] | None = None  # {phase: kernel name}, set by `use_kernels`
+    kernel_table: dict[str, Kernel] | None = None  # the kernels this layer chooses from (None: KERNELS)
 
     def _kernel(self, query: KernelQuery) -> Kernel:
         """The kernel for `query`, resolved once per distinct query (implementation, device, phase, shapes) and
         memoised, so `set_attn_implementation` and `.to()` re-resolve it; traced through under torch.compile."""
         forced = (self.kernel_overrides or {}).get(query.phase)
         if torch.compiler.is_compiling():
-            return resolve_kernel(query, forced)
+            return resolve_kernel(query, forced, self.kernel_table)
         memo = self.__dict__.setdefault("_kernel_memo", {})
         if (query, forced) not in memo:
-            memo[(query, forced)] = resolve_kernel(query, forced)
+            memo[(query, forced)] = resolve_kernel(query, forced, self.kernel_table)
         return memo[(query, forced)]
 
     def extra_repr(self) -> str:

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.cache_utils import Cache
 
-from .attention_kernels import ROTARY_KERNELS, CacheLayout, Kernel, KernelQuery, phase_of, resolve_kernel
+from .attention_kernels import ROTARY_KERNELS, CacheLayout, KernelQuery, phase_of
 from .merged_attention import SUPPORTED_ATTN_IMPLEMENTATIONS, MergedAttention, _hooked, _linear_map, _masked_softmax
 
 
@@ -58,16 +58,8 @@ class RotaryLatentAttention(MergedAttention):
 
     output_name = "o_proj"
     rotary = True
+    kernel_table = ROTARY_KERNELS
     eager_attention = None  # the family's eager attention function (its modeling file's eager_attention_forward)
-
-    @classmethod
-    def like(cls, stock: nn.Module, config, mode: str, rank: int | None, values=None, value_rank=None, *,
-             rope_pairs: int | None = None, rope_selection: str | None = None):
-        """An unseeded module for the place of `stock` (same layer, device, dtype; its o_proj shared)."""
-        weight = next(stock.parameters())
-        return cls(config, mode, rank, stock.layer_idx, output=getattr(stock, cls.output_name), values=values,
-                   value_rank=value_rank, rope_pairs=rope_pairs, rope_selection=rope_selection, device=weight.device,
-                   dtype=weight.dtype)
 
     def __init__(
         self,
@@ -155,15 +147,6 @@ class RotaryLatentAttention(MergedAttention):
     def extra_repr(self) -> str:
         return (f"mode='latent', rank={self.rank}, rope_pairs={self.rope_pairs}, rope_selection={self.rope_selection!r}, "
                 f"layer_idx={self.layer_idx}")
-
-    def _kernel(self, query: KernelQuery) -> Kernel:
-        forced = (self.kernel_overrides or {}).get(query.phase)
-        if torch.compiler.is_compiling():
-            return resolve_kernel(query, forced, ROTARY_KERNELS)
-        memo = self.__dict__.setdefault("_kernel_memo", {})
-        if (query, forced) not in memo:
-            memo[(query, forced)] = resolve_kernel(query, forced, ROTARY_KERNELS)
-        return memo[(query, forced)]
 
     def _angles(self, table: torch.Tensor) -> torch.Tensor:
         """cos or sin (B, T, hd) from the model's rotary embedding -> (B, Gk, T, 2K) at each kept pair's frequency."""

@@ -10,7 +10,6 @@ RoBERTa's modules are BERT's under other names, so one attention class serves bo
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers import BertConfig, RobertaConfig
 from transformers.cache_utils import Cache
 from transformers.models.bert.modeling_bert import (

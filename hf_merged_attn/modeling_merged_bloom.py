@@ -10,7 +10,6 @@ eager attention only (as stock BLOOM).
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers import BloomConfig
 from transformers.cache_utils import Cache
 from transformers.models.bloom.modeling_bloom import (

@@ -8,7 +8,6 @@ embeddings, so nothing sits between Wq and Wk), scales the query by hd^-½, is c
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers import OPTConfig
 from transformers.cache_utils import Cache
 from transformers.models.opt.modeling_opt import (

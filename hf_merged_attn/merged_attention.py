@@ -177,10 +177,11 @@ class PatchConfig:
         if self.rope_pairs is not None:
             self.rope_pairs = int(self.rope_pairs)
 
-    def rope_needs_calibration(self) -> bool:
-        """Whether choosing the kept pairs reads calibration data ('2norm' when pairs are dropped, 'rorope')."""
-        return self.rope_selection == "rorope" or (
-            self.rope_pairs is not None and self.rope_selection in (None, "2norm"))
+    def rope_needs_calibration(self, head_dim: int | None = None) -> bool:
+        """Whether choosing the kept pairs reads calibration data: 'rorope', or '2norm' (the default) when pairs are
+        dropped (rope_pairs < hd/2; without `head_dim`, whenever rope_pairs is given)."""
+        dropped = self.rope_pairs is not None and (head_dim is None or self.rope_pairs < head_dim // 2)
+        return self.rope_selection == "rorope" or (dropped and self.rope_selection in (None, "2norm"))
 
     def _check_values(self) -> None:
         if self.values is not None and self.values not in VALUES:
@@ -255,15 +256,8 @@ class PatchConfig:
         """
         given = calibration is not None
         what = f"calibration (a {type(calibration).__name__})"
-        if self.rope_needs_calibration():
-            if not given:
-                rule = self.rope_selection or "2norm"
-                raise ValueError(
-                    f"rope_selection={rule!r} (the default when rope_pairs drops pairs) chooses the kept rotary pairs "
-                    "from calibration activations; pass calibration=... (e.g. 16 blocks of 256 tokens of text), or a "
-                    "data-free rule: rope_selection='high', 'low' or 'uniform'."
-                )
-            return
+        if self.rope_pairs is not None or self.rope_selection is not None:
+            return  # a rotary patch: checked by patch_model once the head size is known (which rules need data)
         if self.mode == "covariance" and self.value_rank is None and given:
             raise ValueError(
                 f"{what} was given with mode='covariance', which is exact and uses no data. Drop calibration, "

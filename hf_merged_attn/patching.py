@@ -241,8 +241,9 @@ def seeded_rotary_attention(
     return new
 
 
-def _resolve_rotary(patch: PatchConfig, spec: ArchitectureSpec, model: nn.Module) -> None:
-    """Check a patch of a rotary family and fill in its rotary defaults (all pairs; '2norm' when pairs are dropped)."""
+def _resolve_rotary(patch: PatchConfig, spec: ArchitectureSpec, model: nn.Module, calibration) -> None:
+    """Check a patch of a rotary family and fill in its rotary defaults (all pairs; '2norm' when pairs are dropped):
+    r_c within what the latent can hold, calibration given where a rule or the seeding reads it."""
     config = model.config
     if patch.mode != "latent":
         raise NotImplementedError(
@@ -264,12 +265,36 @@ def _resolve_rotary(patch: PatchConfig, spec: ArchitectureSpec, model: nn.Module
             f"rope_pairs={patch.rope_pairs} exceeds hd/2 = {half} (head size {head_dim}): a head has {half} frequency "
             f"pairs. Use 0 <= rope_pairs <= {half} ({half} keeps every pair rotated: exact)."
         )
+    if patch.rope_pairs is None and patch.rope_selection not in (None, "rorope"):
+        logger.warning("rope_selection=%r was given without rope_pairs: every pair stays rotated (the default, "
+                       "rope_pairs=%d), so no rule applies. Pass rope_pairs=r < %d to drop pairs.",
+                       patch.rope_selection, half, half)
+    if calibration is None and patch.rope_needs_calibration(head_dim):
+        rule = patch.rope_selection or "2norm"
+        default = " (the default when rope_pairs drops pairs)" if patch.rope_selection is None else ""
+        raise ValueError(
+            f"rope_selection={rule!r}{default} chooses the kept rotary pairs from calibration activations; pass "
+            "calibration=... (e.g. 16 blocks of 256 tokens of text), or a data-free rule: rope_selection='high', "
+            "'low' or 'uniform'."
+        )
+    if patch.init == "whitened" and calibration is None:
+        patch.check_calibration(None)  # the usual message: init='whitened' needs calibration
     if patch.rope_pairs is None:
         patch.rope_pairs = half
     if patch.rope_selection is None and patch.rope_pairs < half:
         patch.rope_selection = "2norm"
     if patch.rope_pairs == half and patch.rope_selection in ("2norm", "high", "low", "uniform"):
         patch.rope_selection = None  # every pair of every head is kept: the rules agree
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    widest = kv_heads * (2 * head_dim - 2 * patch.rope_pairs)  # NoPE keys + values: what a latent can hold
+    ranks = patch.rank.values() if isinstance(patch.rank, dict) else [patch.rank]
+    too_wide = [r for r in ranks if widest < r < config.hidden_size]
+    if too_wide:
+        raise ValueError(
+            f"rank={patch.rank} exceeds {widest}, the width of the NoPE keys and the values together (G·(2·hd − 2r) = "
+            f"{kv_heads}·(2·{head_dim} − 2·{patch.rope_pairs})): a latent of {widest} already holds them exactly. Use "
+            f"rank <= {widest} (or the hidden size {config.hidden_size})."
+        )
 
 
 def _rank_for_energy(spec: ArchitectureSpec, attn: nn.Module, mode: str, energy: float) -> int:
@@ -374,7 +399,7 @@ def patch_model(
     config = model.config
     spec.check_model(config)
     if spec.rotary:
-        _resolve_rotary(patch, spec, model)
+        _resolve_rotary(patch, spec, model, calibration)
     elif patch.rope_pairs is not None or patch.rope_selection is not None:
         raise ValueError(
             f"rope_pairs={patch.rope_pairs!r} / rope_selection={patch.rope_selection!r} were given for "
@@ -392,7 +417,9 @@ def patch_model(
     patched = [(parent, name, old) for parent, name, old in found if old.layer_idx in patch.layers]
     _refuse_adapters(model, spec, patch, [old for _, _, old in patched])
     moments, calibration_tokens, pair_norms = {}, None, {}
-    if spec.rotary and calibration is not None:  # the pair norms ('2norm') and moments (RoRoPE, whitening) in one pass
+    rotary_data = spec.rotary and (patch.init == "whitened" or patch.rope_needs_calibration(
+        getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads))
+    if rotary_data:  # the pair norms ('2norm') and moments (RoRoPE, whitening) in one pass
         moments, calibration_tokens, pair_norms = collect_rotary_statistics(model, calibration, patch.layers)
     elif patch.init == "whitened":  # one pass of the STOCK model; raises on bad calibration before any swap
         moments, calibration_tokens = collect_attention_moments(model, calibration, patch.layers)

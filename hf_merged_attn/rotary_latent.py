@@ -28,7 +28,14 @@ from torch.nn import functional as F
 from transformers.cache_utils import Cache
 
 from .attention_kernels import ROTARY_KERNELS, CacheLayout, KernelQuery, phase_of
-from .merged_attention import SUPPORTED_ATTN_IMPLEMENTATIONS, MergedAttention, _hooked, _linear_map, _masked_softmax
+from .merged_attention import (
+    ROPE_SELECTIONS,
+    SUPPORTED_ATTN_IMPLEMENTATIONS,
+    MergedAttention,
+    _hooked,
+    _linear_map,
+    _masked_softmax,
+)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -90,7 +97,7 @@ class RotaryLatentAttention(MergedAttention):
         self.qk_head_dim, self.scaling, self.is_causal, self.upcast_scores = hd, settings["scaling"], True, False
         self.values = self.value_rank = self.value_bias = None
         self.rope_pairs = hd // 2 if rope_pairs is None else rope_pairs
-        if not 0 <= self.rope_pairs <= hd // 2 or rope_selection not in (None, "2norm", "high", "low", "uniform", "rorope"):
+        if not 0 <= self.rope_pairs <= hd // 2 or rope_selection not in (None, *ROPE_SELECTIONS):
             raise ValueError(
                 f"rope_pairs={rope_pairs!r} / rope_selection={rope_selection!r} do not describe a rotary latent of head "
                 f"size {hd}: rope_pairs must be 0 .. {hd // 2}, rope_selection one of 2norm, high, low, uniform, rorope."
@@ -214,6 +221,9 @@ class RotaryLatentAttention(MergedAttention):
         if phase == "decode" and hooked:  # what hooks on k_up / v_up do acts on the latent itself: expand it
             kernel = ROTARY_KERNELS["rotary_expand"]
             attention_mask = self._decode_mask(attention_mask, length, latent.shape[1])
+            if implementation == "eager" and attention_mask is not None and attention_mask.dtype == torch.bool:
+                low = torch.finfo(latent.dtype).min  # the family's eager attention adds its mask
+                attention_mask = torch.zeros((), dtype=latent.dtype, device=latent.device).masked_fill(~attention_mask, low)
         output, weights = kernel.run(self, inputs, attention_mask, implementation == "eager", kwargs)  # (B, T, H, hd)
         if weights is not None and weights.shape[-1] < buffer:  # a static cache's prefill: stock returns the buffer
             weights = F.pad(weights, (0, buffer - weights.shape[-1]))

@@ -538,7 +538,8 @@ def selection_maps(kept: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, tor
     rope = torch.zeros(kv_heads, kv_heads, head_dim, 2 * pairs, dtype=_SEED_DTYPE)
     nope = torch.zeros(kv_heads, kv_heads, head_dim, head_dim - 2 * pairs, dtype=_SEED_DTYPE)
     for g in range(kv_heads):
-        dropped = [f for f in range(half) if f not in set(kept[g].tolist())]
+        keep = set(kept[g].tolist())
+        dropped = [f for f in range(half) if f not in keep]
         for j, f in enumerate(kept[g].tolist()):
             rope[g, g, f, j] = rope[g, g, f + half, pairs + j] = 1.0
         for j, f in enumerate(dropped):
@@ -565,13 +566,14 @@ def rorope_maps(wk: torch.Tensor, bk: torch.Tensor | None, moment: torch.Tensor,
     """
     kv_heads, d, head_dim = wk.shape
     half = head_dim // 2
-    keys = torch.cat([wk.to(_SEED_DTYPE), (torch.zeros(kv_heads, 1, head_dim, dtype=_SEED_DTYPE) if bk is None
-                      else bk.to(_SEED_DTYPE).unsqueeze(1))], dim=1)  # (G, d+1, hd): [Wk; bk]
-    second = torch.einsum("gaf,ab,hbf->fgh", keys, moment.to(_SEED_DTYPE), keys)  # (hd, G, G): E[k_g k_h] per dim
+    wk = wk.to(_SEED_DTYPE)
+    keys = torch.cat([wk, (wk.new_zeros(kv_heads, 1, head_dim) if bk is None
+                      else bk.to(wk.device, _SEED_DTYPE).unsqueeze(1))], dim=1)  # (G, d+1, hd): [Wk; bk]
+    second = torch.einsum("gaf,ab,hbf->fgh", keys, moment.to(wk.device, _SEED_DTYPE), keys)  # (hd, G, G): E[k_g k_h]
     cov = second[:half] + second[half:]  # (hd/2, G, G): both halves of each pair
     energy, vectors = torch.linalg.eigh(cov)  # ascending
     energy, mix = energy.flip(-1), vectors.flip(-1).mT  # (hd/2, G) descending; mix[f, j, g] = U_f[j, g]
-    order = sorted(range(half * kv_heads), key=lambda t: -energy.reshape(-1)[t].item())
+    order = energy.flatten().cpu().argsort(descending=True, stable=True).tolist()  # (f, j) as f·G + j, strongest first
     kept = sorted(order[: kv_heads * pairs])
     dropped = sorted(order[kv_heads * pairs:])
 
@@ -614,6 +616,7 @@ def rotary_latent_from_kv(
         "value_up" (G, r_c, hd)}, float64.
     """
     wk = wk.to(_SEED_DTYPE)
+    rope_map, nope_map = rope_map.to(wk.device, _SEED_DTYPE), nope_map.to(wk.device, _SEED_DTYPE)  # the weights' device
     out = {"rope_weight": torch.einsum("gdh,kghf->kdf", wk, rope_map)}  # (Gk, d, 2K)
     if bk is not None:
         out["rope_bias"] = torch.einsum("gh,kghf->kf", bk.to(_SEED_DTYPE), rope_map)  # (Gk, 2K)

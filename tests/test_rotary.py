@@ -466,3 +466,19 @@ def test_output_attentions_with_a_static_cache_has_stocks_shape():
         assert ours.shape == theirs.shape == (3, HEADS, 6, 10)
         rows = mask.bool()[:, None, :, None]  # real query rows
         assert max_diff(ours.masked_fill(~rows, 0), theirs.masked_fill(~rows, 0)) < 1e-5
+
+
+def test_rotary_settings_checked_against_the_head_size(caplog):
+    """rope_pairs = hd/2 keeps every pair: no rule applies, so no calibration is needed (exact); a rule given without
+    dropping pairs is said to do nothing; r_c above what the NoPE keys and values span is refused with the bound."""
+    stock = FAMILIES[0].make()
+    ids = torch.randint(2, VOCAB, (2, 8))
+    model = patch_model(copy.deepcopy(stock), "latent", rank=HIDDEN, rope_pairs=PAIRS)
+    with torch.no_grad():
+        assert max_diff(model(ids).logits, stock(ids).logits) < 2e-5
+    with caplog.at_level("WARNING", logger="hf_merged_attn.patching"):
+        patch_model(copy.deepcopy(stock), "latent", rank=16, rope_selection="low")
+    assert "every pair stays rotated" in caplog.text
+    widest = 2 * (2 * HEAD_DIM - 2 * 2)  # G·(2·hd − 2r) at r = 2
+    with pytest.raises(ValueError, match=rf"rank=25 exceeds {widest}, the width of the NoPE keys and the values"):
+        patch_model(copy.deepcopy(stock), "latent", rank=25, rope_pairs=2, rope_selection="high")

@@ -256,8 +256,14 @@ class PatchConfig:
         """
         given = calibration is not None
         what = f"calibration (a {type(calibration).__name__})"
+        if self.init == "whitened" and not given:
+            raise ValueError(
+                "init='whitened' needs calibration=...: an iterable of batches of token ids (LongTensors (B, T), "
+                "lists of ids, or dicts with 'input_ids', e.g. a DataLoader or a tokenized dataset) to measure "
+                "the attention inputs on. Pass e.g. 16 blocks of 256 tokens of training text, or use init='svd'."
+            )
         if self.rope_pairs is not None or self.rope_selection is not None:
-            return  # a rotary patch: checked by patch_model once the head size is known (which rules need data)
+            return  # a rotary patch: the rules' data needs are checked by patch_model once the head size is known
         if self.mode == "covariance" and self.value_rank is None and given:
             raise ValueError(
                 f"{what} was given with mode='covariance', which is exact and uses no data. Drop calibration, "
@@ -267,12 +273,6 @@ class PatchConfig:
             raise ValueError(
                 f"{what} was given with init='svd', which factors the weights alone and ignores data. Pass "
                 "init='whitened' to use the calibration activations, or drop calibration."
-            )
-        if self.init == "whitened" and not given:
-            raise ValueError(
-                "init='whitened' needs calibration=...: an iterable of batches of token ids (LongTensors (B, T), "
-                "lists of ids, or dicts with 'input_ids', e.g. a DataLoader or a tokenized dataset) to measure "
-                "the attention inputs on. Pass e.g. 16 blocks of 256 tokens of training text, or use init='svd'."
             )
 
     def check_against(self, hidden_size: int, num_layers: int, num_heads: int | None = None) -> None:

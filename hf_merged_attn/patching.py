@@ -241,9 +241,10 @@ def seeded_rotary_attention(
     return new
 
 
-def _resolve_rotary(patch: PatchConfig, spec: ArchitectureSpec, model: nn.Module, calibration) -> None:
+def _resolve_rotary(patch: PatchConfig, spec: ArchitectureSpec, model: nn.Module, calibration) -> bool:
     """Check a patch of a rotary family and fill in its rotary defaults (all pairs; '2norm' when pairs are dropped):
-    r_c within what the latent can hold, calibration given where a rule or the seeding reads it."""
+    r_c within what the latent can hold, calibration given where a rule or the seeding reads it. Returns whether the
+    seeding reads calibration data (the kept-pair rule or whitening)."""
     config = model.config
     if patch.mode != "latent":
         raise NotImplementedError(
@@ -269,6 +270,7 @@ def _resolve_rotary(patch: PatchConfig, spec: ArchitectureSpec, model: nn.Module
         logger.warning("rope_selection=%r was given without rope_pairs: every pair stays rotated (the default, "
                        "rope_pairs=%d), so no rule applies. Pass rope_pairs=r < %d to drop pairs.",
                        patch.rope_selection, half, half)
+    needs_data = patch.init == "whitened" or patch.rope_needs_calibration(head_dim)
     if calibration is None and patch.rope_needs_calibration(head_dim):
         rule = patch.rope_selection or "2norm"
         default = " (the default when rope_pairs drops pairs)" if patch.rope_selection is None else ""
@@ -277,8 +279,6 @@ def _resolve_rotary(patch: PatchConfig, spec: ArchitectureSpec, model: nn.Module
             "calibration=... (e.g. 16 blocks of 256 tokens of text), or a data-free rule: rope_selection='high', "
             "'low' or 'uniform'."
         )
-    if patch.init == "whitened" and calibration is None:
-        patch.check_calibration(None)  # the usual message: init='whitened' needs calibration
     if patch.rope_pairs is None:
         patch.rope_pairs = half
     if patch.rope_selection is None and patch.rope_pairs < half:
@@ -295,6 +295,7 @@ def _resolve_rotary(patch: PatchConfig, spec: ArchitectureSpec, model: nn.Module
             f"{kv_heads}·(2·{head_dim} − 2·{patch.rope_pairs})): a latent of {widest} already holds them exactly. Use "
             f"rank <= {widest} (or the hidden size {config.hidden_size})."
         )
+    return needs_data
 
 
 def _rank_for_energy(spec: ArchitectureSpec, attn: nn.Module, mode: str, energy: float) -> int:
@@ -398,8 +399,9 @@ def patch_model(
     spec = spec_for_model(model)
     config = model.config
     spec.check_model(config)
+    rotary_data = False  # whether a rotary patch reads calibration data
     if spec.rotary:
-        _resolve_rotary(patch, spec, model, calibration)
+        rotary_data = _resolve_rotary(patch, spec, model, calibration)
     elif patch.rope_pairs is not None or patch.rope_selection is not None:
         raise ValueError(
             f"rope_pairs={patch.rope_pairs!r} / rope_selection={patch.rope_selection!r} were given for "
@@ -417,8 +419,6 @@ def patch_model(
     patched = [(parent, name, old) for parent, name, old in found if old.layer_idx in patch.layers]
     _refuse_adapters(model, spec, patch, [old for _, _, old in patched])
     moments, calibration_tokens, pair_norms = {}, None, {}
-    rotary_data = spec.rotary and (patch.init == "whitened" or patch.rope_needs_calibration(
-        getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads))
     if rotary_data:  # the pair norms ('2norm') and moments (RoRoPE, whitening) in one pass
         moments, calibration_tokens, pair_norms = collect_rotary_statistics(model, calibration, patch.layers)
     elif patch.init == "whitened":  # one pass of the STOCK model; raises on bad calibration before any swap

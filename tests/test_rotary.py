@@ -383,6 +383,8 @@ def test_rotary_refusals_say_what_to_do():
         patch_model(copy.deepcopy(llama), "latent", rank=8, rope_pairs=5, rope_selection="high")
     with pytest.raises(ValueError, match=r"rope_selection='2norm'.*pass calibration=.*'high'"):
         patch_model(copy.deepcopy(llama), "latent", rank=8, rope_pairs=2)
+    with pytest.raises(ValueError, match=r"init='whitened' needs calibration=\.\.\."):  # data-free rule, whitened seed
+        patch_model(copy.deepcopy(llama), "latent", rank=8, rope_pairs=2, rope_selection="high", init="whitened")
     with pytest.raises(ValueError, match=r"rope_selection='best' is not a rule"):
         patch_model(copy.deepcopy(llama), "latent", rank=8, rope_pairs=2, rope_selection="best")
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_head=4, n_layer=1, vocab_size=VOCAB))

@@ -53,6 +53,7 @@ from transformers.pytorch_utils import Conv1D
 
 from hf_merged_attn import PatchConfig, patch_model
 from hf_merged_attn.evaluation import evaluate_perplexity, kv_cache_bytes_per_token
+from hf_merged_attn.recovery import recover_layerwise
 from hf_merged_attn.registry import REGISTRY, ROTARY_MODEL_TYPES, SPECS
 from checkpoints import checkpoint_step, load_checkpoint, resume_point, save_checkpoint
 from lm_data import EpochSampler, check_data_file, load_lm_data
@@ -156,12 +157,30 @@ class AdapterHubArguments:
     hub_token: str | None = arg(None)
 
 
-GROUPS = (ModelDataArguments, ComparisonArguments, TrainArguments, EvaluationArguments, AdapterHubArguments)
+@dataclass
+class RecoveryArguments:
+    """Winning back what a patch that is not exact costs: layer-wise recovery before fine-tuning, distillation."""
+
+    _argument_group_name = "recovery (patched modes; stock runs are unchanged)"
+    recover_steps: int = arg(0, "layer-wise recovery after patching (hf_merged_attn.recovery.recover_layerwise): "
+                                "optimizer steps per attention layer, each on one batch of train blocks (0: off)")
+    recover_samples: int = arg(64, "evenly spaced train blocks the layer-wise recovery fits on")
+    recover_batch_size: int = arg(8, "train blocks per layer-wise recovery step")
+    recover_learning_rate: float = arg(1e-3)
+    recover_inputs: Literal["stock", "patched"] = arg(
+        "patched", "each layer's input: the stock model's activations, or the patched model's own after the earlier "
+        "layers were recovered (GPTQ-style)")
+    distill: bool = arg(False, "fine-tune patched models on KL(stock ‖ patched) of the next-token distributions, the "
+                               "stock model's logits as the target, instead of the LM loss (stock runs keep the LM loss)")
+
+
+GROUPS = (ModelDataArguments, ComparisonArguments, TrainArguments, EvaluationArguments, RecoveryArguments,
+          AdapterHubArguments)
 
 
 @dataclass
-class FinetuneArguments(AdapterHubArguments, EvaluationArguments, TrainArguments, ComparisonArguments,
-                        ModelDataArguments):
+class FinetuneArguments(AdapterHubArguments, RecoveryArguments, EvaluationArguments, TrainArguments,
+                        ComparisonArguments, ModelDataArguments):
     """Every setting of a comparison, as one typed object: drivers (study.py) derive a run's settings from it with
     `dataclasses.replace`. Its fields are those of the groups above, in their order."""
 
@@ -245,9 +264,12 @@ def validate(args: FinetuneArguments) -> tuple[list, AutoConfig]:
         for flag, path in (("--train_file", args.train_file), ("--validation_file", args.validation_file)):
             check_data_file(flag, path)
     for flag in ("max_train_steps", "seeds", "per_device_train_batch_size", "gradient_accumulation_steps", "block_size",
-                 "calibration_samples"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} {getattr(args, flag)} must be >= 1.")
+                 "calibration_samples", "recover_samples", "recover_batch_size"):
+        if getattr(args, flag) < (0 if flag == "max_train_steps" else 1):
+            raise ValueError(f"--{flag} {getattr(args, flag)} must be >= {0 if flag == 'max_train_steps' else 1}.")
+    if args.recover_steps < 0 or args.recover_learning_rate <= 0:
+        raise ValueError(f"--recover_steps {args.recover_steps} must be >= 0 (0: no layer-wise recovery) and "
+                         f"--recover_learning_rate {args.recover_learning_rate} > 0.")
     config = AutoConfig.from_pretrained(args.model_name_or_path)
     spec = causal_lm_spec(config, args.model_name_or_path)
     positions = getattr(config, "max_position_embeddings", None)  # None: no learned positions (BLOOM's ALiBi)
@@ -372,11 +394,12 @@ def _rope_settings(model) -> dict:
     return {key: record.get(key) for key in ("rope_pairs", "rope_selection")}
 
 
-def eval_loss(model, stream, args, max_tokens=None) -> dict:
+def eval_loss(model, stream, args, max_tokens=None, reference=None) -> dict:
+    """Held-out perplexity (and, with a reference model, the KL to its next-token distributions)."""
     ids = stream[:max_tokens] if max_tokens else stream
     return evaluate_perplexity(
         model, ids, max_length=args.block_size, stride=args.eval_stride or args.block_size // 2,
-        batch_size=args.per_device_eval_batch_size,
+        batch_size=args.per_device_eval_batch_size, reference=reference,
     )
 
 
@@ -395,7 +418,24 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
     model = build_model(args, mode, rank, calibration)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    at_patch = eval_loss(model, stream, args) if accelerator.is_main_process else None
+    # the stock model a patched one is recovered towards: layer-wise targets, distillation's teacher, the eval's KL
+    reference = None
+    if mode != "stock" and (args.recover_steps or args.distill):
+        reference = AutoModelForCausalLM.from_pretrained(args.model_name_or_path).to(accelerator.device).eval()
+        reference.requires_grad_(False)
+    at_patch = eval_loss(model, stream, args, reference=reference) if accelerator.is_main_process else None
+    recovered = None
+    if mode != "stock" and args.recover_steps:
+        n = min(args.recover_samples, len(train_data))
+        blocks = train_data[[i * len(train_data) // n for i in range(n)]]["input_ids"]  # evenly spaced, as calibration
+        start = time.perf_counter()
+        layers = recover_layerwise(model.to(accelerator.device), reference, blocks.split(args.recover_batch_size),
+                                   steps=args.recover_steps, learning_rate=args.recover_learning_rate,
+                                   inputs=args.recover_inputs, seed=seed,
+                                   show_progress=accelerator.is_local_main_process)
+        recovered = {"seconds": time.perf_counter() - start, "layers": layers}
+        if accelerator.is_main_process:
+            recovered.update(eval_loss(model, stream, args, reference=reference))
     sampler = EpochSampler(len(train_data), seed)
     # its own generator: starting an epoch then draws no number from the global RNG, so dropout masks after a
     # resume (whose iterator starts after the RNG state is restored) match the uninterrupted run
@@ -455,7 +495,14 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
                 start = time.perf_counter()
                 lr = optimizer.param_groups[0]["lr"]  # the learning rate of this optimizer step
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss
+                    if args.distill and reference is not None:  # KL(stock ‖ patched) per token, the teacher frozen
+                        with torch.no_grad():
+                            target = reference(input_ids=batch["input_ids"]).logits.float().log_softmax(-1)
+                        ours = model(input_ids=batch["input_ids"]).logits.float().log_softmax(-1)
+                        loss = nn.functional.kl_div(ours.flatten(0, 1), target.flatten(0, 1), log_target=True,
+                                                    reduction="batchmean")
+                    else:
+                        loss = model(**batch).loss
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and args.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -488,7 +535,7 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
     unwrapped = accelerator.unwrap_model(model)
     record = None
     if evaluates:
-        after = eval_loss(unwrapped, stream, args)
+        after = eval_loss(unwrapped, stream, args, reference=reference)
         cache_bytes = kv_cache_bytes_per_token(unwrapped)  # measured on the cache object of a short generate()
         probe = stream[: args.block_size][None].to(accelerator.device)
         with torch.no_grad():
@@ -503,6 +550,11 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
             "ranks_per_block": _ranks_per_block(unwrapped), **_rope_settings(unwrapped),
             "total_params": total, "trainable_params": trainable, "kv_cache_bytes_per_token": cache_bytes,
             "perplexity_at_patch": at_patch["perplexity"], "perplexity_after": after["perplexity"],
+            "kl_at_patch": at_patch.get("kl_to_reference"), "kl_after": after.get("kl_to_reference"),
+            "perplexity_after_recovery": recovered and recovered["perplexity"],
+            "kl_after_recovery": recovered and recovered["kl_to_reference"],
+            "recover_time_s": recovered and recovered["seconds"], "recover_layers": recovered and recovered["layers"],
+            "distilled": bool(args.distill and reference is not None),
             "eval_tokens": after["tokens"], "train_steps": step, "train_tokens": step * tokens_per_step,
             "tokens_per_s": timed_steps * tokens_per_step / train_time if train_time else None,
             "peak_memory_mb": memory.peak_mb, "train_time_s": train_time,

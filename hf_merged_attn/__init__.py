@@ -3,8 +3,10 @@
     from hf_merged_attn import patch_model
     patch_model(model, mode="covariance")          # S_h = Wq_h Wk_hᵀ, exact
     patch_model(model, mode="lowrank", rank=32)    # S_h ≈ U_h V_hᵀ
+    recover_layerwise(model, stock, calibration)   # fit each patched layer back to the stock one
 
-Families: GPT-2, OPT, BLOOM (ALiBi), BERT and RoBERTa encoders (`registry.SPECS`); rotary models are refused.
+Families: GPT-2, OPT, BLOOM (ALiBi), BERT and RoBERTa encoders, and the rotary Llama, Qwen2 and Mistral (the rotary
+latent mode) (`registry.SPECS`); other rotary families are refused.
 Importing the package registers the merged config and model classes with transformers' Auto classes, so saved
 checkpoints load with `AutoModelForCausalLM.from_pretrained(folder)` (or `AutoModel`) without remote code.
 """
@@ -33,6 +35,7 @@ from .modeling_merged_gpt2 import (
 from .modeling_merged_opt import MergedOPTAttention, MergedOPTConfig, MergedOPTForCausalLM, MergedOPTModel
 from .patching import patch_model, unpatch_model
 from .quantized_cache import LatentQuantizedCache, use_quantized_latent_cache
+from .recovery import recover_layerwise
 from .registry import REGISTRY, SPECS
 
 for _spec in SPECS:
@@ -70,6 +73,7 @@ __all__ = [
     "MergedRobertaModel",
     "PatchConfig",
     "patch_model",
+    "recover_layerwise",
     "unpatch_model",
     "use_kernels",
     "use_quantized_latent_cache",

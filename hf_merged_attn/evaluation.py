@@ -43,8 +43,12 @@ def evaluate_perplexity(
     stride: int | None = None,
     batch_size: int = 8,
     show_progress: bool = False,
+    reference: nn.Module | None = None,
 ) -> dict[str, float]:
     """Token-weighted strided sliding-window perplexity of `model` on a 1-D token stream.
+
+    With a `reference` model (e.g. the stock model a patched one was made from), the same pass also gives the mean
+    KL(reference ‖ model) of the next-token distributions over the scored tokens, in nats.
 
     Args:
         model: a causal LM returning `.logits` (any mode, patched or stock: the same evaluator for all).
@@ -53,9 +57,11 @@ def evaluate_perplexity(
         stride: step between windows, 1 <= stride <= max_length (default, None: max_length // 2).
         batch_size: windows per forward pass.
         show_progress: tqdm bar over batches.
+        reference: a causal LM with the same vocabulary, run on the same windows.
 
     Returns:
-        {"perplexity", "loss" (mean NLL per scored token), "tokens" (number scored)}.
+        {"perplexity", "loss" (mean NLL per scored token), "tokens" (number scored)}, and "kl_to_reference" with a
+        reference.
     """
     if input_ids.dim() != 1 or input_ids.numel() < 2:
         raise ValueError(f"input_ids must be a 1-D token stream of at least 2 tokens; got shape {tuple(input_ids.shape)}.")
@@ -73,11 +79,13 @@ def evaluate_perplexity(
         )
     if stride is None:
         stride = max_length // 2
-    was_training = model.training
+    was_training = model.training, reference is not None and reference.training
     model.eval()
+    if reference is not None:
+        reference.eval()
     device = next(model.parameters()).device
     windows = sliding_windows(input_ids.numel(), max_length, stride)
-    total_nll, total_tokens = 0.0, 0
+    total_nll, total_kl, total_tokens = 0.0, 0.0, 0
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
     for batch in tqdm(batches, desc="perplexity", disable=not show_progress, leave=False):
         length = max(end - begin for begin, end, _ in batch)
@@ -96,9 +104,20 @@ def evaluate_perplexity(
         )
         total_nll += nll.item()
         total_tokens += int((targets[:, 1:] != -100).sum())
-    model.train(was_training)
+        if reference is not None:
+            scored = (targets[:, 1:] != -100).to(device)  # (B, L-1): the positions whose next token is scored
+            theirs = reference(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()[:, :-1][scored]
+            ours = logits[:, :-1][scored]  # (scored tokens, vocab)
+            total_kl += nn.functional.kl_div(ours.log_softmax(-1), theirs.log_softmax(-1), log_target=True,
+                                             reduction="sum").item()
+    model.train(was_training[0])
+    if reference is not None:
+        reference.train(was_training[1])
     loss = total_nll / total_tokens
-    return {"perplexity": math.exp(loss), "loss": loss, "tokens": total_tokens}
+    result = {"perplexity": math.exp(loss), "loss": loss, "tokens": total_tokens}
+    if reference is not None:
+        result["kl_to_reference"] = total_kl / total_tokens
+    return result
 
 
 @torch.no_grad()

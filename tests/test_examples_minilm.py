@@ -120,7 +120,27 @@ def test_recover_minilm_quick(tmp_path):
     assert not any(str(tmp_path.parent) in str(v) for v in result["args"].values())  # no machine paths recorded
 
 
+def test_recover_minilm_layerwise(tmp_path):
+    """--layerwise_steps (#29): layer-wise recovery of the real weights, with no end-to-end steps after it."""
+    out = tmp_path / "layerwise"
+    run("recover_minilm.py", "--configs", "latent:48:whitened", "--seeds", "1", "--train_sentences", "64",
+        "--eval_sentences", "48", "--calibration_sentences", "16", "--layerwise_steps", "20", "--layerwise_sentences",
+        "64", "--max_steps", "0", "--output_dir", str(out), "--num_threads", "2")
+    result = json.loads((out / "recovery.json").read_text())
+    (latent,) = result["runs"]
+    assert len(latent["layerwise_layers"]) == 6 and latent["train_seconds"] == 0.0
+    assert all(r["error_after"] < r["error_before"] for r in latent["layerwise_layers"])
+    assert latent["after_layerwise"]["mean_cosine"] > latent["at_patch"]["mean_cosine"]  # held-out sentences follow
+    assert latent["after"]["mean_cosine"] == latent["after_layerwise"]["mean_cosine"]
+    md = (out / "recovery.md").read_text()
+    assert "Layer-wise recovery first: 20 Adam steps per attention layer" in md
+    assert "| configuration | cache vs stock | cos at patch | cos after layer-wise | cos after |" in md
+
+
 def test_recover_minilm_refuses_bad_configs():
     proc = subprocess.run([sys.executable, str(EXAMPLES / "recover_minilm.py"), "--configs", "latent:96"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--configs entry 'latent:96': allowed are covariance, lowrank:R:INIT" in proc.stderr
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "recover_minilm.py"), "--max_steps", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "there is nothing to recover with" in proc.stderr

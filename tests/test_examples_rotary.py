@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 import cache_sweep  # noqa: E402
 import finetune  # noqa: E402
+import recover  # noqa: E402
 import study  # noqa: E402
 
 SHIPPED_DATA = ROOT / "examples" / "data" / "shakespeare"
@@ -134,6 +135,52 @@ def test_finetune_refuses_rope_settings_on_a_non_rotary_model(tmp_path):
                                          r"model, whose positions are not rotary"):
         finetune.main(["--rope_selection", "high", "--output_dir", str(out)])
     assert not out.exists()
+
+
+def test_finetune_recovers_layer_wise_then_distills(assets, tmp_path):
+    """--recover_steps: the layer-wise recovery runs after patching and is scored; --distill: KL to stock."""
+    out = tmp_path / "recover"
+    results = finetune.main(finetune_args(assets, out, "--modes", "stock,latent:8", "--rope_pairs", "1",
+                                          "--recover_steps", "20", "--recover_samples", "8", "--recover_batch_size",
+                                          "4", "--distill", "--learning_rate", "1e-3"))
+    stock, latent = results["runs"]
+    assert stock["perplexity_after_recovery"] is None and stock["kl_at_patch"] is None and not stock["distilled"]
+    assert latent["distilled"] and len(latent["recover_layers"]) == 2 and latent["recover_time_s"] > 0
+    assert all(r["error_after"] < r["error_before"] for r in latent["recover_layers"])
+    # the recovery moves the model towards stock's next-token distributions, and distillation further
+    assert latent["kl_after_recovery"] < latent["kl_at_patch"]
+    assert latent["kl_after"] < latent["kl_after_recovery"]
+    assert latent["reload_max_abs_diff"] < 1e-4  # the recovered, distilled model saves and reloads
+
+
+def test_recover_quick_on_a_llama_folder(assets, tmp_path):
+    out = tmp_path / "recover"
+    command = ["--quick", "--model_name_or_path", str(assets["model"]), "--train_file", str(assets["data"] / "train.txt"),
+               "--validation_file", str(assets["data"] / "validation.txt"), "--calibration_samples", "4",
+               "--block_size", "64", "--budgets", "0.5", "--rope_pairs", "1", "--output_dir", str(out)]
+    result = recover.main(command)
+    # stock caches 2·G·hd = 32 numbers per token and layer; half of that is r_c = 16 − G·2r = 12 beside the rotary keys
+    (row,) = result["summary"]
+    assert row["rank"] == 12 and row["kv_cache_bytes_per_token"] == latent_bytes(12, 1) == STOCK_BYTES / 2
+    assert result["stock"]["kv_cache_bytes_per_token"] == STOCK_BYTES
+    assert [r["arm"] for r in result["runs"]] == list(recover.ARMS)
+    e2e, both = result["runs"]
+    assert e2e["perplexity_at_patch"] == pytest.approx(both["perplexity_at_patch"], rel=1e-6)  # the same patch
+    assert e2e["perplexity_after_recovery"] is None and both["recover_time_s"] > 0
+    for stage in ("at patch", "layer-wise", "end-to-end", "layer-wise + end-to-end"):
+        assert row[stage]["perplexity"]["n"] == 1
+    md = (out / "recovery_smollm2.md").read_text()
+    assert "| −50.00% | 12 | 128 |" in md and (out / "recovery_smollm2.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "runs" / "save0.5-e2e-seed0").exists()  # models deleted, records kept
+    again = recover.main(command)  # finished runs are reused
+    assert again["runs"] == result["runs"]
+
+
+def test_recover_refuses_a_budget_without_room_for_the_latent(assets, tmp_path):
+    with pytest.raises(ValueError, match=r"a saving of 90.00% leaves no room for a latent beside 1 rotary pairs"):
+        recover.main(["--model_name_or_path", str(assets["model"]), "--budgets", "0.9", "--rope_pairs", "1",
+                      "--output_dir", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
 
 
 # ---------------------------------------------------------------- study.py

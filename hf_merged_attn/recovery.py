@@ -1,0 +1,242 @@
+"""Layer-wise recovery: fit each patched attention layer to the stock layer's output, one layer at a time.
+
+A patch that is not exact (a rotary latent with dropped pairs, lowrank, a latent below d) changes every layer's
+attention output a little; the errors compound through the depth. End-to-end training wins them back through the
+whole model at the cost of its full forward and backward passes (and a stock teacher). Layer-wise recovery instead
+fits each layer on its own — the attention module's parameters only, with the stock layer's output as the target —
+which costs a forward and backward of one attention module per step:
+
+    for layer i:   minimise  E ‖ patched_attn_i(x_i) − stock_attn_i(x_i^stock) ‖²  /  E ‖ stock_attn_i(x_i^stock) ‖²
+
+x_i^stock is the stock model's hidden state at the layer's attention input on the calibration tokens. x_i is either the
+same (`inputs="stock"`: every layer learns to reproduce stock on stock's own activations) or the PATCHED model's
+activations after the layers before it were recovered (`inputs="patched"`: GPTQ-style, a layer also corrects what the
+earlier ones left). The calibration batches run through the model once, block by block: both residual streams are kept
+(tokens × d each), so memory is that of one block plus a few activations per token, not of the model's depth.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import calibration_batches
+from .merged_attention import MergedAttention
+from .registry import spec_for_model, spec_for_patched
+
+INPUTS = ("stock", "patched")
+
+
+class _Captured(Exception):
+    """Raised by a pre-hook once it has what it needs: the rest of the forward pass is not run."""
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """(args, kwargs) of a recorded call with its hidden-states input replaced."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _first(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _capture_call(module: nn.Module, run) -> tuple[tuple, dict]:
+    """The (args, kwargs) `module` is called with when `run()` runs; the pass stops there."""
+    seen: list = []
+
+    def hook(_, args, kwargs):
+        seen.append((args, kwargs))
+        raise _Captured
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise RuntimeError(f"{type(module).__name__} was not called by the forward pass; cannot recover this layer.")
+    return seen[0]
+
+
+def _blocks(model: nn.Module, block_class: type, attentions: list[nn.Module]) -> list[nn.Module]:
+    """The transformer block holding each attention module, in order."""
+    blocks = [m for m in model.modules() if isinstance(m, block_class)]
+    found = []
+    for attn in attentions:
+        holders = [b for b in blocks if any(m is attn for m in b.modules())]
+        if len(holders) != 1:
+            raise RuntimeError(f"no single {block_class.__name__} holds attention layer {len(found)}.")
+        found.append(holders[0])
+    return found
+
+
+def _check(model: nn.Module, reference: nn.Module, inputs: str, steps, learning_rate) -> tuple:
+    spec = spec_for_patched(model)
+    if spec is None:
+        raise ValueError(
+            f"model is a {type(model).__name__} without patched attention (config.model_type="
+            f"{getattr(getattr(model, 'config', None), 'model_type', None)!r}); recover_layerwise fits a PATCHED model to "
+            "its stock reference. Patch it first: patch_model(model, 'latent', rank=...), with a stock copy kept aside."
+        )
+    reference_spec = spec_for_model(reference)  # raises for a patched or unsupported reference
+    if reference_spec is not spec:
+        raise ValueError(
+            f"reference is a {reference_spec.family} model but model is a patched {spec.family} model; pass the stock "
+            "model the patched one was made from."
+        )
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        mine, theirs = getattr(model.config, key, None), getattr(reference.config, key, None)
+        if mine != theirs:
+            raise ValueError(
+                f"model and reference differ in {key} ({mine} vs {theirs}); pass the stock model the patched one was "
+                "made from."
+            )
+    if inputs not in INPUTS:
+        raise ValueError(
+            f"inputs={inputs!r}; allowed: 'stock' (every layer fits on the stock model's activations) or 'patched' "
+            "(the patched model's own activations, earlier layers already recovered: GPTQ-style)."
+        )
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r}: pass a positive integer, the optimizer steps per layer (e.g. 100).")
+    if not (isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"learning_rate={learning_rate!r}: pass a positive number (e.g. 1e-4).")
+    return spec
+
+
+def recover_layerwise(
+    model: nn.Module,
+    reference: nn.Module,
+    calibration,
+    *,
+    steps: int = 100,
+    learning_rate: float = 1e-4,
+    inputs: str = "stock",
+    seed: int = 0,
+    show_progress: bool = True,
+) -> list[dict]:
+    """Fit every patched attention layer of `model` to the same layer of the stock `reference`, one layer at a time.
+
+    Trained: every parameter of each patched attention module that requires grad (for the rotary latent: q_proj, the
+    latent's down-projection W_c `latent_proj`, its up-projections `k_up` (Bk) and `v_up` (Bv), the rotary keys
+    `k_rope` and o_proj; for GPT-2 the merged S / U, V, values and c_proj); nothing else. Adam with a cosine decay per
+    layer, a relative squared error (masked to real tokens), calibration batches in a seeded random order, eval mode
+    (no dropout). Deterministic for a seed on one device. The model is changed in place; `reference` is not.
+
+    Args:
+        model: a patched model (any registered family and mode).
+        reference: the stock model it was patched from (same family and sizes; left unchanged).
+        calibration: batches of token ids (see `calibration.calibration_batches`), e.g. 64 blocks of 512 training
+            tokens split into batches of 8. Every batch is kept as activations: tokens × d × 4 numbers.
+        steps: optimizer steps per layer (one calibration batch each).
+        learning_rate: Adam's peak rate.
+        inputs: "stock" — each layer's input is the stock model's activation; "patched" — the patched model's own,
+            after the earlier layers were recovered (corrects the error they leave).
+        seed: the order of the batches.
+        show_progress: a tqdm bar over layers.
+
+    Returns:
+        one record per layer: {"layer", "error_before", "error_after" (relative squared error of the attention
+        output on the calibration batches, on this layer's inputs), "seconds"}.
+
+    Raises:
+        ValueError: an unpatched model, a reference of another family or size, bad calibration, steps, rate or inputs.
+    """
+    spec = _check(model, reference, inputs, steps, learning_rate)
+    config = model.config
+    batches = list(calibration_batches(calibration, config.vocab_size, spec.max_length(config)))
+    ours = [m for m in model.modules() if isinstance(m, MergedAttention)]
+    theirs = [m for _, _, m in spec.stock_attentions(reference)]
+    if len(ours) != len(theirs):
+        raise ValueError(f"model has {len(ours)} patched attention layers but reference {len(theirs)} stock ones.")
+    our_blocks, their_blocks = _blocks(model, spec.block_class, ours), _blocks(reference, spec.block_class, theirs)
+    device = next(model.parameters()).device
+    cache = {"use_cache": False} if spec.has_cache else {}
+    modes = (model.training, reference.training)
+    model.eval()
+    reference.eval()
+    records = []
+    try:
+        with torch.no_grad():  # each batch's call of block 0: its hidden states and its other arguments
+            def block_input(runner, block, ids, mask):
+                return _capture_call(block, lambda: getattr(runner, "base_model", runner)(
+                    input_ids=ids, attention_mask=mask, **cache))
+
+            streams = []
+            for ids, mask in batches:
+                ids, mask = ids.to(device), None if mask is None else mask.to(device)
+                stock_call = block_input(reference, their_blocks[0], ids, mask)
+                patched_call = block_input(model, our_blocks[0], ids, mask) if inputs == "patched" else None
+                tokens = torch.ones(ids.shape, dtype=torch.bool, device=device) if mask is None else mask.bool()
+                streams.append({"stock": stock_call, "patched": patched_call, "tokens": tokens})
+        generator = torch.Generator().manual_seed(seed)
+        progress = tqdm(list(zip(ours, theirs, our_blocks, their_blocks)), desc="layer-wise recovery",
+                        disable=not show_progress)
+        for index, (attn, stock_attn, block, stock_block) in enumerate(progress):
+            start = time.perf_counter()
+            samples = []  # (attention call on this layer's input, stock output (B, T, d_out), token mask (B, T))
+            with torch.no_grad():
+                for stream in streams:
+                    args, kwargs = stream["stock"]
+                    call, output = [], []
+                    pre = stock_attn.register_forward_pre_hook(lambda m, a, k: call.append((a, k)), with_kwargs=True)
+                    post = stock_attn.register_forward_hook(lambda m, a, o: output.append(_first(o)))
+                    try:
+                        stream["stock"] = _with_hidden(args, kwargs, _first(stock_block(*args, **kwargs)))
+                    finally:
+                        pre.remove()
+                        post.remove()
+                    attn_args, attn_kwargs = call[0]
+                    if inputs == "patched":
+                        args, kwargs = stream["patched"]
+                        ours_in = _hidden_of(*_capture_call(attn, lambda: block(*args, **kwargs)))
+                        attn_args, attn_kwargs = _with_hidden(attn_args, attn_kwargs, ours_in)
+                    samples.append(((attn_args, attn_kwargs), output[0], stream["tokens"]))
+
+            def error(sample) -> torch.Tensor:
+                (args, kwargs), target, tokens = sample
+                diff = (_first(attn(*args, **kwargs)) - target)[tokens]  # (tokens, d_out)
+                return diff.pow(2).mean() / target[tokens].pow(2).mean().clamp_min(1e-30)
+
+            def mean_error() -> float:
+                with torch.no_grad():
+                    return sum(error(s).item() for s in samples) / len(samples)
+
+            params = [p for p in attn.parameters() if p.requires_grad]
+            before = mean_error()
+            if params and before > 1e-12:  # an exact layer (or a frozen one) is left as it is
+                optimizer = torch.optim.Adam(params, lr=learning_rate)
+                schedule = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+                order = torch.cat([torch.randperm(len(samples), generator=generator)
+                                   for _ in range(-(-steps // len(samples)))])[:steps]
+                for b in order.tolist():
+                    loss = error(samples[b])
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+            after = mean_error()
+            if inputs == "patched":
+                with torch.no_grad():
+                    for stream in streams:
+                        args, kwargs = stream["patched"]
+                        stream["patched"] = _with_hidden(args, kwargs, _first(block(*args, **kwargs)))
+            records.append({"layer": index, "error_before": before, "error_after": after,
+                            "seconds": time.perf_counter() - start})
+            progress.set_postfix(before=f"{before:.2e}", after=f"{after:.2e}")
+    finally:
+        model.train(modes[0])
+        reference.train(modes[1])
+    return records

@@ -51,8 +51,8 @@ def latent_rank(config, saving: float, rope_pairs: int) -> int:
     kv_heads = config.num_key_value_heads
     rank = round((1 - saving) * 2 * kv_heads * head_dim) - kv_heads * 2 * rope_pairs
     if rank < 1:
-        raise ValueError(f"a saving of {saving:.2%} leaves no room for a latent beside {rope_pairs} rotary pairs per KV "
-                         f"head ({kv_heads} KV heads of {head_dim}); lower --rope_pairs or the saving.")
+        raise ValueError(f"a saving of {saving:.2%} leaves no room for a latent beside {rope_pairs} rotary pairs per "
+                         f"KV head ({kv_heads} KV heads of {head_dim}); lower --rope_pairs or the saving.")
     return rank
 
 
@@ -94,7 +94,8 @@ def parse_args(argv=None):
 def finetune_args(args, run_dir: Path, rank: int, seed: int, arm: str) -> finetune.FinetuneArguments:
     ft = finetune.parse_args([
         "--model_name_or_path", args.model_name_or_path, "--train_file", args.train_file, "--validation_file",
-        args.validation_file, "--calibration_samples", str(args.calibration_samples), "--modes", f"latent:{rank}", "--init", "whitened",
+        args.validation_file, "--calibration_samples", str(args.calibration_samples), "--modes", f"latent:{rank}",
+        "--init", "whitened",
         "--rope_pairs", str(args.rope_pairs), "--rope_selection", args.rope_selection, "--block_size",
         str(args.block_size), "--eval_max_tokens", str(args.eval_max_tokens), "--curve_eval_tokens", "512",
         "--max_train_steps", str(args.train_steps), "--eval_steps", str(args.train_steps), "--learning_rate",
@@ -135,7 +136,8 @@ def main(argv=None) -> dict:
     for saving, rank, seed, arm in plan:
         name = f"save{saving:g}-{'lw' if arm != 'end-to-end' else 'e2e'}-seed{seed}"
         path = runs_dir / f"{name}.json"
-        if path.is_file() and json.loads(path.read_text())["settings"] == recorded_args(argparse.Namespace(**settings)):
+        now = recorded_args(argparse.Namespace(**settings))
+        if path.is_file() and same_run(json.loads(path.read_text())["settings"], now):
             records.append(json.loads(path.read_text()))
             continue
         start = time.time()
@@ -147,7 +149,7 @@ def main(argv=None) -> dict:
                 "perplexity_after", "kl_after", "train_time_s", "train_steps", "train_tokens", "eval_tokens")
         record = {k: full[k] for k in keys}
         record.update(saving=saving, arm=arm, wall_s=time.time() - start,
-                      settings=recorded_args(argparse.Namespace(**settings)))
+                      settings=now)
         path.write_text(json.dumps(record, indent=1))
         if not args.keep_models:
             shutil.rmtree(runs_dir / name, ignore_errors=True)
@@ -159,6 +161,13 @@ def main(argv=None) -> dict:
     return write_report(args, records, stock_eval, stock_bytes, Path(args.docs_dir or out))
 
 
+def same_run(saved: dict, now: dict) -> bool:
+    """Whether a finished run's settings are this invocation's: the plan (--budgets, --seeds) may differ, the run's
+    budget and seed are in its name."""
+    plan = ("budgets", "seeds")
+    return {k: v for k, v in saved.items() if k not in plan} == {k: v for k, v in now.items() if k not in plan}
+
+
 def summary(args, records: list[dict]) -> list[dict]:
     """One row per budget: every stage's perplexity / KL / seconds over seeds."""
     rows = []
@@ -166,7 +175,8 @@ def summary(args, records: list[dict]) -> list[dict]:
         e2e = [r for r in records if r["saving"] == saving and r["arm"] == "end-to-end"]
         both = [r for r in records if r["saving"] == saving and r["arm"] != "end-to-end"]
         runs = e2e + both
-        row = {"saving": saving, "rank": runs[0]["rank"], "kv_cache_bytes_per_token": runs[0]["kv_cache_bytes_per_token"],
+        row = {"saving": saving, "rank": runs[0]["rank"],
+               "kv_cache_bytes_per_token": runs[0]["kv_cache_bytes_per_token"],
                "seeds": sorted({r["seed"] for r in runs})}
         stages = {"at patch": (e2e or both, "perplexity_at_patch", "kl_at_patch", None),  # one patch per seed
                   "layer-wise": (both, "perplexity_after_recovery", "kl_after_recovery", "recover_time_s"),
@@ -208,10 +218,12 @@ def write_report(args, records, stock_eval, stock_bytes, out: Path) -> dict:
         f"commit {result['commit']}, torch {torch.__version__}, {torch.get_num_threads()} threads, a 2-core CPU.",
         "",
         f"Model {result['model']} (fp32). Held out: the first {stock_eval['tokens'] + 1} tokens of "
-        f"{Path(args.validation_file).name} (the Shakespeare validation split by default), windows of {args.block_size} advancing by {args.block_size // 2}. Patch: the rotary latent, "
+        f"{Path(args.validation_file).name} (the Shakespeare validation split by default), windows of "
+        f"{args.block_size} advancing by {args.block_size // 2}. Patch: the rotary latent, "
         f"{args.rope_pairs} rotary pairs per KV head chosen by '{args.rope_selection}', whitened seeding "
-        f"({args.calibration_samples} train blocks). Layer-wise: {args.recover_steps} Adam steps per attention layer (rate "
-        f"{args.recover_learning_rate:g}, cosine) on {args.recover_samples} train blocks of {args.block_size} in batches "
+        f"({args.calibration_samples} train blocks). Layer-wise: {args.recover_steps} Adam steps per attention layer "
+        f"(rate {args.recover_learning_rate:g}, cosine) on {args.recover_samples} train blocks of {args.block_size} in "
+        "batches "
         f"of 8, inputs: the {args.recover_inputs} model's. End-to-end: {args.train_steps} AdamW steps (rate "
         f"{args.learning_rate:g}, warm-up + cosine) of batches of 8 train blocks, loss KL(stock ‖ patched) of the "
         "next-token distributions. Seeds " + ", ".join(map(str, rows[0]["seeds"])) + " (batch order); mean "
@@ -251,7 +263,8 @@ def plot(rows, stock: float, stock_bytes: float, path: Path, model: str) -> None
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.scatter([stock_bytes], [stock], marker="*", s=160, color="black", label="stock", zorder=3)
-    for stage, marker in (("at patch", "x"), ("layer-wise", "o"), ("end-to-end", "s"), ("layer-wise + end-to-end", "D")):
+    markers = (("at patch", "x"), ("layer-wise", "o"), ("end-to-end", "s"), ("layer-wise + end-to-end", "D"))
+    for stage, marker in markers:
         points = [(r["kv_cache_bytes_per_token"], r[stage]["perplexity"]) for r in rows if stage in r]
         if points:
             xs, ys = zip(*points)

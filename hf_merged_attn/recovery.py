@@ -111,7 +111,7 @@ def _check(model: nn.Module, reference: nn.Module, inputs: str, steps, learning_
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r}: pass a positive integer, the optimizer steps per layer (e.g. 100).")
     if not (isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0):
-        raise ValueError(f"learning_rate={learning_rate!r}: pass a positive number (e.g. 1e-4).")
+        raise ValueError(f"learning_rate={learning_rate!r}: pass a positive number (e.g. 1e-3).")
     return spec
 
 
@@ -121,7 +121,7 @@ def recover_layerwise(
     calibration,
     *,
     steps: int = 100,
-    learning_rate: float = 1e-4,
+    learning_rate: float = 1e-3,
     inputs: str = "stock",
     seed: int = 0,
     show_progress: bool = True,

@@ -12,6 +12,7 @@ argument is read as a config file, as run_clm does. `python -m hf_merged_attn` i
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -329,9 +330,16 @@ def check_arguments(args: ConvertArguments):
             problem = width_problem(QuantizationSettings(args.quantized_cache_bits), width)
             if problem:
                 raise ValueError(f"--quantized_cache_bits {args.quantized_cache_bits}: {problem}")
-    if spec.rotary and pairs is not None and not 0 <= pairs <= _head_dim(config) // 2:
-        raise ValueError(f"--rope_pairs {pairs}: a head of {_head_dim(config)} has {_head_dim(config) // 2} pairs; use "
-                         f"0 <= rope_pairs <= {_head_dim(config) // 2}.")
+    if spec.rotary:
+        half = _head_dim(config) // 2
+        if pairs is not None and not 0 <= pairs <= half:
+            raise ValueError(f"--rope_pairs {pairs}: a head of {2 * half} has {half} pairs; use 0 <= rope_pairs <= {half}.")
+        kept = half if pairs is None else pairs
+        widest = _kv_heads(config) * (4 * half - 2 * kept)  # the NoPE keys and the values: what a latent can hold
+        ranks = rank.values() if isinstance(rank, dict) else [rank] if isinstance(rank, int) else []
+        if any(r > widest for r in ranks):
+            raise ValueError(f"--rank {args.rank}: with {kept} kept pairs of {half} a latent holds at most {widest} "
+                             f"numbers (G·(2·hd − 2r)), already exact; use --rank <= {widest}.")
     return config, spec, patch, how
 
 
@@ -430,6 +438,22 @@ def distill(model, stock, batches, steps: int, learning_rate: float, seed: int) 
     return before, mean_kl()
 
 
+def _load(where: str, gguf: str | None):
+    """The stock causal LM in eval mode. A GGUF file's weights are dequantized on load, but transformers still marks
+    the model as a GGUF one, which save_pretrained refuses: the same weights then go into a fresh model of its class."""
+    from transformers import AutoModelForCausalLM
+
+    if gguf is None:
+        return AutoModelForCausalLM.from_pretrained(where).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf)
+    config = loaded.config
+    config.__dict__.pop("quantization_config", None)
+    model = type(loaded)(config).to(loaded.dtype)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    return model.eval()
+
+
 def convert(args: ConvertArguments) -> dict[str, str]:
     """Run the conversion; returns the figures written to the model card (as printed)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -448,8 +472,8 @@ def convert(args: ConvertArguments) -> dict[str, str]:
 
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(where, **extra)
-    stock = AutoModelForCausalLM.from_pretrained(where, **extra).eval()
-    model = AutoModelForCausalLM.from_pretrained(where, **extra).eval()
+    stock = _load(where, gguf)
+    model = copy.deepcopy(stock)  # patched and recovered; stock stays the reference
     stock.requires_grad_(False)
     say(f"[1/6] loaded {args.model_name_or_path}: {type(stock).__name__}, "
         f"{sum(p.numel() for p in stock.parameters()):,} parameters ({time.perf_counter() - start:.1f} s)")

@@ -292,3 +292,18 @@ def test_budget_resolution():
         latent_rank(0.6, 768)
     with pytest.raises(ValueError, match="the values alone take 768"):
         lowrank_rank(0.5, 768, 12, 768)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mode", "lowrank", "--rank", "4"], "only --mode latent"),
+    (["--rank", "20"], "a latent holds at most 16"),  # G·(2·hd − 2r) = 2·(16 − 8) with every pair kept
+    (["--rank", "8", "--rope_pairs", "5"], "has 4 pairs"),
+    (["--kv_budget", "0.1"], "alone take 4"),  # 0.1 · 32 = 3 numbers; one kept pair of 2 KV heads takes 4
+], ids=["lowrank", "rank", "pairs", "budget"])
+def test_rotary_arguments_are_refused_before_any_work(tmp_path, extra, message, capsys, monkeypatch):
+    folder = tiny_model(ROTARY[0], tmp_path / "llama")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
+    code, _, stderr = run(["convert", "--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "out"),
+                           *extra], capsys)
+    assert code == 1 and message in stderr, stderr
+    assert not (tmp_path / "out").exists()

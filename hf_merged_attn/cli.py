@@ -47,8 +47,9 @@ class ConvertArguments:
     kv_budget: float | None = arg(None, "the fraction of stock's KV-cache numbers per token kept, in (0, 1]: resolved "
                                   "to the rank (and the kept rotary pairs) and printed; instead of --rank")
     layers: str | None = arg(None, "blocks to patch, e.g. '0,1,2' (default: all)")
-    init: str = arg("svd", "how factors are seeded: svd (weights only) or whitened (calibration activations)",
-                    choices=["svd", "whitened"])
+    init: str | None = arg(None, "how factors are seeded: whitened (least error on the calibration activations; the "
+                           "default where something is approximated) or svd (the weights only)",
+                           choices=["svd", "whitened"])
     values: str | None = arg(None, "'merged': the value is x, M_h = Wv_h Wo_h (covariance / lowrank)")
     value_rank: int | None = arg(None, "r_v: low-rank values M_h ≈ P_h Q_hᵀ (covariance / lowrank)")
     rope_pairs: int | None = arg(None, "rotary families: frequency pairs per KV head kept rotated (hd/2 keeps all; "
@@ -318,10 +319,12 @@ def check_arguments(args: ConvertArguments):
         rank, pairs, how = resolve_budget(args, config, spec)
     if args.mode != "covariance" and rank is None:
         raise ValueError(f"--mode {args.mode} needs --rank or --kv_budget (e.g. --kv_budget 0.3125).")
-    patch = dict(mode=args.mode, rank=rank, layers=parse_layers(args.layers), init=args.init, values=args.values,
+    # the command always has calibration text: approximations are fitted to it unless --init svd is asked for
+    init = args.init or ("whitened" if args.mode != "covariance" or args.value_rank else "svd")
+    patch = dict(mode=args.mode, rank=rank, layers=parse_layers(args.layers), init=init, values=args.values,
                  value_rank=args.value_rank, rope_pairs=pairs, rope_selection=args.rope_selection,
                  balance_kv=args.balance_kv)
-    checked = PatchConfig(args.mode, rank, patch["layers"], args.init, args.values, args.value_rank, pairs,
+    checked = PatchConfig(args.mode, rank, patch["layers"], init, args.values, args.value_rank, pairs,
                           args.rope_selection)
     checked.check_against(config.hidden_size, config.num_hidden_layers, config.num_attention_heads)
     if args.quantized_cache_bits:
@@ -611,10 +614,14 @@ def inspect(where: str) -> dict:
                        "kv_numbers_per_token": m.cache_numbers_per_token(),
                        "stock_kv_numbers_per_token": m.stock_cache_numbers_per_token()})
     quantized = getattr(model.generation_config, GENERATION_FIELD, None) if spec.has_cache else None
+    # measured at 256 tokens, or beyond a quantized cache's full-precision window; at most the model's positions
+    cached = max(256, 2 * quantized["residual_length"]) if quantized else 256
+    cached = min(cached, spec.max_length(config) or cached)
     info = {"patched": True, "family": spec.family, "model_type": config.model_type,
             "base_model": record.get("base_model") or record.get("base_model_folder"), "layers": layers,
-            "quantized_cache_default": quantized,
-            "kv_cache_bytes_per_token": kv_cache_bytes_per_token(model) if spec.has_cache else None}
+            "quantized_cache_default": quantized, "measured_at_tokens": cached if spec.has_cache else None,
+            "kv_cache_bytes_per_token":
+                kv_cache_bytes_per_token(model, prompt_length=cached - 4) if spec.has_cache else None}
     say(f"{where}: {spec.family} ({config.model_type}), from {info['base_model']}, {len(modules)} patched layers of "
         f"{config.num_hidden_layers}")
     for row in layers:
@@ -623,7 +630,8 @@ def inspect(where: str) -> dict:
             f"{'exact' if row['exact_at_patch'] else 'approximate'} at patch, KV numbers per token "
             f"{row['kv_numbers_per_token']} of stock's {row['stock_kv_numbers_per_token']}")
     if spec.has_cache:
-        say(f"  KV cache bytes per token (measured, {model.dtype}): {info['kv_cache_bytes_per_token']:,.0f}"
+        say(f"  KV cache bytes per token (measured at {cached} tokens, {model.dtype}): "
+            f"{info['kv_cache_bytes_per_token']:,.0f}"
             + (f"; generate() defaults to a quantized latent cache {quantized}" if quantized else
                "; no quantized cache default"))
     return info

@@ -673,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         (args,) = parser.parse_args_into_dataclasses(rest)
     try:
         convert(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, ImportError) as error:
+    except (ValueError, OSError, NotImplementedError, ImportError) as error:  # OSError: files, the Hub
         print(f"hf-merged-attn convert: {error}", file=sys.stderr)
         return 1
     return 0

@@ -307,3 +307,38 @@ def test_rotary_arguments_are_refused_before_any_work(tmp_path, extra, message, 
                            *extra], capsys)
     assert code == 1 and message in stderr, stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_dataset_and_a_push(gpt2_folder, tmp_path, capsys, monkeypatch):
+    """--dataset_name (a local folder with train / validation files, as `datasets` reads one) and --push_to_hub: the
+    upload gets the card's figures (the Hub itself is not reached here)."""
+    from hf_merged_attn.merged_models import MergedModelMixin
+
+    source, calibration, held_out, _ = gpt2_folder
+    data = tmp_path / "my_dataset"
+    data.mkdir()
+    shutil.copy(calibration, data / "train.txt")
+    shutil.copy(held_out, data / "validation.txt")
+    pushed = {}
+    monkeypatch.setattr(MergedModelMixin, "push_to_hub",
+                        lambda self, repo_id, **kw: pushed.update(model=(repo_id, kw)))
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "push_to_hub",
+                        lambda self, repo_id, **kw: pushed.update(tokenizer=(repo_id, kw)))
+    out = tmp_path / "out"
+    code, printed, stderr = run(["convert", "--model_name_or_path", str(source), "--output_dir", str(out),
+                                 "--dataset_name", str(data), "--mode", "lowrank", "--kv_budget", "0.75", *FAST,
+                                 "--push_to_hub", "--hub_model_id", "you/tiny-merged", "--hub_token", "hf_x"], capsys)
+    assert code == 0, stderr
+    assert "from " + str(data) + " (train / validation)" in printed
+    assert "kv_budget 0.75: r = 4" in printed  # (0.75·64 − 32 stock values) / 4 heads
+    figures = dict(re.findall(r"^  (.+?): (.+)$", printed, flags=re.M))
+    assert pushed["model"] == ("you/tiny-merged", {"token": "hf_x", "results": figures})
+    assert pushed["tokenizer"] == ("you/tiny-merged", {"token": "hf_x"})
+    assert "pushed to https://huggingface.co/you/tiny-merged" in printed
+
+
+def test_usage_and_unknown_commands(capsys):
+    assert main([]) == 2 and "hf-merged-attn convert --model_name_or_path" in capsys.readouterr().out
+    assert main(["--help"]) == 0
+    assert main(["export"]) == 2 and "unknown command 'export'" in capsys.readouterr().err
+    assert main(["inspect"]) == 2

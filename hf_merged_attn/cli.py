@@ -240,7 +240,8 @@ def _model_location(args: ConvertArguments) -> tuple[str, str | None]:
 
 def check_arguments(args: ConvertArguments):
     """Every check that needs no weights: the arguments, the output folder, the data, and the model's config against
-    the family's registry entry and the patch. Returns (config, spec, patch keyword arguments, the budget line)."""
+    the family's registry entry and the patch. Returns (config, spec, patch_model's keyword arguments, the budget
+    line or None, whether the seeding reads calibration data)."""
     from transformers import AutoConfig
 
     from .merged_attention import PatchConfig
@@ -309,6 +310,10 @@ def check_arguments(args: ConvertArguments):
     if not spec.rotary and (args.rope_pairs is not None or args.rope_selection is not None):
         raise ValueError(f"--rope_pairs / --rope_selection were given for {spec.family}, which has no rotary positions; "
                          "drop them (they apply to Llama, Qwen2, Mistral).")
+    half = _head_dim(config) // 2
+    if spec.rotary and args.rope_pairs is not None and not 0 <= args.rope_pairs <= half:
+        raise ValueError(f"--rope_pairs {args.rope_pairs}: a head of {2 * half} has {half} pairs; use 0 <= rope_pairs <= "
+                         f"{half}.")
     if args.quantized_cache_bits and not (args.mode == "latent" or (args.mode == "covariance" and args.values == "merged")):
         raise ValueError(f"--quantized_cache_bits {args.quantized_cache_bits} needs a cache of one tensor per layer: "
                          "--mode latent, or --mode covariance --values merged.")
@@ -321,29 +326,31 @@ def check_arguments(args: ConvertArguments):
         raise ValueError(f"--mode {args.mode} needs --rank or --kv_budget (e.g. --kv_budget 0.3125).")
     # the command always has calibration text: approximations are fitted to it unless --init svd is asked for
     init = args.init or ("whitened" if args.mode != "covariance" or args.value_rank else "svd")
-    patch = dict(mode=args.mode, rank=rank, layers=parse_layers(args.layers), init=init, values=args.values,
-                 value_rank=args.value_rank, rope_pairs=pairs, rope_selection=args.rope_selection,
-                 balance_kv=args.balance_kv)
+    patch = {"mode": args.mode, "rank": rank, "layers": parse_layers(args.layers), "init": init, "values": args.values,
+             "value_rank": args.value_rank, "rope_pairs": pairs, "rope_selection": args.rope_selection,
+             "balance_kv": args.balance_kv}
     checked = PatchConfig(args.mode, rank, patch["layers"], init, args.values, args.value_rank, pairs,
                           args.rope_selection)
     checked.check_against(config.hidden_size, config.num_hidden_layers, config.num_attention_heads)
     if args.quantized_cache_bits:
-        widths = set(rank.values()) if isinstance(rank, dict) else {config.hidden_size if rank is None else rank}
-        for width in widths:  # an energy target's ranks are known only at patch time: checked then
+        # the cached width: r_c, or d for covariance + merged values; an energy target's ranks are known only at patch
+        # time (use_quantized_latent_cache checks them then)
+        widths = set(rank.values()) if isinstance(rank, dict) else {config.hidden_size} if rank is None else (
+            {rank} if isinstance(rank, int) else set())
+        for width in widths:
             problem = width_problem(QuantizationSettings(args.quantized_cache_bits), width)
             if problem:
                 raise ValueError(f"--quantized_cache_bits {args.quantized_cache_bits}: {problem}")
     if spec.rotary:
-        half = _head_dim(config) // 2
-        if pairs is not None and not 0 <= pairs <= half:
-            raise ValueError(f"--rope_pairs {pairs}: a head of {2 * half} has {half} pairs; use 0 <= rope_pairs <= {half}.")
         kept = half if pairs is None else pairs
         widest = _kv_heads(config) * (4 * half - 2 * kept)  # the NoPE keys and the values: what a latent can hold
         ranks = rank.values() if isinstance(rank, dict) else [rank] if isinstance(rank, int) else []
         if any(r > widest for r in ranks):
             raise ValueError(f"--rank {args.rank}: with {kept} kept pairs of {half} a latent holds at most {widest} "
                              f"numbers (G·(2·hd − 2r)), already exact; use --rank <= {widest}.")
-    return config, spec, patch, how
+    # whether the seeding reads the calibration blocks (patch_model refuses them otherwise)
+    reads_data = checked.init == "whitened" or (spec.rotary and checked.rope_needs_calibration(2 * half))
+    return config, spec, patch, how, reads_data
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -467,7 +474,7 @@ def convert(args: ConvertArguments) -> dict[str, str]:
     from .merged_attention import MergedAttention
     from .quantized_cache import QuantizationSettings
 
-    config, spec, patch, how = check_arguments(args)
+    config, spec, patch, how, reads_data = check_arguments(args)
     say(f"[0/6] arguments checked: {spec.family} (model_type {config.model_type!r}), mode {args.mode}"
         + (f"; {how}" if how else ""))
     where, gguf = _model_location(args)
@@ -502,12 +509,6 @@ def convert(args: ConvertArguments) -> dict[str, str]:
         f"tokens, from {source}")
 
     start = time.perf_counter()
-    head_dim = _head_dim(config)
-    from .merged_attention import PatchConfig
-
-    record = PatchConfig(patch["mode"], patch["rank"], patch["layers"], patch["init"], patch["values"],
-                         patch["value_rank"], patch["rope_pairs"], patch["rope_selection"])
-    reads_data = record.init == "whitened" or (spec.rotary and record.rope_needs_calibration(head_dim))
     patch_model(model, **patch, calibration=batches if reads_data else None)
     modules = [m for m in model.modules() if isinstance(m, MergedAttention)]
     ours = sum(m.cache_numbers_per_token() for m in modules)
@@ -538,7 +539,7 @@ def convert(args: ConvertArguments) -> dict[str, str]:
     if args.quantized_cache_bits:
         use_quantized_latent_cache(model, nbits=args.quantized_cache_bits)
     start = time.perf_counter()
-    window = dict(max_length=block, batch_size=args.batch_size, show_progress=True)
+    window = {"max_length": block, "batch_size": args.batch_size, "show_progress": True}
     stock_ppl = evaluate_perplexity(stock, held, **window)
     ours_ppl = evaluate_perplexity(model, held, reference=stock, **window)
     # bytes per token at a full window's length: a quantized cache then holds codes beyond its full-precision window

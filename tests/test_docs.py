@@ -53,7 +53,7 @@ def test_readme_shows_the_convert_command_and_its_flags_exist():
     import sys
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    sections = re.findall(r"^## (.+)$", readme, flags=re.M)
+    sections = re.findall(r"^## (.+)$", readme, flags=re.MULTILINE)
     assert sections[sections.index("Quickstart") + 1].startswith("Convert your own model: `hf-merged-attn convert`")
     section = readme.split("## Convert your own model", 1)[1].split("\n## ", 1)[0]
     assert "hf-merged-attn inspect" in section and "[6/6] saved" in section  # the stand-in's real output is pasted

@@ -110,6 +110,8 @@ def test_convert_writes_a_checkpoint_whose_card_holds_the_printed_figures(conver
     assert "model.safetensors" in files and "README.md" in files and "config.json" in files
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))]  # only safetensors
     assert any(f.startswith("modeling_merged_") for f in files)  # the remote code
+    texts = {f: (out / f).read_text(encoding="utf-8") for f in files if f.endswith((".json", ".md"))}
+    assert not [f for f, text in texts.items() if str(source.parent) in text]  # no local path of the user's
     # the patch line states the cache the patched modules report (cache_numbers_per_token), for 2 layers
     patched = re.search(r"KV numbers per token ([\d,]+) of stock's ([\d,]+)", printed)
     assert patched, printed

@@ -45,3 +45,23 @@ def test_recorded_arguments_are_portable():
     assert portable(str(ROOT / ".venv/lib/python3.11/site-packages/pkg/model")) == "pkg/model"
     assert portable("/usr/lib/python3/site-packages/pkg/model") == "pkg/model"
     assert portable({"a": ["gpt2", 3, None]}) == {"a": ["gpt2", 3, None]}
+
+
+def test_readme_shows_the_convert_command_and_its_flags_exist():
+    """The README's convert section right after the Quickstart; every flag it uses is one `convert --help` lists."""
+    import subprocess
+    import sys
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    sections = re.findall(r"^## (.+)$", readme, flags=re.MULTILINE)
+    assert sections[sections.index("Quickstart") + 1].startswith("Convert your own model: `hf-merged-attn convert`")
+    section = readme.split("## Convert your own model", 1)[1].split("\n## ", 1)[0]
+    assert "hf-merged-attn inspect" in section and "[6/6] saved" in section  # the stand-in's real output is pasted
+    flags = set(re.findall(r"(?<![\w-])--[a-z_]+", section)) - {"--help"}
+    assert {"--model_name_or_path", "--kv_budget", "--output_dir", "--push_to_hub", "--hub_model_id"} <= flags
+    help_text = subprocess.run([sys.executable, "-m", "hf_merged_attn", "convert", "--help"], capture_output=True,
+                               text=True, check=True, cwd=ROOT).stdout
+    listed = set(re.findall(r"(?<![\w-])--[a-z_]+", help_text))
+    assert flags <= listed, f"README flags missing from convert --help: {sorted(flags - listed)}"
+    setup = (ROOT / "setup.cfg").read_text(encoding="utf-8")
+    assert "hf-merged-attn = hf_merged_attn.cli:main" in setup  # the console script

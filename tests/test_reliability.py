@@ -116,6 +116,8 @@ def test_layers_from_any_iterable(tmp_path, ids, layers):
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTRIBUTIONS = {"torch": "torch", "transformers": "transformers", "tqdm": "tqdm"}  # import name -> pip name
+# imported only where a user asks for it, with an ImportError that says what to install: module -> its files
+OPTIONAL = {"datasets": {"cli.py"}}  # hf-merged-attn convert --dataset_name
 
 
 def _requirements(text: str) -> set[str]:
@@ -125,16 +127,22 @@ def _requirements(text: str) -> set[str]:
 def test_install_requires_is_what_the_library_imports():
     setup = configparser.ConfigParser()
     setup.read(ROOT / "setup.cfg")
-    imported = set()
+    imported, optional = set(), {}
     for source in (ROOT / "hf_merged_attn").glob("*.py"):
         for node in ast.walk(ast.parse(source.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
-            imported |= {name.split(".")[0] for name in names} - set(sys.stdlib_module_names) - {"__future__"}
+            found = {name.split(".")[0] for name in names} - set(sys.stdlib_module_names) - {"__future__"}
+            for name in found & set(OPTIONAL):
+                optional.setdefault(name, set()).add(source.name)
+            imported |= found - set(OPTIONAL)
     assert imported == set(DISTRIBUTIONS)
+    assert optional == OPTIONAL  # an optional import stays where it is declared
+    assert "pip install datasets" in (ROOT / "hf_merged_attn" / "cli.py").read_text()
     assert _requirements(setup["options"]["install_requires"]) == set(DISTRIBUTIONS.values())
     for extra in ("examples", "test"):  # what the example scripts (and through them the tests) import
         assert {"accelerate", "datasets", "peft", "tokenizers"} <= _requirements(setup["options.extras_require"][extra])
+        assert set(OPTIONAL) <= _requirements(setup["options.extras_require"][extra])
 
 
 def test_docs_references_exist():

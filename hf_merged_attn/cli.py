@@ -1,0 +1,684 @@
+"""`hf-merged-attn`: convert a user's own causal LM in one command, and inspect a converted checkpoint.
+
+    hf-merged-attn convert --model_name_or_path HuggingFaceTB/SmolLM2-135M --mode latent --kv_budget 0.3125 \\
+        --calibration_file notes.txt --recover layerwise --eval_file held_out.txt --output_dir smollm2-mla
+    hf-merged-attn inspect smollm2-mla
+
+`convert` checks every argument first (nothing is loaded or written before), then: load → calibrate → patch →
+recover → evaluate (stock and converted in one run) → save (safetensors, remote code, a model card with the printed
+figures) → push. Arguments come from `ConvertArguments` through transformers' HfArgumentParser; a single .json / .yaml
+argument is read as a config file, as run_clm does. `python -m hf_merged_attn` is the same command.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+MODES = ("covariance", "lowrank", "latent")
+RECOVERIES = ("none", "layerwise", "finetune")
+# the shipped corpus of the repository (examples/ is not part of an installed package: then pass your own text)
+REPO_CORPUS = Path(__file__).resolve().parents[1] / "examples" / "data" / "shakespeare"
+
+
+def arg(default, help: str, **kwargs):
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class ConvertArguments:
+    """Every setting of `hf-merged-attn convert` (names as transformers / accelerate name them)."""
+
+    model_name_or_path: str = arg(None, "a Hub id, a local folder, or a .gguf file (or a folder with --gguf_file)")
+    output_dir: str = arg(None, "where the converted checkpoint is saved (must be empty or absent)")
+    gguf_file: str | None = arg(None, "a GGUF file inside --model_name_or_path (transformers' gguf_file=)")
+    mode: str = arg("latent", "covariance (exact, merged S_h), lowrank (S_h ≈ U_h V_hᵀ) or latent (MLA-style shared "
+                    "latent; rotary Llama/Qwen2/Mistral: the rotary latent)", choices=list(MODES))
+    rank: str | None = arg(None, "lowrank r / latent r_c: an integer, a float in (0, 1) (spectral energy kept), or "
+                           "'block:r,...' per block; or give --kv_budget instead")
+    kv_budget: float | None = arg(None, "the fraction of stock's KV-cache numbers per token kept, in (0, 1]: resolved "
+                                  "to the rank (and the kept rotary pairs) and printed; instead of --rank")
+    layers: str | None = arg(None, "blocks to patch, e.g. '0,1,2' (default: all)")
+    init: str | None = arg(None, "how factors are seeded: whitened (least error on the calibration activations; the "
+                           "default where something is approximated) or svd (the weights only)",
+                           choices=["svd", "whitened"])
+    values: str | None = arg(None, "'merged': the value is x, M_h = Wv_h Wo_h (covariance / lowrank)")
+    value_rank: int | None = arg(None, "r_v: low-rank values M_h ≈ P_h Q_hᵀ (covariance / lowrank)")
+    rope_pairs: int | None = arg(None, "rotary families: frequency pairs per KV head kept rotated (hd/2 keeps all; "
+                                 "with --kv_budget the default is hd/16, MHA2MLA's)")
+    rope_selection: str | None = arg(None, "which pairs stay rotated: 2norm, high, low, uniform or rorope",
+                                     choices=["2norm", "high", "low", "uniform", "rorope"])
+    balance_kv: bool = arg(True, "latent: keys and values scaled to equal norms before their joint SVD")
+    calibration_file: str | None = arg(None, "a UTF-8 .txt file or a folder of .txt files: calibration and recovery "
+                                       "text (default: the repository's Shakespeare train split)")
+    eval_file: str | None = arg(None, "held-out text (.txt file or folder) for perplexity (default: the repository's "
+                                "Shakespeare validation split)")
+    dataset_name: str | None = arg(None, "a datasets id instead of the files: its train split calibrates, its "
+                                   "validation (or test) split evaluates")
+    dataset_config_name: str | None = arg(None, "the dataset's configuration")
+    text_column: str = arg("text", "the dataset's text column")
+    block_size: int | None = arg(None, "tokens per calibration block and evaluation window (default: min(512, the "
+                                 "model's positions))")
+    calibration_blocks: int = arg(32, "calibration blocks (fewer if the text is short)")
+    eval_tokens: int = arg(16384, "held-out tokens evaluated (0: all)")
+    batch_size: int = arg(8, "blocks per batch (calibration, recovery, evaluation)")
+    recover: str = arg("layerwise", "none, layerwise (each attention layer fitted to stock's output) or finetune (a "
+                       "short KL distillation to stock's logits)", choices=list(RECOVERIES))
+    recover_steps: int = arg(100, "layerwise: optimizer steps per layer; finetune: steps in all")
+    learning_rate: float = arg(1e-4, "the recovery's Adam learning rate")
+    recover_inputs: str = arg("stock", "layerwise: 'stock' or 'patched' (GPTQ-style) layer inputs",
+                              choices=["stock", "patched"])
+    quantized_cache_bits: int | None = arg(None, "save a quantized latent cache (4 or 8 bits) as generate()'s default",
+                                           choices=[4, 8])
+    decode_tokens: int = arg(32, "greedy decode steps timed for ms per step")
+    push_to_hub: bool = arg(False, "upload the checkpoint to --hub_model_id")
+    hub_model_id: str | None = arg(None, "namespace/name of the Hub repository")
+    hub_token: str | None = arg(None, "a Hub token (default: the logged-in one)")
+    seed: int = arg(0, "the seed of the recovery")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the KV budget: pure functions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def rotary_latent_rank(kv_budget: float, kv_heads: int, head_dim: int, rope_pairs: int) -> int:
+    """r_c of a rotary latent that keeps `kv_budget` of stock's KV numbers per token and layer.
+
+    The layer caches r_c + G·2r numbers (the latent and the G rotated keys of r kept pairs); stock caches 2·G·hd.
+    So r_c = ⌊b·2·G·hd⌋ − G·2r, rounded down (the cache stays within the budget).
+
+    Raises:
+        ValueError: the budget does not cover the rotary keys plus one latent number, or r_c would exceed what the
+            latent can hold (the NoPE keys and the values: G·(2·hd − 2r)).
+    """
+    stock, rope = 2 * kv_heads * head_dim, 2 * kv_heads * rope_pairs
+    rank = math.floor(kv_budget * stock + 1e-9) - rope
+    if rank < 1:
+        raise ValueError(
+            f"--kv_budget {kv_budget} keeps {math.floor(kv_budget * stock + 1e-9)} of stock's {stock} numbers per token "
+            f"and layer, but the {rope_pairs} kept rotary pairs of {kv_heads} KV heads alone take {rope} (G·2r). "
+            f"Raise --kv_budget above {(rope + 1) / stock:.4g}, or keep fewer pairs (--rope_pairs)."
+        )
+    widest = kv_heads * (2 * head_dim - 2 * rope_pairs)
+    if rank > widest:
+        raise ValueError(
+            f"--kv_budget {kv_budget} gives r_c = {rank}, above the {widest} numbers the latent can hold with "
+            f"{rope_pairs} kept pairs (G·(2·hd − 2r)): use --kv_budget <= {(widest + rope) / stock:.4g} (exact), or keep "
+            "more pairs."
+        )
+    return rank
+
+
+def latent_rank(kv_budget: float, hidden_size: int) -> int:
+    """r_c of a (GPT-2-like) latent keeping `kv_budget` of stock's KV numbers per token and layer: r_c of 2·d,
+    r_c = ⌊b·2d⌋, at most d (a latent of d is exact: budget 0.5).
+
+    Raises:
+        ValueError: a budget below one number or above 0.5.
+    """
+    rank = math.floor(kv_budget * 2 * hidden_size + 1e-9)
+    if not 1 <= rank <= hidden_size:
+        raise ValueError(
+            f"--kv_budget {kv_budget} gives a latent of r_c = {rank} of stock's 2·d = {2 * hidden_size} numbers per token "
+            f"and layer; a latent holds 1 <= r_c <= d = {hidden_size} (0.5 of stock is already exact). Use "
+            f"{1 / (2 * hidden_size):.4g} <= --kv_budget <= 0.5, or --mode covariance --values merged (exact, 0.5)."
+        )
+    return rank
+
+
+def lowrank_rank(kv_budget: float, hidden_size: int, heads: int, value_numbers: int) -> int:
+    """r of lowrank keys keeping `kv_budget` of stock's 2·d numbers per token and layer: the layer caches H·r keys
+    plus `value_numbers` (stock values: d; value_rank r_v: H·r_v; merged values: d), so r = ⌊(b·2d − values)/H⌋,
+    at most the head size (exact).
+
+    Raises:
+        ValueError: the budget does not cover the values plus one key number per head.
+    """
+    rank = min(math.floor((kv_budget * 2 * hidden_size - value_numbers) / heads + 1e-9), hidden_size // heads)
+    if rank < 1:
+        raise ValueError(
+            f"--kv_budget {kv_budget} keeps {math.floor(kv_budget * 2 * hidden_size)} of stock's {2 * hidden_size} numbers "
+            f"per token and layer, but the values alone take {value_numbers}. Raise --kv_budget above "
+            f"{(value_numbers + heads) / (2 * hidden_size):.4g}, or shrink the values (--value_rank), or use --mode latent."
+        )
+    return rank
+
+
+def resolve_budget(args: ConvertArguments, config, spec) -> tuple[int, int | None, str]:
+    """(rank, rope_pairs, the line that says how) for `--kv_budget` on a model of `config` (family `spec`)."""
+    budget = args.kv_budget
+    if spec.rotary:
+        kv_heads, head_dim = _kv_heads(config), _head_dim(config)
+        pairs = args.rope_pairs if args.rope_pairs is not None else max(1, head_dim // 16)
+        rank = rotary_latent_rank(budget, kv_heads, head_dim, pairs)
+        return rank, pairs, (f"kv_budget {budget}: r_c = {rank}, rope_pairs = {pairs} (per layer r_c + G·2r = {rank} + "
+                             f"{kv_heads}·{2 * pairs} = {rank + 2 * kv_heads * pairs} of stock's 2·G·hd = "
+                             f"{2 * kv_heads * head_dim})")
+    d, heads = config.hidden_size, config.num_attention_heads
+    if args.mode == "latent":
+        rank = latent_rank(budget, d)
+        return rank, None, f"kv_budget {budget}: r_c = {rank} (per layer r_c = {rank} of stock's 2·d = {2 * d})"
+    values = heads * args.value_rank if args.value_rank else d
+    rank = lowrank_rank(budget, d, heads, values)
+    return rank, None, (f"kv_budget {budget}: r = {rank} (per layer H·r + values = {heads}·{rank} + {values} = "
+                        f"{heads * rank + values} of stock's 2·d = {2 * d})")
+
+
+def _kv_heads(config) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checks before any work
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_rank(text: str | None):
+    """--rank: '32' -> 32, '0.9' -> 0.9 (energy), '0:32,1:16' -> {0: 32, 1: 16}."""
+    if text is None or isinstance(text, (int, float, dict)):  # a config file's number or mapping, as it is
+        return text
+    try:
+        if ":" in text:
+            return {int(k): int(v) for k, v in (item.split(":") for item in text.split(","))}
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise ValueError(f"--rank {text!r}: pass an integer (32), a float in (0, 1) (0.9: the spectral energy kept) or "
+                         "ranks per block ('0:32,1:16').") from None
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    if text is None or isinstance(text, (int, float, dict)):  # a config file's number or mapping, as it is
+        return text
+    try:
+        return [int(i) for i in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--layers {text!r}: pass block indices separated by commas, e.g. '0,1,2'.") from None
+
+
+def _text_source(flag: str, path: str | None) -> None:
+    """An existing UTF-8 .txt file, or a folder holding at least one."""
+    if path is None:
+        return
+    p = Path(path)
+    files = sorted(p.glob("*.txt")) if p.is_dir() else [p]
+    if not p.exists():
+        raise FileNotFoundError(f"{flag} {path!r} does not exist. Pass a .txt file or a folder of .txt files, or "
+                                "--dataset_name.")
+    if not files or any(f.suffix != ".txt" for f in files):
+        raise ValueError(f"{flag} {path!r}: pass a .txt file or a folder holding .txt files (found none).")
+    for f in files:
+        try:
+            if not f.read_text(encoding="utf-8").strip():
+                raise ValueError(f"{flag} {path!r}: {f.name} holds no text.")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{flag} {path!r}: {f.name} is not UTF-8 ({error.reason} at byte {error.start}); convert it, "
+                             "e.g. iconv -f latin1 -t utf-8.") from None
+
+
+def _model_location(args: ConvertArguments) -> tuple[str, str | None]:
+    """(folder or Hub id, gguf file name or None) from --model_name_or_path / --gguf_file."""
+    where = args.model_name_or_path
+    if where.endswith(".gguf"):
+        if not Path(where).is_file():
+            raise FileNotFoundError(f"--model_name_or_path {where!r}: no such GGUF file.")
+        return str(Path(where).resolve().parent), Path(where).name
+    return where, args.gguf_file
+
+
+def check_arguments(args: ConvertArguments):
+    """Every check that needs no weights: the arguments, the output folder, the data, and the model's config against
+    the family's registry entry and the patch. Returns (config, spec, patch_model's keyword arguments, the budget
+    line or None, whether the seeding reads calibration data)."""
+    from transformers import AutoConfig
+
+    from .merged_attention import PatchConfig
+    from .merged_models import is_hub_id
+    from .quantized_cache import QuantizationSettings, width_problem
+    from .registry import SPECS, spec_for_model
+
+    if not args.model_name_or_path or not args.output_dir:
+        raise ValueError("--model_name_or_path and --output_dir are required (e.g. --model_name_or_path "
+                         "HuggingFaceTB/SmolLM2-135M --output_dir smollm2-mla).")
+    out = Path(args.output_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--output_dir {args.output_dir!r} exists and is not an empty folder; pass a new folder.")
+    if args.push_to_hub and not (args.hub_model_id and "/" in args.hub_model_id and is_hub_id(args.hub_model_id)):
+        raise ValueError(f"--push_to_hub needs --hub_model_id namespace/name (a Hub repository id); got "
+                         f"{args.hub_model_id!r}.")
+    if args.hub_model_id and not args.push_to_hub:
+        raise ValueError(f"--hub_model_id {args.hub_model_id!r} was given without --push_to_hub; add --push_to_hub.")
+    if args.kv_budget is not None and args.rank is not None:
+        raise ValueError(f"--rank {args.rank} and --kv_budget {args.kv_budget} were both given; pass one of them.")
+    if args.kv_budget is not None and not 0 < args.kv_budget <= 1:
+        raise ValueError(f"--kv_budget {args.kv_budget}: a fraction of stock's KV numbers per token, in (0, 1].")
+    if args.kv_budget is not None and args.mode == "covariance":
+        raise ValueError("--kv_budget was given with --mode covariance, which has no rank: it caches d keys + the values "
+                         "(1.0 of stock; 0.5 with --values merged). Use --mode latent or lowrank with --kv_budget.")
+    for name in ("recover_steps", "calibration_blocks", "batch_size", "decode_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} {getattr(args, name)}: pass a positive integer.")
+    if args.eval_tokens < 0 or args.learning_rate <= 0 or (args.block_size is not None and args.block_size < 2):
+        raise ValueError(f"--eval_tokens {args.eval_tokens} (>= 0), --learning_rate {args.learning_rate} (> 0), "
+                         f"--block_size {args.block_size} (>= 2): one of them is out of range.")
+    if args.dataset_name and (args.calibration_file or args.eval_file):
+        raise ValueError("--dataset_name was given with --calibration_file / --eval_file; pass one source of text.")
+    _text_source("--calibration_file", args.calibration_file)
+    _text_source("--eval_file", args.eval_file)
+    if not args.dataset_name and not (args.calibration_file and args.eval_file) and not REPO_CORPUS.is_dir():
+        raise FileNotFoundError(
+            "no text given and no default corpus here: the default (the Shakespeare corpus in examples/data/shakespeare) "
+            "ships with the repository, not with the installed package. Pass --calibration_file and --eval_file "
+            "(.txt files or folders), or --dataset_name.")
+    if args.dataset_name:
+        try:
+            import datasets  # noqa: F401
+        except ImportError:
+            raise ImportError("--dataset_name needs the datasets package: pip install datasets.") from None
+    where, gguf = _model_location(args)
+    if gguf is None and not Path(where).is_dir() and not is_hub_id(where):
+        raise FileNotFoundError(f"--model_name_or_path {where!r} is neither a local folder, a .gguf file nor a Hub id.")
+    config = AutoConfig.from_pretrained(where, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(where)
+
+    class _Shell(torch.nn.Module):  # the registry reads the config only
+        pass
+
+    shell = _Shell()
+    shell.config = config
+    spec = spec_for_model(shell)  # already patched / unsupported: the registry's errors
+    causal = ", ".join(f"{s.family} ({', '.join(s.model_types)})" for s in SPECS if s.has_cache)
+    if not spec.has_cache:
+        raise NotImplementedError(
+            f"{spec.family} (model_type {config.model_type!r}) is an encoder: it has no KV cache to shrink and no causal "
+            f"LM perplexity to check the conversion by. convert takes causal LMs: {causal}. For an encoder, call "
+            "hf_merged_attn.patch_model(model, ...) yourself and check its embeddings (examples/minilm_fidelity.py).")
+    if spec.rotary and args.mode != "latent":
+        raise ValueError(f"--mode {args.mode} was given for {spec.family}, a rotary family: its query–key product is not "
+                         "position-free, so only --mode latent (the rotary latent, with --rope_pairs) applies.")
+    if not spec.rotary and (args.rope_pairs is not None or args.rope_selection is not None):
+        raise ValueError(f"--rope_pairs / --rope_selection were given for {spec.family}, which has no rotary positions; "
+                         "drop them (they apply to Llama, Qwen2, Mistral).")
+    half = _head_dim(config) // 2
+    if spec.rotary and args.rope_pairs is not None and not 0 <= args.rope_pairs <= half:
+        raise ValueError(f"--rope_pairs {args.rope_pairs}: a head of {2 * half} has {half} pairs; use 0 <= rope_pairs <= "
+                         f"{half}.")
+    if args.quantized_cache_bits and not (args.mode == "latent" or (args.mode == "covariance" and args.values == "merged")):
+        raise ValueError(f"--quantized_cache_bits {args.quantized_cache_bits} needs a cache of one tensor per layer: "
+                         "--mode latent, or --mode covariance --values merged.")
+    if args.quantized_cache_bits and args.layers:
+        raise ValueError("--quantized_cache_bits needs every layer patched; drop --layers.")
+    rank, pairs, how = parse_rank(args.rank), args.rope_pairs, None
+    if args.kv_budget is not None:
+        rank, pairs, how = resolve_budget(args, config, spec)
+    if args.mode != "covariance" and rank is None:
+        raise ValueError(f"--mode {args.mode} needs --rank or --kv_budget (e.g. --kv_budget 0.3125).")
+    # the command always has calibration text: approximations are fitted to it unless --init svd is asked for
+    init = args.init or ("whitened" if args.mode != "covariance" or args.value_rank else "svd")
+    patch = {"mode": args.mode, "rank": rank, "layers": parse_layers(args.layers), "init": init, "values": args.values,
+             "value_rank": args.value_rank, "rope_pairs": pairs, "rope_selection": args.rope_selection,
+             "balance_kv": args.balance_kv}
+    checked = PatchConfig(args.mode, rank, patch["layers"], init, args.values, args.value_rank, pairs,
+                          args.rope_selection)
+    checked.check_against(config.hidden_size, config.num_hidden_layers, config.num_attention_heads)
+    if args.quantized_cache_bits:
+        # the cached width: r_c, or d for covariance + merged values; an energy target's ranks are known only at patch
+        # time (use_quantized_latent_cache checks them then)
+        widths = set(rank.values()) if isinstance(rank, dict) else {config.hidden_size} if rank is None else (
+            {rank} if isinstance(rank, int) else set())
+        for width in widths:
+            problem = width_problem(QuantizationSettings(args.quantized_cache_bits), width)
+            if problem:
+                raise ValueError(f"--quantized_cache_bits {args.quantized_cache_bits}: {problem}")
+    if spec.rotary:
+        kept = half if pairs is None else pairs
+        widest = _kv_heads(config) * (4 * half - 2 * kept)  # the NoPE keys and the values: what a latent can hold
+        ranks = rank.values() if isinstance(rank, dict) else [rank] if isinstance(rank, int) else []
+        if any(r > widest for r in ranks):
+            raise ValueError(f"--rank {args.rank}: with {kept} kept pairs of {half} a latent holds at most {widest} "
+                             f"numbers (G·(2·hd − 2r)), already exact; use --rank <= {widest}.")
+    # whether the seeding reads the calibration blocks (patch_model refuses them otherwise)
+    reads_data = checked.init == "whitened" or (spec.rotary and checked.rope_needs_calibration(2 * half))
+    return config, spec, patch, how, reads_data
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the steps
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _read_text(path: str) -> str:
+    p = Path(path)
+    files = sorted(p.glob("*.txt")) if p.is_dir() else [p]
+    return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+
+
+def _texts(args: ConvertArguments) -> tuple[str, str, str]:
+    """(calibration text, held-out text, where they come from)."""
+    if args.dataset_name:
+        from datasets import load_dataset
+
+        raw = load_dataset(args.dataset_name, args.dataset_config_name)
+        held = next((s for s in ("validation", "test") if s in raw), None)
+        if "train" not in raw or held is None or args.text_column not in raw["train"].column_names:
+            raise ValueError(f"--dataset_name {args.dataset_name!r}: need a train split and a validation or test split "
+                             f"with a {args.text_column!r} column (splits: {list(raw)}); see --text_column.")
+        return ("\n\n".join(raw["train"][args.text_column]), "\n\n".join(raw[held][args.text_column]),
+                f"{args.dataset_name} (train / {held})")
+    calibration = args.calibration_file or _shown(REPO_CORPUS / "train.txt")
+    held_out = args.eval_file or _shown(REPO_CORPUS / "validation.txt")
+    return _read_text(calibration), _read_text(held_out), f"{calibration} / {held_out}"
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the working folder where it lies below it (printed output holds no machine paths)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _tokens(tokenizer, text: str) -> torch.Tensor:
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # one long stream is cut into blocks here, not by the tokenizer
+    try:
+        return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+@torch.no_grad()
+def decode_ms_per_step(model, steps: int, prompt_length: int = 16) -> float:
+    """Milliseconds per greedy decode step (batch 1): the time of prefill + `steps` steps minus that of prefill + 1."""
+    prompt = torch.arange(1, prompt_length + 1).remainder(model.config.vocab_size).unsqueeze(0)
+    prompt = prompt.to(next(model.parameters()).device)
+
+    def timed(new: int) -> float:
+        start = time.perf_counter()
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False, pad_token_id=model.config.pad_token_id or 0)
+        return time.perf_counter() - start
+
+    timed(2)  # warm-up
+    return 1000 * max(timed(steps + 1) - timed(1), 0.0) / steps
+
+
+def distill(model, stock, batches, steps: int, learning_rate: float, seed: int) -> tuple[float, float]:
+    """A short end-to-end recovery: Adam on KL(stock ‖ model) of the next-token distributions over the calibration
+    batches (the stock model frozen). Returns the mean KL over the batches before and after."""
+    from tqdm.auto import tqdm
+
+    def kl(ids) -> torch.Tensor:
+        with torch.no_grad():
+            target = stock(input_ids=ids).logits.float().log_softmax(-1)
+        ours = model(input_ids=ids).logits.float().log_softmax(-1)
+        return torch.nn.functional.kl_div(ours.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+
+    def mean_kl() -> float:
+        with torch.no_grad():
+            return sum(kl(ids).item() for ids in batches) / len(batches)
+
+    model.eval()  # no dropout: the recovery fits the model as it will decode
+    before = mean_kl()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    order = torch.randint(len(batches), (steps,), generator=torch.Generator().manual_seed(seed)).tolist()
+    for step in tqdm(order, desc="distillation"):
+        loss = kl(batches[step])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return before, mean_kl()
+
+
+def _load(where: str, gguf: str | None):
+    """The stock causal LM in eval mode. A GGUF file's weights are dequantized on load, but transformers still marks
+    the model as a GGUF one, which save_pretrained refuses: the same weights then go into a fresh model of its class."""
+    from transformers import AutoModelForCausalLM
+
+    if gguf is None:
+        return AutoModelForCausalLM.from_pretrained(where).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf)
+    config = loaded.config
+    config.__dict__.pop("quantization_config", None)
+    model = type(loaded)(config).to(loaded.dtype)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    return model.eval()
+
+
+def convert(args: ConvertArguments) -> dict[str, str]:
+    """Run the conversion; returns the figures written to the model card (as printed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import patch_model, recover_layerwise, use_quantized_latent_cache
+    from .calibration import evenly_spaced_blocks
+    from .evaluation import evaluate_perplexity, kv_cache_bytes_per_token
+    from .merged_attention import MergedAttention
+    from .quantized_cache import QuantizationSettings
+
+    config, spec, patch, how, reads_data = check_arguments(args)
+    say(f"[0/6] arguments checked: {spec.family} (model_type {config.model_type!r}), mode {args.mode}"
+        + (f"; {how}" if how else ""))
+    where, gguf = _model_location(args)
+    extra = {"gguf_file": gguf} if gguf else {}
+
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+    stock = _load(where, gguf)
+    model = copy.deepcopy(stock)  # patched and recovered; stock stays the reference
+    stock.requires_grad_(False)
+    say(f"[1/6] loaded {args.model_name_or_path}: {type(stock).__name__}, "
+        f"{sum(p.numel() for p in stock.parameters()):,} parameters ({time.perf_counter() - start:.1f} s)")
+
+    limit = spec.max_length(config)
+    block = args.block_size or min(512, limit or 512)
+    if limit and block > limit:
+        raise ValueError(f"--block_size {block} exceeds the model's {limit} positions; use --block_size <= {limit}.")
+    calibration_text, held_text, source = _texts(args)
+    stream = _tokens(tokenizer, calibration_text)
+    count = min(args.calibration_blocks, stream.numel() // block)
+    if count < 1:
+        raise ValueError(f"the calibration text has {stream.numel()} tokens, less than one block of {block}; pass more "
+                         "text or a smaller --block_size.")
+    blocks = evenly_spaced_blocks(stream, count, block)
+    batches = list(blocks.split(args.batch_size))
+    held = _tokens(tokenizer, held_text)
+    if args.eval_tokens:
+        held = held[: args.eval_tokens]
+    if held.numel() < 2:
+        raise ValueError("the held-out text has fewer than 2 tokens; pass more text (--eval_file).")
+    say(f"[2/6] calibration: {count} blocks of {block} tokens ({count * block:,} tokens), held out: {held.numel():,} "
+        f"tokens, from {source}")
+
+    start = time.perf_counter()
+    patch_model(model, **patch, calibration=batches if reads_data else None)
+    modules = [m for m in model.modules() if isinstance(m, MergedAttention)]
+    ours = sum(m.cache_numbers_per_token() for m in modules)
+    theirs = sum(m.stock_cache_numbers_per_token() for m in modules)
+    with torch.no_grad():
+        ids = blocks[:1]
+        gap = (model(ids).logits - stock(ids).logits).abs().max().item()
+    say(f"[3/6] patched {len(modules)} layers ({json.dumps({k: v for k, v in model.config.merged_attn.items() if k in ('mode', 'rank', 'rope_pairs', 'rope_selection', 'values', 'value_rank', 'init')})}): "
+        f"KV numbers per token {ours:,} of stock's {theirs:,} ({ours / theirs:.4g}); max |Δlogits| to stock "
+        f"{gap:.3g} ({time.perf_counter() - start:.1f} s)")
+
+    start = time.perf_counter()
+    if args.recover == "layerwise":
+        records = recover_layerwise(model, stock, batches, steps=args.recover_steps, learning_rate=args.learning_rate,
+                                    inputs=args.recover_inputs, seed=args.seed)
+        before = sum(r["error_before"] for r in records) / len(records)
+        after = sum(r["error_after"] for r in records) / len(records)
+        say(f"[4/6] layer-wise recovery, {args.recover_steps} steps per layer: mean relative error of the attention "
+            f"outputs {before:.3g} -> {after:.3g} ({time.perf_counter() - start:.1f} s)")
+    elif args.recover == "finetune":
+        before, after = distill(model, stock, batches, args.recover_steps, args.learning_rate, args.seed)
+        say(f"[4/6] distillation, {args.recover_steps} steps: KL to stock on the calibration blocks {before:.4g} -> "
+            f"{after:.4g} nats/token ({time.perf_counter() - start:.1f} s)")
+    else:
+        say("[4/6] no recovery (--recover none)")
+    model.eval()
+
+    if args.quantized_cache_bits:
+        use_quantized_latent_cache(model, nbits=args.quantized_cache_bits)
+    start = time.perf_counter()
+    window = {"max_length": block, "batch_size": args.batch_size, "show_progress": True}
+    stock_ppl = evaluate_perplexity(stock, held, **window)
+    ours_ppl = evaluate_perplexity(model, held, reference=stock, **window)
+    # bytes per token at a full window's length: a quantized cache then holds codes beyond its full-precision window
+    cached = max(block, 2 * QuantizationSettings().residual_length) if args.quantized_cache_bits else block
+    cached = min(cached, limit) if limit else cached
+    stock_bytes = kv_cache_bytes_per_token(stock, prompt_length=cached - 4)
+    our_bytes = kv_cache_bytes_per_token(model, prompt_length=cached - 4)
+    stock_ms, our_ms = decode_ms_per_step(stock, args.decode_tokens), decode_ms_per_step(model, args.decode_tokens)
+    cache = f" (int{args.quantized_cache_bits} quantized latent cache)" if args.quantized_cache_bits else ""
+    results = {
+        "held-out tokens": f"{ours_ppl['tokens']:,}",
+        "perplexity, stock": f"{stock_ppl['perplexity']:.3f}",
+        "perplexity, converted": f"{ours_ppl['perplexity']:.3f}",
+        "KL to stock (nats/token)": f"{ours_ppl['kl_to_reference']:.4f}",
+        f"KV cache bytes per token at {cached} tokens, stock": f"{stock_bytes:,.0f}",
+        f"KV cache bytes per token at {cached} tokens, converted{cache}": f"{our_bytes:,.0f} ({our_bytes / stock_bytes:.3f}x)",
+        "decode ms per step, stock": f"{stock_ms:.2f}",
+        "decode ms per step, converted": f"{our_ms:.2f}",
+        "recovery": {"none": "none", "layerwise": f"layer-wise, {args.recover_steps} steps per layer",
+                     "finetune": f"KL distillation, {args.recover_steps} steps"}[args.recover],
+    }
+    say(f"[5/6] evaluated ({time.perf_counter() - start:.1f} s; window {block} tokens, batch 1 decode on "
+        f"{next(model.parameters()).device}):")
+    for key, value in results.items():
+        say(f"  {key}: {value}")
+
+    model.save_pretrained(args.output_dir, model_card_results=results)
+    tokenizer.save_pretrained(args.output_dir)
+    again = AutoModelForCausalLM.from_pretrained(args.output_dir).eval()
+    with torch.no_grad():
+        reload_gap = (again(blocks[:1]).logits - model(blocks[:1]).logits).abs().max().item()
+    files = sorted(p.name for p in Path(args.output_dir).iterdir())
+    say(f"[6/6] saved {args.output_dir}: {', '.join(files)}; reloaded, max |Δlogits| {reload_gap:.3g}")
+    if args.push_to_hub:
+        model.push_to_hub(args.hub_model_id, token=args.hub_token, results=results)
+        tokenizer.push_to_hub(args.hub_model_id, token=args.hub_token)
+        say(f"pushed to https://huggingface.co/{args.hub_model_id}")
+    return results
+
+
+def inspect(where: str) -> dict:
+    """What a checkpoint (folder or Hub id) is: printed, and returned as a dict."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from .evaluation import kv_cache_bytes_per_token
+    from .merged_attention import MergedAttention
+    from .quantized_cache import GENERATION_FIELD
+    from .registry import MERGED_REGISTRY, REGISTRY
+
+    config = AutoConfig.from_pretrained(where)
+    spec = MERGED_REGISTRY.get(config.model_type)
+    if spec is None:
+        known = REGISTRY.get(config.model_type)
+        state = (f"a stock {known.family} checkpoint: `hf-merged-attn convert --model_name_or_path {where}` converts it"
+                 if known else f"model_type {config.model_type!r}: not a family hf_merged_attn converts")
+        say(f"{where}: {state}")
+        return {"patched": False, "model_type": config.model_type}
+    model = (AutoModelForCausalLM if spec.has_cache else AutoModel).from_pretrained(where).eval()
+    record = model.config.merged_attn
+    modules = [m for m in model.modules() if isinstance(m, MergedAttention)]
+    layers = []
+    for m in modules:
+        rotary = getattr(m, "rotary", False)
+        if rotary:
+            exact = m.rope_pairs == m.head_dim // 2 and m.rank >= m.num_kv_heads * m.head_dim
+        elif m.mode == "covariance":
+            exact = True
+        else:
+            exact = m.rank >= (m.head_dim if m.mode == "lowrank" else m.embed_dim)
+        exact = exact and (m.value_rank is None or m.value_rank >= m.head_dim)
+        layers.append({"layer": m.layer_idx, "mode": m.mode, "rank": m.rank,
+                       "rope_pairs": m.rope_pairs if rotary else None, "exact_at_patch": bool(exact),
+                       "kv_numbers_per_token": m.cache_numbers_per_token(),
+                       "stock_kv_numbers_per_token": m.stock_cache_numbers_per_token()})
+    quantized = getattr(model.generation_config, GENERATION_FIELD, None) if spec.has_cache else None
+    # measured at 256 tokens, or beyond a quantized cache's full-precision window; at most the model's positions
+    cached = max(256, 2 * quantized["residual_length"]) if quantized else 256
+    cached = min(cached, spec.max_length(config) or cached)
+    info = {"patched": True, "family": spec.family, "model_type": config.model_type,
+            "base_model": record.get("base_model") or record.get("base_model_folder"), "layers": layers,
+            "quantized_cache_default": quantized, "measured_at_tokens": cached if spec.has_cache else None,
+            "kv_cache_bytes_per_token":
+                kv_cache_bytes_per_token(model, prompt_length=cached - 4) if spec.has_cache else None}
+    say(f"{where}: {spec.family} ({config.model_type}), from {info['base_model']}, {len(modules)} patched layers of "
+        f"{config.num_hidden_layers}")
+    for row in layers:
+        pairs = f", rope_pairs {row['rope_pairs']}" if row["rope_pairs"] is not None else ""
+        say(f"  layer {row['layer']}: {row['mode']}, rank {row['rank']}{pairs}, "
+            f"{'exact' if row['exact_at_patch'] else 'approximate'} at patch, KV numbers per token "
+            f"{row['kv_numbers_per_token']} of stock's {row['stock_kv_numbers_per_token']}")
+    if spec.has_cache:
+        say(f"  KV cache bytes per token (measured at {cached} tokens, {model.dtype}): "
+            f"{info['kv_cache_bytes_per_token']:,.0f}"
+            + (f"; generate() defaults to a quantized latent cache {quantized}" if quantized else
+               "; no quantized cache default"))
+    return info
+
+
+USAGE = """usage: hf-merged-attn {convert,inspect} ...
+
+  hf-merged-attn convert --model_name_or_path ID_OR_FOLDER --output_dir DIR [--mode latent --kv_budget 0.3125 ...]
+  hf-merged-attn convert config.json          (or .yaml: the same arguments in a file)
+  hf-merged-attn inspect FOLDER_OR_ID
+
+  hf-merged-attn convert --help lists every argument."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import HfArgumentParser
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "inspect":
+        if len(rest) != 1 or rest[0].startswith("-"):
+            print("usage: hf-merged-attn inspect FOLDER_OR_ID", file=sys.stderr)
+            return 0 if rest and rest[0] in ("-h", "--help") else 2
+        inspect(rest[0])
+        return 0
+    if command != "convert":
+        print(f"hf-merged-attn: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    parser = HfArgumentParser(ConvertArguments, prog="hf-merged-attn convert",
+                              description="Convert a causal LM: calibrate, patch, recover, evaluate, save, push.")
+    if len(rest) == 1 and rest[0].endswith(".json"):
+        (args,) = parser.parse_json_file(os.path.abspath(rest[0]))
+    elif len(rest) == 1 and rest[0].endswith((".yaml", ".yml")):
+        (args,) = parser.parse_yaml_file(os.path.abspath(rest[0]))
+    else:
+        (args,) = parser.parse_args_into_dataclasses(rest)
+    try:
+        convert(args)
+    except (ValueError, OSError, NotImplementedError, ImportError) as error:  # OSError: files, the Hub
+        print(f"hf-merged-attn convert: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = ["ConvertArguments", "check_arguments", "convert", "inspect", "latent_rank", "lowrank_rank",
+           "main", "resolve_budget", "rotary_latent_rank"]

@@ -73,8 +73,9 @@ class ConvertArguments:
     recover: str = arg("layerwise", "none, layerwise (each attention layer fitted to stock's output) or finetune (a "
                        "short KL distillation to stock's logits)", choices=list(RECOVERIES))
     recover_steps: int = arg(100, "layerwise: optimizer steps per layer; finetune: steps in all")
-    learning_rate: float = arg(1e-4, "the recovery's Adam learning rate")
-    recover_inputs: str = arg("stock", "layerwise: 'stock' or 'patched' (GPTQ-style) layer inputs",
+    learning_rate: float | None = arg(None, "the recovery's Adam learning rate (default: 1e-3 layer-wise, 2e-4 "
+                                      "finetune: the rates of docs/recovery_smollm2.md)")
+    recover_inputs: str = arg("patched", "layerwise: 'stock' or 'patched' (GPTQ-style) layer inputs",
                               choices=["stock", "patched"])
     quantized_cache_bits: int | None = arg(None, "save a quantized latent cache (4 or 8 bits) as generate()'s default",
                                            choices=[4, 8])
@@ -270,6 +271,8 @@ def check_arguments(args: ConvertArguments):
     for name in ("recover_steps", "calibration_blocks", "batch_size", "decode_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} {getattr(args, name)}: pass a positive integer.")
+    if args.learning_rate is None:
+        args.learning_rate = 1e-3 if args.recover == "layerwise" else 2e-4
     if args.eval_tokens < 0 or args.learning_rate <= 0 or (args.block_size is not None and args.block_size < 2):
         raise ValueError(f"--eval_tokens {args.eval_tokens} (>= 0), --learning_rate {args.learning_rate} (> 0), "
                          f"--block_size {args.block_size} (>= 2): one of them is out of range.")

@@ -18,7 +18,7 @@ not). Bytes per token: every tensor the filled cache holds after the window (cod
 windows, kept tokens), divided by the tokens fed — measured, never computed from a formula.
 
 Rows: stock (fp32); quanto int4 / int2 (residual window 0 and 128, per-channel, groups of 64); HQQ int8 / int4 (window 32,
-groups of 64); fp8 (transformers' QuantizedCache("fp8"): keys and values stored as torch.float8_e4m3fn with one scale
+groups of 32); fp8 (transformers' QuantizedCache("fp8"): keys and values stored as torch.float8_e4m3fn with one scale
 per layer and tensor frozen at the prefill, upcast when read); a sliding window (DynamicSlidingWindowLayer) at
 --sliding_windows; kvpress presses at --kvpress_ratios (Llama-family models only); the project's latent at
 --latent_ranks (whitened seeding on the training split; rotary models keep --rope_pairs pairs by --rope_selection) in a
@@ -39,6 +39,7 @@ import copy
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -52,9 +53,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, QuantizedCache
 
-from hf_merged_attn import LatentQuantizedCache, patch_model
+from hf_merged_attn import LatentQuantizedCache, patch_model, recover_layerwise
 from hf_merged_attn.calibration import evenly_spaced_blocks
 from hf_merged_attn.evaluation import cache_bytes_per_token
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from run_record import portable  # noqa: E402 (examples/run_record.py: results files hold no machine paths)
 
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
@@ -82,8 +86,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rope_selection", default="rorope", help="rotary models: which pairs stay rotated")
     p.add_argument("--calibration_blocks", type=int, default=16)
     p.add_argument("--calibration_length", type=int, default=256)
+    p.add_argument("--recover_steps", type=int, default=0,
+                   help="layer-wise recovery of each latent model (recover_layerwise, steps per layer; 0: none)")
     p.add_argument("--sliding_windows", type=int, nargs="+", default=None,
-                   help="sliding-window sizes (default: context/4 and context/2)")
+                   help="sliding-window sizes (default: context/8, /4 and /2)")
     p.add_argument("--kvpress_venv", type=Path, default=None,
                    help="a venv with kvpress (Llama-family models; without it the kvpress rows are listed as not run)")
     p.add_argument("--kvpress_presses", nargs="+", default=list(KVPRESS_PRESSES))
@@ -102,6 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.context, args.scored, args.windows = 32, 8, 1
         args.time_batches, args.time_steps, args.time_repeats = [1, 2], 2, 1
         args.calibration_blocks, args.calibration_length = 4, 32
+    if args.recover_steps < 0:
+        p.error(f"--recover_steps must be >= 0; got {args.recover_steps}.")
     for name in ("context", "scored", "windows", "calibration_blocks", "calibration_length", "time_steps",
                  "time_repeats", "num_threads"):
         if getattr(args, name) < 1:
@@ -180,10 +188,10 @@ def peer_rows(config, args) -> list[dict]:
                          "model": "stock", "backend": "optimum-quanto",
                          "cache": lambda b=bits, r=residual: QuantizedCache(
                              "quanto", config, nbits=b, axis_key=0, axis_value=0, q_group_size=64, residual_length=r)})
-    for bits in (8, 4):
+    for bits in (8, 4):  # groups of 32: with 64, int4 packing fails on an odd number of groups (3 KV heads, odd length)
         rows.append({"name": f"HQQ int{bits}, residual 32", "curve": "HQQ (transformers)", "model": "stock",
                      "backend": "hqq", "cache": lambda b=bits: QuantizedCache(
-                         "hqq", config, nbits=b, axis_key=1, axis_value=1, q_group_size=64, residual_length=32)})
+                         "hqq", config, nbits=b, axis_key=1, axis_value=1, q_group_size=32, residual_length=32)})
     rows.append({"name": "fp8 (e4m3, per-tensor scale)", "curve": "fp8 (transformers)", "model": "stock",
                  "cache": lambda: fp8_cache(config)})
     for window in args.sliding_windows:
@@ -230,10 +238,10 @@ def text_windows(tokenizer, args) -> torch.Tensor:
 
 @torch.no_grad()
 def score(model, windows: torch.Tensor, context: int, make_cache, check: bool = False) -> dict:
-    """NLL of the last `scored` tokens of each window, each from a decode step after a prefill of context - 1 tokens
-    into `make_cache()`; the stored bytes per fed token of the filled cache (mean over windows). With `check`, the
-    loop's logits against one full forward of the window (max |difference|)."""
-    total_nll, tokens, per_token, worst = 0.0, 0, [], 0.0
+    """NLL of the last `scored` tokens of each window (per token, in order: "nll"), each from a decode step after a
+    prefill of context - 1 tokens into `make_cache()`; the stored bytes per fed token of the filled cache (mean over
+    windows). With `check`, the loop's logits against one full forward of the window (max |difference|)."""
+    nll, per_token, worst = [], [], 0.0
     for window in windows:
         ids = window.unsqueeze(0)
         cache = make_cache()
@@ -242,14 +250,14 @@ def score(model, windows: torch.Tensor, context: int, make_cache, check: bool = 
         for t in range(context - 1, ids.shape[1] - 1):
             step_logits.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[0, -1].float())
         logits = torch.stack(step_logits)  # (scored, vocab): position t predicts token t + 1
-        total_nll += nn.functional.cross_entropy(logits, window[context:], reduction="sum").item()
-        tokens += logits.shape[0]
+        nll += nn.functional.cross_entropy(logits, window[context:], reduction="none").tolist()
         per_token.append(stored_bytes(cache) / (ids.shape[1] - 1))
         if check:
             full = model(ids[:, :-1]).logits[0, context - 1 :].float()
             worst = max(worst, (full - logits).abs().max().item())
         del out
-    result = {"perplexity": math.exp(total_nll / tokens), "loss": total_nll / tokens, "tokens": tokens,
+    loss = statistics.mean(nll)
+    result = {"perplexity": math.exp(loss), "loss": loss, "tokens": len(nll), "nll": nll,
               "bytes_per_token": statistics.mean(per_token)}
     if check:
         result["loop_vs_full_forward_max_abs"] = worst
@@ -276,8 +284,11 @@ def time_decode(models: dict, rows: list[dict], batch: int, args, vocab: int) ->
         shift = repeat % len(rows)
         for row in rows[shift:] + rows[:shift]:
             model, cache = models[row["model"]], row["cache"]()
+            # a rotary latent layer's value slot holds its rotary keys, kept whole (as its attention updates it)
+            extra = ({"full_precision_values": True} if isinstance(cache, LatentQuantizedCache)
+                     and any(getattr(m, "rotary", False) for m in model.modules()) else {})
             for i, ((kh, kw), (vh, vw)) in enumerate(shapes[row["model"]]):
-                cache.update(torch.randn(batch, kh, args.context, kw), torch.randn(batch, vh, args.context, vw), i)
+                cache.update(torch.randn(batch, kh, args.context, kw), torch.randn(batch, vh, args.context, vw), i, **extra)
             model(token, past_key_values=cache, use_cache=True)  # one untimed step
             begin = time.perf_counter()
             for _ in range(args.time_steps):
@@ -333,7 +344,7 @@ def main(argv=None) -> dict:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     full = kv_heads * head_dim if rotary else config.hidden_size
     ranks = args.latent_ranks or [full // 2, full // 4, full // 8]
-    args.sliding_windows = args.sliding_windows or [max(2, args.context // 4), max(2, args.context // 2)]
+    args.sliding_windows = args.sliding_windows or sorted({max(2, args.context // k) for k in (8, 4, 2)})
     kvpress_ok = config.model_type in KVPRESS_FAMILIES
     if args.kvpress_venv is not None and not kvpress_ok:
         raise ValueError(f"kvpress hooks {KVPRESS_FAMILIES} only, not {config.model_type}: drop --kvpress_venv.")
@@ -354,6 +365,8 @@ def main(argv=None) -> dict:
         rope = dict(rope_pairs=args.rope_pairs, rope_selection=args.rope_selection) if rotary else {}
         models[f"latent{r_c}"] = patch_model(copy.deepcopy(stock), "latent", rank=r_c, init="whitened",
                                              calibration=calibration, **rope)
+        if args.recover_steps:
+            recover_layerwise(models[f"latent{r_c}"], stock, calibration, steps=args.recover_steps, show_progress=False)
         models[f"latent{r_c}"].set_attn_implementation("sdpa")
     rows += latent_rows(config, ranks)
 
@@ -392,6 +405,10 @@ def main(argv=None) -> dict:
                 results[name] = {"curve": figures["curve"], "project": False, **figures}
         results["stock"]["kvpress_env"] = {"loss": kv["stock"]["loss"], "versions": kv["versions"]}
 
+    reference = results["stock"]["nll"]
+    for figures in results.values():  # the same tokens in every row: paired differences against stock
+        figures["delta_nll"], figures["delta_nll_se"] = paired(figures.pop("nll"), reference)
+
     timing = {}
     measured = [row for row in rows if row["name"] in results]
     for batch in args.time_batches:
@@ -402,15 +419,24 @@ def main(argv=None) -> dict:
         figures["decode"] = {b: timing[b][name] for b in timing if name in timing[b]}
 
     record = {
-        "command": "python benchmarks/peers.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/peers.py " + shlex.join(portable(a) for a in (sys.argv[1:] if argv is None else argv)),
         "model": Path(args.model_name_or_path).name, "model_type": config.model_type, "rotary": rotary,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "output_dir"},
+        "args": portable({k: v for k, v in vars(args).items() if k != "output_dir"}),
         "machine": machine(args), "wall_time_s": None, "rows": results, "not_run": not_run,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, **peer_versions()},
     }
     record["wall_time_s"] = time.time() - start
     write(record, args.output_dir)
     return record
+
+
+def paired(nll: list[float], reference: list[float]) -> tuple[float, float]:
+    """Mean per-token NLL difference (nats) against the reference on the same tokens, and its standard error."""
+    if len(nll) != len(reference):
+        raise RuntimeError(f"{len(nll)} scored tokens against {len(reference)}: the rows did not score the same tokens.")
+    diff = [a - b for a, b in zip(nll, reference)]
+    se = statistics.stdev(diff) / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    return statistics.mean(diff), se
 
 
 def peer_versions() -> dict:
@@ -446,57 +472,106 @@ def write(record: dict, output_dir: Path) -> None:
     print(markdown(runs))
 
 
+SMOLLM2_COMMAND = ("python benchmarks/peers.py --model_name_or_path runs/SmolLM2-135M-Instruct --context 2048 --scored 256 "
+                   "--windows 4 --kvpress_venv ../venv-kvpress --output_dir docs")
+NOTES = {"shakespeare-gpt2": "The shipped 4-layer stand-in (d = 256, 4 heads, 256 positions): its perplexity hardly "
+                             "depends on far context (a 32-token window costs a few percent), so every cache scores "
+                             "about the same here and differences of a few tenths are noise (see ΔNLL ± 2 SE); a real "
+                             "model is the test of the caches."}
+
+
 def markdown(runs: dict) -> str:
     lines = ["# Side by side with the peers: quantized KV caches, sliding windows, kvpress", "",
-             "Generated by `benchmarks/peers.py` (the protocol is in its docstring): every row scores the same tokens "
-             "one decode step at a time after a prefill into its own cache; bytes per token are measured on the "
-             "filled caches (every tensor held, divided by the tokens fed). Perplexity ratios and decode times are "
-             "against stock in the same run.", ""]
+             "Generated by [benchmarks/peers.py](../benchmarks/peers.py) (the protocol is in its docstring); every "
+             "section below is one run of it, merged into [peers.json](peers.json). Every row scores the same tokens "
+             "one decode step at a time after a prefill of the context into its own cache (a prefill attends its own "
+             "keys unquantized and unpressed, so a full forward would measure nothing); bytes per token are measured "
+             "on the filled caches (every tensor held — codes, scales, zero points, full-precision windows, kept "
+             "tokens — divided by the tokens fed). ΔNLL: the mean per-token difference to stock on the same tokens, "
+             "nats, ± two standard errors of that paired difference. Decode times: ms per step against stock in the "
+             "same run, 1 thread. Bold: the project's rows.", "", "![perplexity against bytes per token](peers.png)", ""]
     for model, rec in runs.items():
         a, rows = rec["args"], rec["rows"]
         stock = rows["stock"]
         batches = sorted({b for r in rows.values() for b in r.get("decode", {})}, key=int)
-        lines += [f"## {model}", "",
-                  f"`{rec['command']}` — {rec['machine']}; {a['windows']} window(s) of {a['context']} + {a['scored']} "
-                  f"tokens ({stock['tokens']} scored), fp32; wall time {rec['wall_time_s'] / 60:.1f} min. Versions: "
-                  + ", ".join(f"{k} {v}" for k, v in rec["versions"].items()) + ". Stock's loop through a DynamicCache "
-                  f"matches a full forward to {stock['loop_vs_full_forward_max_abs']:.1e} (max |logit difference|).",
-                  "", "| row | perplexity (× stock) | bytes / token (× stock) | "
-                  + " | ".join(f"decode ms, batch {b} (× stock)" for b in batches) + " |",
-                  "|---|---|---|" + "---|" * len(batches)]
+        recovered = f", then layer-wise recovery of {a['recover_steps']} steps per layer" if a.get("recover_steps") else ""
+        rope = f", rope_pairs={a['rope_pairs']} by {a['rope_selection']}" if rec["rotary"] else ""
+        lines += [f"## {model}", ""] + ([NOTES[model], ""] if model in NOTES else []) + [
+            f"`{rec['command']}` — {rec['machine']}; {a['windows']} window(s) of {a['context']} + {a['scored']} tokens "
+            f"of the Shakespeare test split ({stock['tokens']} scored), fp32; wall time {rec['wall_time_s'] / 60:.1f} "
+            "min. Versions: " + ", ".join(f"{k} {v}" for k, v in rec["versions"].items())
+            + (f"; kvpress {stock['kvpress_env']['versions']['kvpress']} under transformers "
+               f"{stock['kvpress_env']['versions']['transformers']} (its stock row: {stock['kvpress_env']['loss']:.5f} "
+               f"nats/token, here {stock['loss']:.5f})" if "kvpress_env" in stock else "")
+            + f". The latent: whitened seeding on {a['calibration_blocks']} blocks of {a['calibration_length']} training "
+            f"tokens{rope}{recovered}, no fine-tuning. Stock's loop through a DynamicCache matches a full forward to "
+            f"{stock['loop_vs_full_forward_max_abs']:.1e} (max |logit difference|).",
+            "", "| row | perplexity (× stock) | ΔNLL ± 2 SE | bytes / token (× stock) | "
+            + " | ".join(f"decode ms, batch {b} (× stock)" for b in batches) + " |",
+            "|---|---|---|---|" + "---|" * len(batches)]
         for name, r in sorted(rows.items(), key=lambda kv: -kv[1]["bytes_per_token"]):
             cells = [f"{r['decode'][b]['ms_per_step']:.1f} ({r['decode'][b]['vs_stock']:.2f})" if b in r.get("decode", {})
                      else "not timed" for b in batches]
             label = f"**{name}**" if r["project"] else name
             lines.append(f"| {label} | {r['perplexity']:.3f} ({r['perplexity'] / stock['perplexity']:.3f}) | "
+                         f"{r['delta_nll']:+.4f} ± {2 * r['delta_nll_se']:.4f} | "
                          f"{r['bytes_per_token']:,.0f} ({r['bytes_per_token'] / stock['bytes_per_token']:.3f}) | "
                          + " | ".join(cells) + " |")
         if rec["not_run"]:
-            lines += ["", "Not run: " + "; ".join(f"{n} ({why})" for n, why in rec["not_run"].items()) + "."]
+            lines += ["", "**Not run**: " + "; ".join(f"{n} ({why})" for n, why in rec["not_run"].items()) + "."]
         wins = dominance(rows)
-        beaten = [n for n, by in wins.items() if by]
         free = [n for n, by in wins.items() if not by]
-        lines += ["", f"Dominance (bold: the project's rows): {len(beaten)} of {len(wins)} peer rows have a project "
-                  "row with no more bytes per token and no worse perplexity."]
+        lines += ["", f"Dominance: {len(wins) - len(free)} of {len(wins)} peer rows have a project row with no more "
+                  "bytes per token and no worse perplexity."]
         if free:
-            lines.append("**Where a peer wins** (no project row at or below its bytes with a perplexity as good): "
-                         + "; ".join(f"{n} ({rows[n]['perplexity']:.3f} at {rows[n]['bytes_per_token']:,.0f} B)"
-                                     for n in free) + ".")
-        slower = [n for n, r in rows.items() if r["project"] and "8" in r.get("decode", {})
-                  and r["decode"]["8"]["vs_stock"] > 1.0]
-        if any("8" in r.get("decode", {}) for r in rows.values()):
+            lines.append("**Where a peer wins** (no project row at or below its bytes per token with a perplexity as "
+                         "good): " + "; ".join(f"{n} ({rows[n]['perplexity']:.3f} at {rows[n]['bytes_per_token']:,.0f} "
+                                               f"B{margin(rows, n)})" for n in free) + ".")
+        if "8" in batches:
+            slower = [n for n, r in rows.items() if r["project"] and r.get("decode", {}).get("8", {}).get("vs_stock", 0) > 1]
             lines.append("Decode at batch 8: " + ("every project row is at most stock's time." if not slower else
-                         "slower than stock: " + ", ".join(f"{n} ({rows[n]['decode']['8']['vs_stock']:.2f}×)"
-                                                            for n in slower) + "."))
+                         "**slower than stock**: " + ", ".join(f"{n} ({rows[n]['decode']['8']['vs_stock']:.2f}×)"
+                                                                for n in slower) + "."))
         lines.append("")
-    lines += ["How the peers are built: quanto and HQQ through transformers' `QuantizedCache` (quanto: per-channel "
-              "axis 0, groups of 64; HQQ: axis 1, groups of 64; the residual window is kept in fp32, so their bytes "
-              "per token depend on the length); fp8 is transformers' `QuantizedCache(\"fp8\")` (float8_e4m3fn with one "
-              "scale per layer and tensor, frozen at the prefill, upcast when read); the sliding window is a "
-              "DynamicCache of `DynamicSlidingWindowLayer`s (no attention sinks: transformers 5 has no SinkCache); "
-              "kvpress presses prune the prefill only, in their own venv (kvpress pins transformers<5.3), on the same "
-              "token ids, its stock row checked against this one. vllm's CPU build is not compared.", ""]
+    if not any(rec["rotary"] for rec in runs.values()):
+        lines += ["## SmolLM2-135M (not measured yet)", "", "The real-model run takes hours on 2 CPU cores; its command "
+                  "(after `python examples/smollm2.py`, and a kvpress venv made as `--kvpress_venv`'s error says):", "",
+                  f"    {SMOLLM2_COMMAND}", ""]
+    lines += ["## How the peers are built", "",
+              "- quanto and HQQ: transformers' `QuantizedCache` (quanto: int4 / int2, axis 0, groups of 64; HQQ: int8 / "
+              "int4, axis 1, groups of 32 — with 64 its int4 packing fails where heads × length is odd). transformers "
+              "quantizes the whole prefill at once and keeps later tokens in fp32 until the residual window is full, "
+              "then requantizes everything: their bytes per token depend on where the length falls (measured after "
+              "the last token of each window).",
+              "- fp8: transformers' `QuantizedCache(\"fp8\")`: keys and values stored as float8_e4m3fn with one scale "
+              "per layer and tensor, set by the prefill's amplitude and frozen, upcast to fp32 when read.",
+              "- sliding window: a cache of transformers' `DynamicSlidingWindowLayer`s (the last window − 1 tokens and the "
+              "new one; no attention sinks — transformers 5 has no SinkCache).",
+              "- kvpress: its presses prune the prefill only (the decoded tokens are all kept), in their own venv "
+              "(kvpress pins transformers < 5.3) through benchmarks/peers_kvpress.py, on the same token ids; its stock "
+              "row must match this one. It hooks Llama, Mistral, Phi-3, Qwen2/3 and Gemma 3 only: not the GPT-2 "
+              "stand-in. Not timed (the decode is a plain cache of the kept tokens).",
+              "- the project: `patch_model(model, \"latent\", rank=r_c, init=\"whitened\", calibration=...)` in a "
+              "DynamicCache, and in `LatentQuantizedCache(nbits=8 / 4, residual_length=0)` (every token quantized; one "
+              "scale and minimum per token; a rotary latent's rotary keys stay fp32).",
+              "- decode timing: each cache filled with `--context` random tokens in its layout (time does not depend on "
+              "the values), one untimed step, then `--time_steps` timed; rows with a residual window flush every R "
+              "steps (HQQ's 32 inside the 32 timed steps, quanto's 128 not: its figure leaves the flush out).",
+              "- not compared: vllm (its CPU build) — optional, skipped.", ""]
     return "\n".join(lines)
+
+
+def margin(rows: dict, peer: str) -> str:
+    """', closest project row X: ΔNLL d ± 2 SE' for the project row with the best perplexity at or below the peer's
+    bytes (the comparison is unpaired between rows, so the SE is the larger of the two rows' own)."""
+    cheaper = [n for n, r in rows.items() if r["project"] and r["bytes_per_token"] <= rows[peer]["bytes_per_token"]]
+    if not cheaper:
+        return ", no project row at or below these bytes"
+    best = min(cheaper, key=lambda n: rows[n]["perplexity"])
+    gap = rows[best]["delta_nll"] - rows[peer]["delta_nll"]
+    se = max(rows[best]["delta_nll_se"], rows[peer]["delta_nll_se"])
+    noise = " (within 2 SE: noise)" if abs(gap) <= 2 * se else ""
+    return f"; best project row at or below: {best}, {rows[best]['perplexity']:.3f}, ΔNLL {gap:+.4f}{noise}"
 
 
 def plot(runs: dict, path: Path) -> None:

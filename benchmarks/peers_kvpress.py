@@ -31,8 +31,9 @@ transformers.logging.disable_progress_bar()
 
 @torch.no_grad()
 def score(model, windows: list[list[int]], context: int, press=None) -> dict:
-    """NLL of each window's tokens after the first `context`, each from a decode step, after a (pressed) prefill."""
-    total, tokens, per_token = 0.0, 0, []
+    """NLL of each window's tokens after the first `context` (per token, in order), each from a decode step, after a
+    (pressed) prefill."""
+    nll, per_token = [], []
     for window in windows:
         ids = torch.tensor(window).unsqueeze(0)
         cache = DynamicCache()
@@ -44,11 +45,11 @@ def score(model, windows: list[list[int]], context: int, press=None) -> dict:
         logits = torch.stack([
             model(input_ids=ids[:, t : t + 1], past_key_values=cache, position_ids=torch.tensor([[t]])).logits[0, -1].float()
             for t in range(context - 1, ids.shape[1] - 1)])
-        total += nn.functional.cross_entropy(logits, ids[0, context:], reduction="sum").item()
-        tokens += logits.shape[0]
+        nll += nn.functional.cross_entropy(logits, ids[0, context:], reduction="none").tolist()
         held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
         per_token.append(held / (ids.shape[1] - 1))
-    return {"perplexity": math.exp(total / tokens), "loss": total / tokens, "tokens": tokens,
+    loss = statistics.mean(nll)
+    return {"perplexity": math.exp(loss), "loss": loss, "tokens": len(nll), "nll": nll,
             "bytes_per_token": statistics.mean(per_token)}
 
 
@@ -72,7 +73,7 @@ def main() -> None:
             except Exception as error:  # recorded as not run, with the reason: never a silent skip
                 figures = {"error": f"{type(error).__name__}: {error}"}
             out["rows"][name] = {"curve": f"kvpress {press_name.removesuffix('Press')}", **figures}
-            print(f"{name}: {figures}", file=sys.stderr, flush=True)
+            print(f"{name}: perplexity {figures.get('perplexity')}", file=sys.stderr, flush=True)
     print(json.dumps(out))
 
 

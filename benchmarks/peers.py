@@ -57,14 +57,14 @@ from hf_merged_attn import LatentQuantizedCache, patch_model, recover_layerwise
 from hf_merged_attn.calibration import evenly_spaced_blocks
 from hf_merged_attn.evaluation import cache_bytes_per_token
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from run_record import portable  # noqa: E402 (examples/run_record.py: results files hold no machine paths)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+from run_record import portable  # examples/run_record.py: results files hold no machine paths
 
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
 # transformers 5.25 renames past_key_values to cache; the floor (5.17) only knows past_key_values
 warnings.filterwarnings("ignore", message=".*past_key_values.*is deprecated", category=FutureWarning)
-ROOT = Path(__file__).resolve().parents[1]
 STAND_IN = ROOT / "examples" / "shakespeare-gpt2"
 SHAKESPEARE = ROOT / "examples" / "data" / "shakespeare"
 KVPRESS_SCRIPT = Path(__file__).resolve().parent / "peers_kvpress.py"
@@ -116,6 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name} must be >= 1; got {getattr(args, name)}.")
     if args.context < 2:
         p.error("--context must be >= 2: the prefill holds context - 1 tokens.")
+    if any(w < 2 for w in args.sliding_windows or []) or any(r < 1 for r in args.latent_ranks or []):
+        p.error(f"--sliding_windows must be >= 2 and --latent_ranks >= 1; got {args.sliding_windows}, {args.latent_ranks}.")
     if any(b < 1 for b in args.time_batches):
         p.error(f"--time_batches must be >= 1; got {args.time_batches}.")
     if any(not 0 < r < 1 for r in args.kvpress_ratios):
@@ -350,6 +352,10 @@ def main(argv=None) -> dict:
         raise ValueError(f"kvpress hooks {KVPRESS_FAMILIES} only, not {config.model_type}: drop --kvpress_venv.")
 
     rows = peer_rows(config, args)
+    names = [row["name"] for row in rows + latent_rows(config, ranks)]
+    unmatched = [o for o in args.only or [] if not any(n.startswith(o) for n in names)]
+    if unmatched:
+        raise ValueError(f"--only {unmatched} matches no row; the rows: {names}.")
     for row in rows:  # a backend a row needs must import: an error now, before any long work
         problem = backend_problem(row) if args.only is None or any(row["name"].startswith(o) for o in args.only) else None
         if problem:
@@ -358,11 +364,11 @@ def main(argv=None) -> dict:
     train = torch.tensor(tokenizer((SHAKESPEARE / "train.txt").read_text(encoding="utf-8"))["input_ids"])
     calibration = [evenly_spaced_blocks(train, args.calibration_blocks, min(args.calibration_length, positions or 10**9))]
     models = {"stock": stock}
-    wanted = lambda name: name == "stock" or args.only is None or any(name.startswith(o) for o in args.only)  # noqa: E731
+    wanted = lambda name: name == "stock" or args.only is None or any(name.startswith(o) for o in args.only)
     for r_c in ranks:
         if not wanted(f"latent r_c={r_c}"):
             continue
-        rope = dict(rope_pairs=args.rope_pairs, rope_selection=args.rope_selection) if rotary else {}
+        rope = {"rope_pairs": args.rope_pairs, "rope_selection": args.rope_selection} if rotary else {}
         models[f"latent{r_c}"] = patch_model(copy.deepcopy(stock), "latent", rank=r_c, init="whitened",
                                              calibration=calibration, **rope)
         if args.recover_steps:
@@ -385,7 +391,7 @@ def main(argv=None) -> dict:
         print(f"{row['name']}: perplexity {figures['perplexity']:.3f}, {figures['bytes_per_token']:,.0f} B/token "
               f"({time.time() - t0:.0f} s)", flush=True)
 
-    kv_names = [f"kvpress {p.removesuffix('Press')} {int(round(r * 100))}%" for p in args.kvpress_presses
+    kv_names = [f"kvpress {p.removesuffix('Press')} {round(r * 100)}%" for p in args.kvpress_presses
                 for r in args.kvpress_ratios]
     if not kvpress_ok:
         reason = f"kvpress hooks {', '.join(KVPRESS_FAMILIES)} only, not {config.model_type}"
@@ -583,12 +589,13 @@ def plot(runs: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(runs), figsize=(7 * len(runs), 5), squeeze=False)
     for ax, (model, rec) in zip(axes[0], runs.items()):
         curves: dict[str, list] = {}
-        for name, r in rec["rows"].items():
+        for r in rec["rows"].values():
             curves.setdefault(r["curve"], []).append((r["bytes_per_token"], r["perplexity"], r["project"]))
         for curve, points in curves.items():
             points.sort()
             xs, ys = [p[0] for p in points], [p[1] for p in points]
-            style = dict(marker="*", markersize=14, linestyle="") if curve == "stock" else dict(marker="o" if points[0][2] else "x")
+            style = ({"marker": "*", "markersize": 14, "linestyle": ""} if curve == "stock"
+                     else {"marker": "o" if points[0][2] else "x"})
             ax.plot(xs, ys, label=curve, linewidth=2.5 if points[0][2] else 1, **style)
         ax.set_xscale("log")
         ax.set_yscale("log")

@@ -8,7 +8,7 @@ Reads one JSON request on stdin — {"model": folder, "windows": [[token ids]], 
 shorter than the text), the last len(window) - context tokens scored. Bytes per token: the kept keys and values of
 every layer after the window, divided by the tokens fed.
 
-    echo '{"model": "runs/SmolLM2-135M-Instruct", ...}' | /work/venv-kvpress/bin/python benchmarks/peers_kvpress.py
+    echo '{"model": "runs/SmolLM2-135M-Instruct", ...}' | ../venv-kvpress/bin/python benchmarks/peers_kvpress.py
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import statistics
 import sys
 from importlib.metadata import version
 
-import kvpress
 import torch
 import transformers
 from torch import nn
@@ -54,6 +53,8 @@ def score(model, windows: list[list[int]], context: int, press=None) -> dict:
 
 
 def main() -> None:
+    import kvpress  # here, not at the top: score() serves without it (tests/test_peers.py)
+
     request = json.loads(sys.stdin.read())
     torch.set_num_threads(request.get("num_threads", 1))
     model = AutoModelForCausalLM.from_pretrained(request["model"], dtype=torch.float32).eval()
@@ -63,14 +64,14 @@ def main() -> None:
            "stock": score(model, windows, context), "rows": {}}
     for press_name in request["presses"]:
         for ratio in request["ratios"]:
-            name = f"kvpress {press_name.removesuffix('Press')} {int(round(ratio * 100))}%"
+            name = f"kvpress {press_name.removesuffix('Press')} {round(ratio * 100)}%"
             press_class = getattr(kvpress, press_name, None)
             if press_class is None:
                 out["rows"][name] = {"error": f"kvpress {version('kvpress')} has no {press_name}"}
                 continue
             try:
                 figures = score(model, windows, context, press_class(compression_ratio=ratio))
-            except Exception as error:  # recorded as not run, with the reason: never a silent skip
+            except Exception as error:  # noqa: BLE001 — recorded as not run, with the reason: never a silent skip
                 figures = {"error": f"{type(error).__name__}: {error}"}
             out["rows"][name] = {"curve": f"kvpress {press_name.removesuffix('Press')}", **figures}
             print(f"{name}: perplexity {figures.get('perplexity')}", file=sys.stderr, flush=True)

@@ -88,3 +88,64 @@ def test_bad_input_is_refused_before_any_work(monkeypatch, tmp_path, capsys):
         with pytest.raises(SystemExit):
             peers.parse_args(argv)
         assert message in capsys.readouterr().err, argv
+
+
+FAKE_WORKER = """
+import json, sys
+sys.path.insert(0, {bench!r})
+import torch
+from transformers import AutoModelForCausalLM
+import peers_kvpress
+
+request = json.loads(sys.stdin.read())
+model = AutoModelForCausalLM.from_pretrained(request["model"], dtype=torch.float32).eval()
+stock = peers_kvpress.score(model, request["windows"], request["context"])  # the worker's own loop, no press
+rows = {{"kvpress SnapKV 50%": {{"curve": "kvpress SnapKV", **stock, "bytes_per_token": 1.0}},
+        "kvpress Missing 50%": {{"error": "kvpress 0.5.5 has no MissingPress"}}}}
+print("progress on stdout first")
+print(json.dumps({{"versions": {{"kvpress": "fake", "transformers": "x", "torch": "x"}}, "stock": stock, "rows": rows}}))
+"""
+
+
+def test_a_rotary_model_with_its_kvpress_rows(tmp_path):
+    """A tiny random Llama (the rotary latent, its quantized cache, the rotary fill of the timing) and the kvpress
+    exchange through a stand-in venv whose python runs benchmarks/peers_kvpress.py's scoring loop without a press: its
+    stock row must match the main loop's, its rows are merged, a press it could not run is listed as not run."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "tiny-llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                 intermediate_size=128, num_hidden_layers=2, vocab_size=8192,
+                                 max_position_embeddings=512)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ROOT / "examples" / "shakespeare-gpt2" / name, folder / name)
+    venv = tmp_path / "venv-kvpress"
+    (venv / "bin").mkdir(parents=True)
+    (tmp_path / "worker.py").write_text(FAKE_WORKER.format(bench=str(ROOT / "benchmarks")))
+    (venv / "bin" / "python").write_text(f"#!/bin/sh\nexec {sys.executable} {tmp_path / 'worker.py'}\n")
+    (venv / "bin" / "python").chmod(0o755)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--dry_run", "--model_name_or_path", str(folder),
+         "--only", "stock", "latent r_c=16", "sliding window", "--kvpress_venv", str(venv), "--kvpress_presses",
+         "SnapKVPress", "MissingPress", "--kvpress_ratios", "0.5", "--output_dir", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=ROOT, timeout=600, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "out" / "peers.json").read_text())["runs"]["tiny-llama"]
+    rows = record["rows"]
+    assert record["rotary"] and record["args"]["rope_pairs"] == 4
+    assert set(rows) == {"stock", "sliding window 4", "sliding window 8", "sliding window 16", "latent r_c=16",
+                         "latent r_c=16, int8", "latent r_c=16, int4", "kvpress SnapKV 50%"}
+    assert record["not_run"]["kvpress Missing 50%"] == "kvpress 0.5.5 has no MissingPress"
+    assert record["not_run"]["quanto int4, residual 0"] == "left out by --only"
+    assert rows["stock"]["kvpress_env"]["loss"] == pytest.approx(rows["stock"]["loss"], abs=1e-4)
+    # 2 layers: stock K and V of 2 KV heads x 16; the latent r_c plus 2 heads x 2·4 rotary numbers, fp32; int8 codes of
+    # r_c plus an fp32 scale and minimum, the rotary keys whole
+    assert rows["stock"]["bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    assert rows["latent r_c=16"]["bytes_per_token"] == 2 * (16 + 2 * 8) * 4
+    assert rows["latent r_c=16, int8"]["bytes_per_token"] == 2 * (16 + 8 + 2 * 8 * 4)
+    assert all(set(r["decode"]) == {"1", "2"} for n, r in rows.items() if not n.startswith("kvpress"))
+    assert "decode" not in rows["kvpress SnapKV 50%"] or rows["kvpress SnapKV 50%"]["decode"] == {}

@@ -1,9 +1,11 @@
 """The project's latent against what users would pick instead, on the same tokens: perplexity, bytes per token, decode.
 
-    python benchmarks/peers.py --output_dir docs                           # the stand-in (4-layer GPT-2), ~4 min, 2 CPUs
+    python benchmarks/peers.py --output_dir docs                           # the stand-in (4-layer GPT-2), ~5 min, 2 CPUs
+    python examples/smollm2.py                                             # once: runs/SmolLM2-135M-Instruct
     python benchmarks/peers.py --model_name_or_path runs/SmolLM2-135M-Instruct --context 2048 --scored 256 \
-        --windows 4 --kvpress_venv /work/venv-kvpress --output_dir docs     # SmolLM2-135M (hours on 2 CPUs; see docs/peers.md)
+        --windows 4 --kvpress_venv ../venv-kvpress --output_dir docs       # SmolLM2-135M, merged in (~2-3 h, 1 thread)
     python benchmarks/peers.py --dry_run --output_dir runs/peers_dry       # the CI dry run (tests/test_peers.py)
+    python benchmarks/peers.py --report --output_dir docs                  # peers.md and peers.png again from peers.json
 
 Peers install with `pip install -e ".[peers]"` (optimum-quanto, hqq). kvpress pins transformers<5.3, so it runs in its
 own venv (--kvpress_venv PATH; the error says how to make one) through benchmarks/peers_kvpress.py, a self-contained
@@ -17,12 +19,12 @@ stock row's loop through a plain DynamicCache must reproduce a full forward's lo
 not). Bytes per token: every tensor the filled cache holds after the window (codes, scales, zero points, full-precision
 windows, kept tokens), divided by the tokens fed — measured, never computed from a formula.
 
-Rows: stock (fp32); quanto int4 / int2 (residual window 0 and 128, per-channel, groups of 64); HQQ int8 / int4 (window 32,
+Rows: stock (fp32); quanto int4 / int2 (residual window 0 and 128, axis 0 as transformers' docs advise, groups of 64); HQQ int8 / int4 (window 32,
 groups of 32); fp8 (transformers' QuantizedCache("fp8"): keys and values stored as torch.float8_e4m3fn with one scale
 per layer and tensor frozen at the prefill, upcast when read); a sliding window (DynamicSlidingWindowLayer) at
 --sliding_windows; kvpress presses at --kvpress_ratios (Llama-family models only); the project's latent at
---latent_ranks (whitened seeding on the training split; rotary models keep --rope_pairs pairs by --rope_selection) in a
-DynamicCache and in its int8 / int4 LatentQuantizedCache (every token quantized: residual_length 0).
+--latent_ranks (whitened seeding on the training split; rotary models keep --rope_pairs pairs by --rope_selection; with
+--recover_steps, layer-wise recovery to stock after seeding) in a DynamicCache and in its int8 / int4 LatentQuantizedCache (every token quantized: residual_length 0).
 
 Decode: ms per step at --time_batches (1 thread), every row but kvpress, each cache filled with --context random tokens
 in its layout (the time does not depend on the values) then --time_steps steps timed, --time_repeats times, rows
@@ -103,6 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dry_run", action="store_true",
                    help="context 32, 8 scored, 1 window, 2 timed steps x 1 repeat at batch 1 and 2 (the CI test)")
     p.add_argument("--output_dir", type=Path, default=Path("runs/peers"))
+    p.add_argument("--report", action="store_true",
+                   help="measure nothing: regenerate peers.md and peers.png from --output_dir/peers.json")
     args = p.parse_args(argv)
     if args.dry_run:
         args.context, args.scored, args.windows = 32, 8, 1
@@ -298,7 +302,8 @@ def time_decode(models: dict, rows: list[dict], batch: int, args, vocab: int) ->
             times[row["name"]].append((time.perf_counter() - begin) / args.time_steps * 1e3)
             del cache
     stock = statistics.median(times["stock"])
-    return {name: {"ms_per_step": statistics.median(t), "times_ms": t, "vs_stock": statistics.median(t) / stock}
+    return {name: {"ms_per_step": statistics.median(t), "min_ms": min(t), "times_ms": t,
+                   "vs_stock": statistics.median(t) / stock}
             for name, t in times.items()}
 
 
@@ -329,6 +334,14 @@ def machine(args) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.report:
+        path = args.output_dir / "peers.json"
+        if not path.exists():
+            raise FileNotFoundError(f"--report reads {path}, which does not exist: run a measurement first.")
+        runs = json.loads(path.read_text())["runs"]
+        (args.output_dir / "peers.md").write_text(markdown(runs), encoding="utf-8")
+        plot(runs, args.output_dir / "peers.png")
+        return runs
     torch.set_num_threads(args.num_threads)
     start = time.time()
     stock = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).eval()
@@ -601,7 +614,7 @@ def plot(runs: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("KV-cache bytes per token (measured on the filled cache)")
         ax.set_ylabel("perplexity (token by token after a prefill)")
-        ax.set_title(f"{model}: {rec['args']['context']} + {rec['args']['scored']} tokens × {rec['args']['windows']}")
+        ax.set_title(f"{model}{' (the stand-in)' if model in NOTES else ''}: {rec['args']['context']} + {rec['args']['scored']} tokens × {rec['args']['windows']}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

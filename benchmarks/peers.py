@@ -251,7 +251,7 @@ def score(model, windows: torch.Tensor, context: int, make_cache, check: bool = 
     for window in windows:
         ids = window.unsqueeze(0)
         cache = make_cache()
-        out = model(ids[:, : context - 1], past_key_values=cache, use_cache=True)
+        model(ids[:, : context - 1], past_key_values=cache, use_cache=True, logits_to_keep=1)  # no LM head over the prefill
         step_logits = []
         for t in range(context - 1, ids.shape[1] - 1):
             step_logits.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[0, -1].float())
@@ -259,9 +259,8 @@ def score(model, windows: torch.Tensor, context: int, make_cache, check: bool = 
         nll += nn.functional.cross_entropy(logits, window[context:], reduction="none").tolist()
         per_token.append(stored_bytes(cache) / (ids.shape[1] - 1))
         if check:
-            full = model(ids[:, :-1]).logits[0, context - 1 :].float()
+            full = model(ids[:, :-1], logits_to_keep=logits.shape[0]).logits[0].float()  # positions context - 1 on
             worst = max(worst, (full - logits).abs().max().item())
-        del out
     loss = statistics.mean(nll)
     result = {"perplexity": math.exp(loss), "loss": loss, "tokens": len(nll), "nll": nll,
               "bytes_per_token": statistics.mean(per_token)}

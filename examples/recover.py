@@ -77,6 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--block_size", type=int, default=256)
     p.add_argument("--eval_max_tokens", type=int, default=4096)
     p.add_argument("--num_threads", type=int, default=0)
+    p.add_argument("--arms", default=",".join(ARMS), help=f"which runs per budget and seed: {', '.join(ARMS)}")
     p.add_argument("--keep_models", action="store_true")
     p.add_argument("--quick", action="store_true", help="one budget, one seed, 2 steps of each: a smoke run")
     args = p.parse_args(argv)
@@ -85,6 +86,9 @@ def parse_args(argv=None):
         args.budgets, args.seeds, args.recover_steps, args.train_steps = args.budgets.split(",")[0], 1, 2, 2
         args.recover_samples, args.eval_max_tokens = 8, 512
     args.budgets = [float(b) for b in args.budgets.split(",")]
+    args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if not args.arms or any(a not in ARMS for a in args.arms):
+        raise ValueError(f"--arms {','.join(args.arms)!r}: choose from {', '.join(ARMS)} (comma-separated).")
     if not all(0 < b < 1 for b in args.budgets) or args.seeds < 1 or args.recover_steps < 1 or args.train_steps < 1:
         raise ValueError(f"--budgets {args.budgets} must lie in (0, 1), and --seeds, --recover_steps, --train_steps "
                          "be >= 1.")
@@ -120,8 +124,8 @@ def main(argv=None) -> dict:
     out = Path(args.output_dir)
     runs_dir = out / "runs"
     plan = [(saving, latent_rank(config, saving, args.rope_pairs), seed, arm)
-            for saving in args.budgets for seed in range(args.seeds) for arm in ARMS]
-    first = finetune_args(args, runs_dir, plan[0][1], 0, ARMS[0])  # checks the model and settings before any work
+            for saving in args.budgets for seed in range(args.seeds) for arm in args.arms]
+    first = finetune_args(args, runs_dir, plan[0][1], 0, plan[0][3])  # checks the model and settings before any work
     runs_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(first, finetune.causal_lm_spec(config, args.model_name_or_path))
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
@@ -164,7 +168,7 @@ def main(argv=None) -> dict:
 def same_run(saved: dict, now: dict) -> bool:
     """Whether a finished run's settings are this invocation's: the plan (--budgets, --seeds) may differ, the run's
     budget and seed are in its name."""
-    plan = ("budgets", "seeds")
+    plan = ("budgets", "seeds", "arms")
     return {k: v for k, v in saved.items() if k not in plan} == {k: v for k, v in now.items() if k not in plan}
 
 

@@ -53,7 +53,7 @@ from transformers.pytorch_utils import Conv1D
 
 from hf_merged_attn import PatchConfig, patch_model
 from hf_merged_attn.evaluation import evaluate_perplexity, kv_cache_bytes_per_token
-from hf_merged_attn.recovery import recover_layerwise
+from hf_merged_attn.recovery import distillation_loss, recover_layerwise
 from hf_merged_attn.registry import REGISTRY, ROTARY_MODEL_TYPES, SPECS
 from checkpoints import checkpoint_step, load_checkpoint, resume_point, save_checkpoint
 from lm_data import EpochSampler, check_data_file, load_lm_data
@@ -403,6 +403,12 @@ def eval_loss(model, stream, args, max_tokens=None, reference=None) -> dict:
     )
 
 
+def evenly_spaced_train_blocks(train_data, count: int) -> torch.Tensor:
+    """min(count, all) train blocks spread evenly over the training set: (N, block_size) input ids."""
+    n = min(count, len(train_data))
+    return train_data[[i * len(train_data) // n for i in range(n)]]["input_ids"]
+
+
 def run_dir_of(args, label: str, seed: int) -> Path:
     return Path(args.output_dir) / f"{label}-seed{seed}"
 
@@ -413,8 +419,7 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
     run_dir = run_dir_of(args, label, seed)
     calibration = None
     if uses_calibration(args, mode):  # the same evenly spaced train blocks for every run
-        n = min(args.calibration_samples, len(train_data))
-        calibration = train_data[[i * len(train_data) // n for i in range(n)]]["input_ids"].split(4)
+        calibration = evenly_spaced_train_blocks(train_data, args.calibration_samples).split(4)
     model = build_model(args, mode, rank, calibration)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -426,10 +431,9 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
     at_patch = eval_loss(model, stream, args, reference=reference) if accelerator.is_main_process else None
     recovered = None
     if mode != "stock" and args.recover_steps:
-        n = min(args.recover_samples, len(train_data))
-        blocks = train_data[[i * len(train_data) // n for i in range(n)]]["input_ids"]  # evenly spaced, as calibration
+        blocks = evenly_spaced_train_blocks(train_data, args.recover_samples).split(args.recover_batch_size)
         start = time.perf_counter()
-        layers = recover_layerwise(model.to(accelerator.device), reference, blocks.split(args.recover_batch_size),
+        layers = recover_layerwise(model.to(accelerator.device), reference, blocks,
                                    steps=args.recover_steps, learning_rate=args.recover_learning_rate,
                                    inputs=args.recover_inputs, seed=seed,
                                    show_progress=accelerator.is_local_main_process)
@@ -496,11 +500,7 @@ def run_one(args, accelerator, label, mode, rank, seed, train_data, stream, repo
                 lr = optimizer.param_groups[0]["lr"]  # the learning rate of this optimizer step
                 with accelerator.accumulate(model):
                     if args.distill and reference is not None:  # KL(stock ‖ patched) per token, the teacher frozen
-                        with torch.no_grad():
-                            target = reference(input_ids=batch["input_ids"]).logits.float().log_softmax(-1)
-                        ours = model(input_ids=batch["input_ids"]).logits.float().log_softmax(-1)
-                        loss = nn.functional.kl_div(ours.flatten(0, 1), target.flatten(0, 1), log_target=True,
-                                                    reduction="batchmean")
+                        loss = distillation_loss(model, reference, batch["input_ids"])
                     else:
                         loss = model(**batch).loss
                     accelerator.backward(loss)

@@ -428,15 +428,11 @@ def distill(model, stock, batches, steps: int, learning_rate: float, seed: int) 
     batches (the stock model frozen). Returns the mean KL over the batches before and after."""
     from tqdm.auto import tqdm
 
-    def kl(ids) -> torch.Tensor:
-        with torch.no_grad():
-            target = stock(input_ids=ids).logits.float().log_softmax(-1)
-        ours = model(input_ids=ids).logits.float().log_softmax(-1)
-        return torch.nn.functional.kl_div(ours.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+    from .recovery import distillation_loss
 
     def mean_kl() -> float:
         with torch.no_grad():
-            return sum(kl(ids).item() for ids in batches) / len(batches)
+            return sum(distillation_loss(model, stock, ids).item() for ids in batches) / len(batches)
 
     model.eval()  # no dropout: the recovery fits the model as it will decode
     before = mean_kl()
@@ -444,7 +440,7 @@ def distill(model, stock, batches, steps: int, learning_rate: float, seed: int) 
     optimizer = torch.optim.Adam(params, lr=learning_rate)
     order = torch.randint(len(batches), (steps,), generator=torch.Generator().manual_seed(seed)).tolist()
     for step in tqdm(order, desc="distillation"):
-        loss = kl(batches[step])
+        loss = distillation_loss(model, stock, batches[step])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

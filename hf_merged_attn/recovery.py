@@ -115,6 +115,15 @@ def _check(model: nn.Module, reference: nn.Module, inputs: str, steps, learning_
     return spec
 
 
+def distillation_loss(model: nn.Module, reference: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """KL(reference ‖ model) of the next-token distributions, mean nats per token: the end-to-end recovery's loss,
+    the stock `reference`'s logits as the target (computed without gradients)."""
+    with torch.no_grad():
+        target = reference(input_ids=input_ids).logits.float().log_softmax(-1)
+    ours = model(input_ids=input_ids).logits.float().log_softmax(-1)
+    return nn.functional.kl_div(ours.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+
+
 def recover_layerwise(
     model: nn.Module,
     reference: nn.Module,

@@ -271,6 +271,21 @@ ROTARY_KERNELS: dict[str, Kernel] = {k.name: k for k in (
 )}
 
 
+# Exact-RoPE latent layers (exact_rope.py, rope="exact"): run(module, query, latent, (cos, sin), mask, kwargs) with the
+# rotated queries (B, H, T, hd), the latent of the attended tokens (B, Tk, r_c) and their rotations (B, Tk, hd).
+# Training and prefill expand keys and values and run the family's own attention; decoding rebuilds the cached keys from
+# c (one GEMM), rotates them and reads the values through c.
+EXACT_ROPE_KERNELS: dict[str, Kernel] = {k.name: k for k in (
+    Kernel("exact_expand", fits=lambda q: True, prefers=lambda q: q.phase != "decode",
+           run=lambda module, *args: module._exact_expanded(*args)),
+    # one SDPA call over the rebuilt keys with c itself as the value (grouped heads), then Bv: no weights
+    Kernel("exact_rebuild_sdpa", fits=lambda q: q.phase == "decode" and q.implementation == "sdpa" and not q.dropout,
+           prefers=lambda q: q.device != "cpu", run=lambda module, *args: module._exact_rebuild_sdpa(*args)),
+    # scores per KV head over the rebuilt keys, a float32 softmax, A·c then Bv: returns the weights under eager
+    Kernel("exact_rebuild", fits=lambda q: q.phase == "decode", prefers=lambda q: True,
+           run=lambda module, *args: module._exact_rebuild(*args)),
+)}
+
 def resolve_kernel(query: KernelQuery, forced: str | None = None, table: dict[str, Kernel] | None = None) -> Kernel:
     """The kernel for `query` from `table` (default KERNELS): `forced` (a name in the table, checked to fit), else the
     first that fits and prefers it, else the first that fits."""

@@ -36,6 +36,7 @@ from transformers.cache_utils import Cache, EncoderDecoderCache
 from .attention_kernels import (
     KERNELS,
     PHASES,
+    EXACT_ROPE_KERNELS,
     ROTARY_KERNELS,
     CacheLayout,
     Kernel,
@@ -46,6 +47,9 @@ from .attention_kernels import (
 
 MODES = ("covariance", "lowrank", "latent")
 ROPE_SELECTIONS = ("2norm", "high", "low", "uniform", "rorope")  # rotary families: which pairs stay rotated
+# rotary families: "exact" keeps every rotation (keys compressed before RoPE with the values, rotated after rebuilding);
+# "partial" keeps rope_pairs pairs rotated and drops the others' rotation (MHA2MLA)
+ROPE_ROUTES = ("exact", "partial")
 RANKED_MODES = ("lowrank", "latent")  # the modes that take rank=...
 VALUES = ("merged",)  # values="merged": value = x shared by all heads, M_h = Wv_h Wo_h per head
 INITS = ("svd", "whitened")  # how lowrank factors are seeded: plain SVD of the weights, or activation-aware
@@ -92,6 +96,9 @@ class PatchConfig:
             "high" (fastest), "low" (slowest), "uniform", or "rorope" (TransMLA's PCA across the KV heads per
             frequency, keeping the strongest mixed pairs as ONE rotary key shared by all heads). Resolved by
             `patch_model` ("2norm" when pairs are dropped; None when every pair of every head is kept).
+        rope: rotary families only (mode "latent"): "exact" (every pair keeps its rotation; the latent holds the keys
+            before RoPE and the values, keys are rebuilt and rotated at attention) or "partial" (`rope_pairs` kept
+            rotated, the others' keys join the latent without rotation). Resolved by `patch_model` (None elsewhere).
         energy: set from `rank=<float>`: the fraction in (0, 1) of the spectral energy that the seed keeps (of each
             head's S̃_h for lowrank, of the layer's stacked [Wk | Wv] for latent); `patch_model` picks the smallest
             such rank per block.
@@ -105,6 +112,7 @@ class PatchConfig:
     value_rank: int | None = None
     rope_pairs: int | None = None
     rope_selection: str | None = None
+    rope: str | None = None
     energy: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -155,6 +163,22 @@ class PatchConfig:
         self._check_rope()
 
     def _check_rope(self) -> None:
+        if self.rope is not None and (not isinstance(self.rope, str) or self.rope not in ROPE_ROUTES):
+            raise ValueError(
+                f"rope={self.rope!r} is not a rotary route; allowed: 'exact' (every pair keeps its rotation: keys "
+                "compressed before RoPE with the values) or 'partial' (rope_pairs pairs keep it, the rest are dropped)."
+            )
+        if self.rope is not None and self.mode != "latent":
+            raise ValueError(
+                f"rope={self.rope!r} was given with mode={self.mode!r}; the rotary routes belong to mode='latent' on a "
+                "rotary model (Llama, Qwen2, Mistral). Use mode='latent', rank=r_c, rope='exact'."
+            )
+        if self.rope == "exact" and (self.rope_pairs is not None or self.rope_selection is not None):
+            raise ValueError(
+                f"rope='exact' keeps every frequency pair rotated, so rope_pairs={self.rope_pairs!r} / "
+                f"rope_selection={self.rope_selection!r} have nothing to choose. Drop them, or use rope='partial' to "
+                "keep only rope_pairs pairs rotated."
+            )
         if self.rope_pairs is None and self.rope_selection is None:
             return
         given = f"rope_pairs={self.rope_pairs!r}, rope_selection={self.rope_selection!r}"
@@ -326,7 +350,7 @@ class PatchConfig:
         record = asdict(self)
         if isinstance(self.rank, dict):
             record["rank"] = {str(i): r for i, r in sorted(self.rank.items())}
-        for optional in ("energy", "values", "value_rank", "rope_pairs", "rope_selection"):  # absent unless used: older records stay as they were
+        for optional in ("energy", "values", "value_rank", "rope_pairs", "rope_selection", "rope"):  # absent unless used: older records stay as they were
             if record[optional] is None:
                 del record[optional]
         record["format_version"] = FORMAT_VERSION
@@ -373,7 +397,7 @@ def check_record(record, num_layers: int, hidden_size: int, num_heads: int | Non
     try:
         patch = PatchConfig(
             mode, rank, None if isinstance(rank, dict) else layers, record.get("init"), record.get("values"),
-            record.get("value_rank"), record.get("rope_pairs"), record.get("rope_selection"),
+            record.get("value_rank"), record.get("rope_pairs"), record.get("rope_selection"), record.get("rope"),
         )
         patch.check_against(hidden_size, num_layers, num_heads)
     except ValueError as error:
@@ -922,11 +946,12 @@ def use_kernels(model: nn.Module, **by_phase: str | None) -> nn.Module:
     Raises:
         ValueError: an unknown phase or kernel, or a model without merged attention (nothing would use the kernel).
     """
-    known = {**KERNELS, **ROTARY_KERNELS}
+    known = {**KERNELS, **ROTARY_KERNELS, **EXACT_ROPE_KERNELS}
     bad = {p: k for p, k in by_phase.items() if p not in PHASES or (k is not None and k not in known)}
     if bad:
         raise ValueError(f"use_kernels({bad}): phases are {PHASES}, kernels {list(KERNELS)} (rotary latent layers: "
-                         f"{list(ROTARY_KERNELS)}), or None for automatic.")
+                         f"{list(ROTARY_KERNELS)}; exact-RoPE latent layers: {list(EXACT_ROPE_KERNELS)}), or None for "
+                         "automatic.")
     merged = [module for module in model.modules() if isinstance(module, MergedAttention)]
     if not merged:
         raise ValueError(

@@ -47,7 +47,9 @@ def merge_attention_modules(model: nn.Module, spec: ArchitectureSpec, record: di
     Used when building a model from a merged config, whose weights then come from a checkpoint.
     """
     patch = check_record(record, num_layers_of(model.config), model.config.hidden_size, model.config.num_attention_heads)
-    rotary = {"rope_pairs": patch.rope_pairs, "rope_selection": patch.rope_selection} if spec.rotary else {}
+    rotary = {}
+    if spec.rotary:  # a record from before rope="exact" existed is the partial route
+        rotary = {"rope_pairs": patch.rope_pairs, "rope_selection": patch.rope_selection, "rope": patch.rope or "partial"}
     for parent, name, child in spec.stock_attentions(model):
         if child.layer_idx in patch.layers:
             setattr(parent, name, spec.merged_attention_class.like(
@@ -294,7 +296,18 @@ class MergedModelMixin:
             f"(latent mode, seeded by {seed} of the layer's stacked [Wk | Wv]; {cached})",
         }[record["mode"]]
         rotary_exact = None
-        if spec.rotary:
+        if spec.rotary and record.get("rope") == "exact":
+            full = 2 * modules[0].num_kv_heads * head_dim
+            what = (f"whose keys and values come from one shared latent per layer, c = x·W_c at r_c = {rank} "
+                    f"(exact-RoPE latent: rope='exact', seeded by {seed} of the layer's [keys before RoPE | values]); "
+                    "every frequency pair keeps its rotation: keys are rebuilt from c (c·Bk + bk) and rotated at each "
+                    "cached token's own position; the cache holds c and each token's position only")
+            rotary_exact = all(r >= full for r in ranks)
+            dropped = (f" Only the rank changed (r_c of {full} = 2·G·hd), so a stock {spec.family} with "
+                       "Wk = W_c·Bk and Wv = W_c·Bv computes this model exactly: `hf_merged_attn.unpatch_model(model)` "
+                       f"gives that stock model, which anything that runs {spec.family} can evaluate or serve (at the "
+                       "stock cache size).")
+        elif spec.rotary:
             first = modules[0]
             pairs, selection, half = record.get("rope_pairs"), record.get("rope_selection"), head_dim // 2
             kept = (f"the {first.rope_heads * first.rope_width // 2} strongest mixed pairs of a per-frequency PCA across "
@@ -317,6 +330,8 @@ class MergedModelMixin:
         elif value_rank is not None:
             values = (f"Values are low-rank at r_v = {value_rank}: M_h = Wv_h·Wo_h ≈ P_h·Q_hᵀ, seeded by {seed} "
                       f"({'exact: r_v is the head size' if value_rank >= head_dim else f'an approximation: the head size is {head_dim}'}).")
+        elif record["mode"] == "latent":
+            values = "Queries and the output projection are the stock ones."
         else:
             values = "Values and the output projection are the stock ones."
         exact_keys = record["mode"] == "covariance" or all(

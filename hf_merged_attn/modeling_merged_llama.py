@@ -16,6 +16,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaForCausalLM,
     LlamaForSequenceClassification,
     LlamaModel,
+    LlamaRotaryEmbedding,
     eager_attention_forward,
 )
 from transformers.utils.deprecation import deprecate_kwarg
@@ -36,6 +37,7 @@ class MergedLlamaAttention(RotaryLatentAttention, LlamaAttention):
     """Drop-in replacement for `LlamaAttention` (same call signature and returns); keeps the stock `o_proj`."""
 
     eager_attention = staticmethod(eager_attention_forward)
+    rotary_embedding_class = LlamaRotaryEmbedding  # rope='exact': rotates the keys rebuilt from the cache
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(

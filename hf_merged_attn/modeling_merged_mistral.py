@@ -17,6 +17,7 @@ from transformers.models.mistral.modeling_mistral import (
     MistralForCausalLM,
     MistralForSequenceClassification,
     MistralModel,
+    MistralRotaryEmbedding,
     eager_attention_forward,
 )
 from transformers.utils.deprecation import deprecate_kwarg
@@ -37,6 +38,7 @@ class MergedMistralAttention(RotaryLatentAttention, MistralAttention):
     """Drop-in replacement for `MistralAttention` (same call signature and returns); keeps the stock `o_proj`."""
 
     eager_attention = staticmethod(eager_attention_forward)
+    rotary_embedding_class = MistralRotaryEmbedding  # rope='exact': rotates the keys rebuilt from the cache
 
     @classmethod
     def stock_settings(cls, config, layer_idx: int | None) -> dict:

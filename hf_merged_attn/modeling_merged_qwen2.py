@@ -16,6 +16,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2ForCausalLM,
     Qwen2ForSequenceClassification,
     Qwen2Model,
+    Qwen2RotaryEmbedding,
     eager_attention_forward,
 )
 from transformers.utils.deprecation import deprecate_kwarg
@@ -36,6 +37,7 @@ class MergedQwen2Attention(RotaryLatentAttention, Qwen2Attention):
     """Drop-in replacement for `Qwen2Attention` (same call signature and returns); keeps the stock `o_proj`."""
 
     eager_attention = staticmethod(eager_attention_forward)
+    rotary_embedding_class = Qwen2RotaryEmbedding  # rope='exact': rotates the keys rebuilt from the cache
 
     @classmethod
     def stock_settings(cls, config, layer_idx: int | None) -> dict:

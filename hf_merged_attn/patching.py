@@ -24,10 +24,12 @@ from .merged_models import is_hub_id
 from .quantized_cache import GENERATION_FIELD, QuantizationSettings, cache_problem
 from .registry import SPECS, spec_for_model
 from .seeding import (
+    DEFAULT_DAMPING,
     best_rank_factors,
     covariance_from_qk,
     kept_pairs,
     pair_norm_scores,
+    query_pair_energy,
     rorope_maps,
     rotary_latent_from_kv,
     selection_maps,
@@ -241,11 +243,48 @@ def seeded_rotary_attention(
     return new
 
 
+# The exact-RoPE latent's seeding options (`patch_model(seeding=...)`): the whitening's relative ridge (damping, as
+# `seeding.damped_cholesky`) and whether the key columns are weighed by their groups' query energy (query-aware keys).
+EXACT_ROPE_SEEDING = {"damping": DEFAULT_DAMPING, "query_aware_keys": False}
+
+
+def seeded_exact_rope_attention(spec: ArchitectureSpec, attn: nn.Module, config, rank: int, *,
+                                 moment: torch.Tensor | None = None, balance: bool = True,
+                                 seeding: dict | None = None) -> MergedAttention:
+    """An exact-RoPE latent module (rope="exact", `exact_rope.py`) seeded from the stock rotary attention `attn`: the
+    joint (K/V-balanced, whitened by `moment` when given) PCA of [pre-RoPE keys | values] gives W_c, Bk, Bv; queries,
+    key and value biases and o_proj stay stock. Exact at r_c = 2·G·hd (and r_c = d). `seeding`: see `patch_model`."""
+    seeding = {**EXACT_ROPE_SEEDING, **(seeding or {})}
+    new = spec.merged_attention_class.like(attn, config, "latent", rank, rope="exact")
+    parts = spec.read_weights(attn)  # wk, wv (G, d, hd)
+    weights = None
+    if seeding["query_aware_keys"]:
+        weights = query_pair_energy(parts["wq"], parts["bq"], new.num_kv_heads, moment)  # (G, hd)
+    down, key_up, value_up = latent_from_kv(parts["wk"], parts["wv"], rank, moment, balance=balance,
+                                            damping=seeding["damping"], key_weights=weights)
+    weights = {"q_proj.weight": attn.q_proj.weight.detach(), "latent_proj.weight": down.mT,
+               "k_up.weight": heads_to_linear(key_up), "v_up.weight": heads_to_linear(value_up)}  # (G·hd, r_c)
+    for name, side in (("q_proj", "bq"), ("k_up", "bk"), ("v_up", "bv")):
+        if parts[side] is not None:
+            weights[f"{name}.bias"] = parts[side].reshape(-1)
+    trainable = all(p.requires_grad for n, p in attn.named_parameters() if not n.startswith(f"{new.output_name}."))
+    params = dict(new.named_parameters())
+    with torch.no_grad():
+        for name, param in params.items():
+            if name in weights:
+                param.copy_(weights[name].reshape(param.shape))
+            if not name.startswith(f"{new.output_name}."):
+                param.requires_grad_(trainable)
+    return new
+
+
 def _resolve_rotary(patch: PatchConfig, spec: ArchitectureSpec, model: nn.Module, calibration) -> bool:
     """Check a patch of a rotary family and fill in its rotary defaults (all pairs; '2norm' when pairs are dropped):
     r_c within what the latent can hold, calibration given where a rule or the seeding reads it. Returns whether the
     seeding reads calibration data (the kept-pair rule or whitening)."""
     config = model.config
+    if patch.rope is None:  # the route that won (docs/rotary_smollm2.md): exact unless pairs are asked for
+        patch.rope = "partial" if patch.rope_pairs is not None or patch.rope_selection is not None else "exact"
     if patch.mode != "latent":
         raise NotImplementedError(
             f"mode={patch.mode!r} on {spec.family} ({type(model).__name__}): its positions are rotary, and the rotation "
@@ -261,6 +300,9 @@ def _resolve_rotary(patch: PatchConfig, spec: ArchitectureSpec, model: nn.Module
         )
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     half = head_dim // 2
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    if patch.rope == "exact":
+        return _resolve_exact_rope(patch, config, kv_heads, head_dim)
     if patch.rope_pairs is not None and patch.rope_pairs > half:
         raise ValueError(
             f"rope_pairs={patch.rope_pairs} exceeds hd/2 = {half} (head size {head_dim}): a head has {half} frequency "
@@ -285,7 +327,6 @@ def _resolve_rotary(patch: PatchConfig, spec: ArchitectureSpec, model: nn.Module
         patch.rope_selection = "2norm"
     if patch.rope_pairs == half and patch.rope_selection in ("2norm", "high", "low", "uniform"):
         patch.rope_selection = None  # every pair of every head is kept: the rules agree
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     widest = kv_heads * (2 * head_dim - 2 * patch.rope_pairs)  # NoPE keys + values: what a latent can hold
     ranks = patch.rank.values() if isinstance(patch.rank, dict) else [patch.rank]
     too_wide = [r for r in ranks if widest < r < config.hidden_size]
@@ -296,6 +337,43 @@ def _resolve_rotary(patch: PatchConfig, spec: ArchitectureSpec, model: nn.Module
             f"rank <= {widest} (or the hidden size {config.hidden_size})."
         )
     return needs_data
+
+
+def _check_seeding(seeding, rope: str | None) -> None:
+    """Refuse seeding options that are not a dict of `EXACT_ROPE_SEEDING`'s keys, or given to a route other than
+    rope='exact' (None: not resolved yet)."""
+    if seeding is None:
+        return
+    unknown = sorted(set(seeding) - set(EXACT_ROPE_SEEDING)) if isinstance(seeding, dict) else None
+    if unknown is None or unknown or rope not in (None, "exact"):
+        raise ValueError(
+            f"seeding={seeding!r}: a dict of rope='exact' seeding options ({', '.join(EXACT_ROPE_SEEDING)})"
+            + (f"; unknown: {unknown}." if unknown else f"; this patch has rope={rope!r}: pass rope='exact'."
+               if unknown is not None else ".")
+        )
+
+
+def _resolve_exact_rope(patch: PatchConfig, config, kv_heads: int, head_dim: int) -> bool:
+    """Check an exact-RoPE latent patch (rope="exact"): r_c within 2·G·hd (or the hidden size), a RoPE whose
+    frequencies do not depend on the length. Returns whether the seeding reads calibration data (whitening)."""
+    from .exact_rope import LENGTH_DEPENDENT_ROPE, rope_type_of
+
+    rope_type = rope_type_of(config)
+    if rope_type in LENGTH_DEPENDENT_ROPE:
+        raise ValueError(
+            f"rope='exact' rebuilds every cached key and rotates it at decode time, but this model's RoPE type "
+            f"{rope_type!r} changes its frequencies with the sequence length, so a rebuilt key would not get the "
+            "rotation stock gave it. Use rope='partial' (rope_pairs=...), or a model with a fixed RoPE."
+        )
+    widest = 2 * kv_heads * head_dim  # the pre-RoPE keys and the values: what a latent can hold
+    ranks = patch.rank.values() if isinstance(patch.rank, dict) else [patch.rank]
+    too_wide = [r for r in ranks if r is not None and widest < r < config.hidden_size]
+    if too_wide:
+        raise ValueError(
+            f"rank={patch.rank} exceeds {widest}, the width of the keys and the values together (2·G·hd = "
+            f"2·{kv_heads}·{head_dim}): a latent of {widest} already holds them exactly. Use rank <= {widest}."
+        )
+    return patch.init == "whitened"
 
 
 def _rank_for_energy(spec: ArchitectureSpec, attn: nn.Module, mode: str, energy: float) -> int:
@@ -319,7 +397,9 @@ def patch_model(
     value_rank: int | None = None,
     rope_pairs: int | None = None,
     rope_selection: str | None = None,
+    rope: str | None = None,
     balance_kv: bool = True,
+    seeding: dict | None = None,
 ) -> nn.Module:
     """Replace a model's self-attention with merged query–key attention, seeded to compute exactly what it did.
 
@@ -363,8 +443,17 @@ def patch_model(
             query·key pair norms), "high", "low", "uniform" (data-free), or "rorope" (TransMLA: a PCA across the KV
             heads per frequency on calibration data, the strongest G·r mixed pairs kept as ONE rotary key shared by
             all heads).
+        rope: rotary families, mode "latent": "exact" (the default unless rope_pairs / rope_selection are given) keeps
+            every rotation — the latent c = x·W_c holds the keys BEFORE RoPE and the values, keys are rebuilt
+            (c·Bk + bk) and rotated at each cached token's own position; the cache holds c and the positions. Exact
+            at r_c = 2·G·hd, and `unpatch_model` returns a stock model computing it at any r_c. "partial": the
+            rope_pairs route above (MHA2MLA; pairs that lose their rotation change the model).
         balance_kv: latent mode: scale the keys and the values to equal norms before the joint SVD that seeds the
             latent (default: neither side owns the SVD); False fits [Wk | Wv] as it is (an ablation).
+        seeding: rope="exact" only, options of its seeding (defaults `EXACT_ROPE_SEEDING`, the measured best):
+            {"damping": λ} the whitening's relative ridge (Σ_x + λ·mean(diag Σ_x)·I: larger λ moves the seed toward the
+            weights-only PCA), {"query_aware_keys": True} weighs each key dimension by its KV group's offset-averaged
+            query energy when choosing the latent (`seeding.query_pair_energy`).
 
     New weights take `requires_grad` from the stock weights they are seeded from (a frozen model stays frozen, a
     PEFT model keeps its frozen / trainable split). A peft model whose adapters sit on the replaced attention weights
@@ -388,7 +477,8 @@ def patch_model(
             f"patch_model takes a transformers model (an nn.Module); got {model!r} ({type(model).__name__}). Load "
             f"the model first, e.g. model = {load}, then patch_model(model, ...)."
         )
-    patch = PatchConfig(mode, rank, layers, init, values, value_rank, rope_pairs, rope_selection)
+    patch = PatchConfig(mode, rank, layers, init, values, value_rank, rope_pairs, rope_selection, rope)
+    _check_seeding(seeding, patch.rope)
     patch.check_calibration(calibration)
     if any(isinstance(module, MergedAttention) for module in model.modules()):
         raise ValueError(
@@ -402,9 +492,10 @@ def patch_model(
     rotary_data = False  # whether a rotary patch reads calibration data
     if spec.rotary:
         rotary_data = _resolve_rotary(patch, spec, model, calibration)
-    elif patch.rope_pairs is not None or patch.rope_selection is not None:
+        _check_seeding(seeding, patch.rope)
+    elif patch.rope_pairs is not None or patch.rope_selection is not None or patch.rope is not None:
         raise ValueError(
-            f"rope_pairs={patch.rope_pairs!r} / rope_selection={patch.rope_selection!r} were given for "
+            f"rope={patch.rope!r} / rope_pairs={patch.rope_pairs!r} / rope_selection={patch.rope_selection!r} were given for "
             f"{type(model).__name__} ({spec.family}), whose positions are not rotary: there is no rotation to keep. "
             "Drop them."
         )
@@ -419,7 +510,9 @@ def patch_model(
     patched = [(parent, name, old) for parent, name, old in found if old.layer_idx in patch.layers]
     _refuse_adapters(model, spec, patch, [old for _, _, old in patched])
     moments, calibration_tokens, pair_norms = {}, None, {}
-    if rotary_data:  # the pair norms ('2norm') and moments (RoRoPE, whitening) in one pass
+    if rotary_data and patch.rope == "exact":
+        moments, calibration_tokens = collect_attention_moments(model, calibration, patch.layers)
+    elif rotary_data:  # the pair norms ('2norm') and moments (RoRoPE, whitening) in one pass
         moments, calibration_tokens, pair_norms = collect_rotary_statistics(model, calibration, patch.layers)
     elif patch.init == "whitened":  # one pass of the STOCK model; raises on bad calibration before any swap
         moments, calibration_tokens = collect_attention_moments(model, calibration, patch.layers)
@@ -435,6 +528,9 @@ def patch_model(
     # start reporting a patch (and a merged model_type) it does not have.
     shared_config, config = config, copy.deepcopy(config)
     def seed(old):
+        if spec.rotary and patch.rope == "exact":
+            return seeded_exact_rope_attention(spec, old, config, patch.rank_for(old.layer_idx),
+                                               moment=moments.get(old.layer_idx), balance=balance_kv, seeding=seeding)
         if spec.rotary:
             return seeded_rotary_attention(
                 spec, old, config, patch.rank_for(old.layer_idx), patch.rope_pairs, patch.rope_selection,

@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from transformers.cache_utils import Cache
 
 from .attention_kernels import ROTARY_KERNELS, CacheLayout, KernelQuery, phase_of
+from .exact_rope import ExactRopeLatent, position_digits
 from .merged_attention import (
     ROPE_SELECTIONS,
     SUPPORTED_ATTN_IMPLEMENTATIONS,
@@ -54,8 +55,9 @@ class RotaryInputs:
     rope_key: torch.Tensor  # (B, Gk, Tk, 2K), rotated
 
 
-class RotaryLatentAttention(MergedAttention):
-    """Mixin: the latent mode of a rotary, grouped-query attention (Llama, Qwen2, Mistral). See the module docstring.
+class RotaryLatentAttention(ExactRopeLatent, MergedAttention):
+    """Mixin: the latent mode of a rotary, grouped-query attention (Llama, Qwen2, Mistral). See the module docstring;
+    with rope="exact" the exact-RoPE latent of `exact_rope.py` (every pair rotated, keys rebuilt from c).
 
     Parameters: q_proj (stock), k_rope (d -> Gk·2K, the stock key bias's rotary part; None when K = 0), latent_proj
     (d -> r_c, W_cᵀ), k_up (r_c -> Gk·w, Bkᵀ; None when w = 0), v_up (r_c -> G·hd, Bvᵀ, the stock value bias), o_proj
@@ -80,6 +82,7 @@ class RotaryLatentAttention(MergedAttention):
         value_rank: int | None = None,
         rope_pairs: int | None = None,
         rope_selection: str | None = None,
+        rope: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -96,6 +99,17 @@ class RotaryLatentAttention(MergedAttention):
         self.num_key_value_groups = heads // kv_heads  # read by the family's attention functions (repeat_kv)
         self.qk_head_dim, self.scaling, self.is_causal, self.upcast_scores = hd, settings["scaling"], True, False
         self.values = self.value_rank = self.value_bias = None
+        self.rope = rope or "partial"
+        bias, factory = settings["qkv_bias"], {"device": device, "dtype": dtype}
+        self.attn_dropout = nn.Dropout(settings["dropout"])
+        self.o_proj = output if output is not None else nn.Linear(heads * hd, d, bias=settings["output_bias"], **factory)
+        self.q_proj = nn.Linear(d, heads * hd, bias=bias, **factory)
+        if self.rope == "exact":
+            if rope_pairs is not None or rope_selection is not None:
+                raise ValueError(f"rope='exact' keeps every pair rotated; got rope_pairs={rope_pairs!r}, "
+                                 f"rope_selection={rope_selection!r}.")
+            self._init_exact(settings, rank, factory)
+            return
         self.rope_pairs = hd // 2 if rope_pairs is None else rope_pairs
         if not 0 <= self.rope_pairs <= hd // 2 or rope_selection not in (None, *ROPE_SELECTIONS):
             raise ValueError(
@@ -107,8 +121,6 @@ class RotaryLatentAttention(MergedAttention):
         self.rope_heads = 1 if shared else kv_heads  # Gk
         self.rope_width = 2 * self.rope_pairs * (kv_heads if shared else 1)  # 2K per rotary key head
         self.nope_width = (kv_heads * hd if shared else hd) - self.rope_width  # w per key head
-        bias, factory = settings["qkv_bias"], {"device": device, "dtype": dtype}
-        self.q_proj = nn.Linear(d, heads * hd, bias=bias, **factory)
         self.k_rope = nn.Linear(d, self.rope_heads * self.rope_width, bias=bias, **factory) if self.rope_width else None
         self.latent_proj = nn.Linear(d, rank, bias=False, **factory)
         self.k_up = nn.Linear(rank, self.rope_heads * self.nope_width, bias=False, **factory) if self.nope_width else None
@@ -116,8 +128,6 @@ class RotaryLatentAttention(MergedAttention):
         self.register_buffer("rope_freq", torch.zeros(self.rope_heads, self.rope_width // 2, dtype=torch.long,
                                                       device=device))
         self.register_buffer("query_map", torch.zeros(heads, hd, self.rope_width + self.nope_width, **factory))
-        self.attn_dropout = nn.Dropout(settings["dropout"])
-        self.o_proj = output if output is not None else nn.Linear(heads * hd, d, bias=settings["output_bias"], **factory)
 
     @classmethod
     def stock_settings(cls, config, layer_idx: int | None) -> dict:
@@ -135,7 +145,10 @@ class RotaryLatentAttention(MergedAttention):
 
     @property
     def cache_layout(self) -> CacheLayout:
-        """c (r_c) in the key slot, the rotated rotary keys of every rotary key head (Gk·2K) packed in the value slot."""
+        """c (r_c) in the key slot, the rotated rotary keys of every rotary key head (Gk·2K) packed in the value slot;
+        rope="exact": each token's position (`exact_rope.position_digits` numbers) in the value slot."""
+        if self.rope == "exact":
+            return CacheLayout(1, self.rank, 1, position_digits(self.latent_proj.weight.dtype))
         return CacheLayout(1, self.rank, 1, self.rope_heads * self.rope_width)
 
     def stock_qkv_parameters(self) -> int:
@@ -149,11 +162,24 @@ class RotaryLatentAttention(MergedAttention):
 
     def exact_export(self) -> bool:
         """Whether `stock_parts` is exact: nothing lost its rotation (w = 0), whatever was trained since."""
-        return self.nope_width == 0
+        return self.rope == "exact" or self.nope_width == 0
 
     def extra_repr(self) -> str:
+        if self.rope == "exact":
+            return f"mode='latent', rank={self.rank}, rope='exact', layer_idx={self.layer_idx}"
         return (f"mode='latent', rank={self.rank}, rope_pairs={self.rope_pairs}, rope_selection={self.rope_selection!r}, "
                 f"layer_idx={self.layer_idx}")
+
+    def _check_implementation(self) -> str:
+        """The model's attention implementation, refused unless the rotary latent supports it."""
+        implementation = self.config._attn_implementation or "eager"
+        if implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
+            raise NotImplementedError(
+                f"attn_implementation={implementation!r} is not supported by the rotary latent patch (latent width "
+                f"{self.rank}); supported: {', '.join(SUPPORTED_ATTN_IMPLEMENTATIONS)}. Call "
+                "model.set_attn_implementation('sdpa')."
+            )
+        return implementation
 
     def _angles(self, table: torch.Tensor) -> torch.Tensor:
         """cos or sin (B, T, hd) from the model's rotary embedding -> (B, Gk, T, 2K) at each kept pair's frequency."""
@@ -174,13 +200,9 @@ class RotaryLatentAttention(MergedAttention):
 
         `position_embeddings` is the (cos, sin) the model computed (B, T, hd): used as given, never recomputed.
         """
-        implementation = self.config._attn_implementation or "eager"
-        if implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
-            raise NotImplementedError(
-                f"attn_implementation={implementation!r} is not supported by the rotary latent patch (latent width "
-                f"{self.rank}); supported: {', '.join(SUPPORTED_ATTN_IMPLEMENTATIONS)}. Call "
-                "model.set_attn_implementation('sdpa')."
-            )
+        if self.rope == "exact":
+            return self._attend_exact(hidden_states, position_embeddings, attention_mask, cache, **kwargs)
+        implementation = self._check_implementation()
         batch, length = hidden_states.shape[:-1]
         key_heads, width = self.rope_heads, self.rope_width
         cos, sin = (self._angles(t) for t in position_embeddings)  # (B, Gk, T, 2K)
@@ -327,6 +349,8 @@ class RotaryLatentAttention(MergedAttention):
         Raises:
             ValueError: some pairs were dropped (their rotation cannot be put back).
         """
+        if self.rope == "exact":
+            return self._exact_stock_parts()
         if not self.exact_export():
             raise ValueError(
                 f"layer {self.layer_idx} keeps {self.rope_pairs} of {self.head_dim // 2} rotary pairs per KV head "

@@ -354,8 +354,36 @@ def whitened_lowrank_from_qk(
 # ---------------------------------------------------------------------------------------------------
 
 
+def query_pair_energy(wq: torch.Tensor, bq: torch.Tensor | None, kv_heads: int,
+                      moment: torch.Tensor | None = None) -> torch.Tensor:
+    """Offset-averaged query energy per key dimension of each KV group (MATH.md part five, query-aware keys): (G, hd).
+
+    The score error of a key is qᵀR_δ(k − k̂). Averaged over the offsets δ, each rotary pair's 2x2 block of the
+    group's query second moment Σ_q = Σ_{i in g} E[q_i q_iᵀ] becomes isotropic and cross-pair terms vanish, so the
+    error weighs key dimension j of pair f by e_f = (Σ_q[f, f] + Σ_q[f', f']) / 2 (f' = f + hd/2, rotate_half's
+    pairing). q_i = x̃·[Wq_i; bq_i] over the calibration inputs (`moment` = E[x̃ᵀx̃]), or over white inputs without one.
+
+    Args:
+        wq: (H, d, hd) query weights, bq: (H, hd) or None, kv_heads: G (query head i reads group i // (H/G)).
+
+    Returns:
+        (G, hd) float64, each pair's energy on both of its dimensions.
+    """
+    heads, d, hd = wq.shape
+    left = wq.to(_SEED_DTYPE)
+    if moment is None:
+        energy = (left * left).sum(1)  # (H, hd): diag(Wqᵀ Wq)
+    else:
+        full = torch.cat([left, (bq if bq is not None else torch.zeros(heads, hd)).to(left).unsqueeze(1)], 1)
+        energy = torch.einsum("hdj,de,hej->hj", full, moment.to(left), full)  # (H, hd): diag(W̃qᵀ E[x̃ᵀx̃] W̃q)
+    per_group = energy.view(kv_heads, heads // kv_heads, hd).sum(1)  # (G, hd)
+    half = hd // 2
+    pairs = (per_group[:, :half] + per_group[:, half:]) / 2  # (G, hd/2)
+    return torch.cat([pairs, pairs], dim=1)
+
+
 def _stacked_kv(wk: torch.Tensor, wv: torch.Tensor, moment: torch.Tensor | None, damping: float,
-                balance: bool = True):
+                balance: bool = True, key_weights: torch.Tensor | None = None):
     """The balanced stacked matrix [Wk | Wv] (d x (Hk·wk + Hv·wv)) the latent is fitted to, optionally whitened:
     (M, L or None).
 
@@ -373,6 +401,8 @@ def _stacked_kv(wk: torch.Tensor, wv: torch.Tensor, moment: torch.Tensor | None,
             raise ValueError(f"moment has shape {tuple(moment.shape)}; expected ({d + 1}, {d + 1}) = E[x̃ᵀx̃].")
         chol = damped_cholesky(moment.to(device=wk.device, dtype=_SEED_DTYPE)[:d, :d], damping)  # (d, d)
         keys, values = chol.mT @ keys, chol.mT @ values
+    if key_weights is not None:  # query-aware keys: column j of head h weighed by sqrt(its query energy)
+        keys = keys * key_weights.to(keys).reshape(-1).clamp_min(0).sqrt()
     if balance:
         tiny = torch.finfo(_SEED_DTYPE).tiny
         keys, values = keys / keys.norm().clamp_min(tiny), values / values.norm().clamp_min(tiny)
@@ -393,6 +423,7 @@ def latent_from_kv(
     *,
     damping: float = DEFAULT_DAMPING,
     balance: bool = True,
+    key_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Seed one latent per layer: W_c (d, r_c) and per-head up-projections Bk_h, Bv_h (r_c, hd) with
     Wk_h ≈ W_c Bk_h and Wv_h ≈ W_c Bv_h (MATH.md, "one shared latent").
@@ -413,6 +444,8 @@ def latent_from_kv(
         moment: optional (d+1, d+1) E[x̃ᵀx̃] of the layer's attention input (from `collect_attention_moments`).
         damping: relative ridge of the Cholesky factor (see `damped_cholesky`).
         balance: scale keys and values to equal norms before the SVD (default); False fits [Wk | Wv] as it is.
+        key_weights: optional (Hk, w) weight of every key column in the SVD that CHOOSES the latent (e.g.
+            `query_pair_energy`: the key error as the queries see it); Bk is the same projection either way.
 
     Returns:
         W_c (d, r_c), Bk (H, r_c, hd), Bv (H, r_c, hd), float64.
@@ -423,7 +456,7 @@ def latent_from_kv(
     wk, wv = wk.to(_SEED_DTYPE), wv.to(_SEED_DTYPE)
     if rank == d:
         return torch.eye(d, dtype=_SEED_DTYPE, device=wk.device), wk.clone(), wv.clone()
-    stacked, chol = _stacked_kv(wk, wv, moment, damping, balance)
+    stacked, chol = _stacked_kv(wk, wv, moment, damping, balance, key_weights)
     left = torch.linalg.svd(stacked, full_matrices=False)[0][:, :rank]  # (d, r_c), orthonormal
     if chol is None:
         down, whiten = left, torch.eye(d, dtype=_SEED_DTYPE, device=wk.device)

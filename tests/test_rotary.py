@@ -106,7 +106,7 @@ def test_every_pair_kept_and_r_c_covering_the_values_is_stock(family, selection,
     uncached over a prefill and two decode steps."""
     stock = family.make(implementation)
     ids, mask = batch()
-    extra = dict(rope_selection="rorope", calibration=calibration()) if selection else {}
+    extra = dict(rope_selection="rorope", calibration=calibration()) if selection else dict(rope="partial")
     model = patch_model(copy.deepcopy(stock), "latent", rank=family.kv_heads * HEAD_DIM, **extra)
     with torch.no_grad():
         expected = stock(ids, attention_mask=mask).logits
@@ -356,7 +356,7 @@ def test_unpatch_is_exact_with_every_pair_kept_and_refused_otherwise(selection):
     family = FAMILIES[1]  # biases: the rotary key bias goes back to bk
     stock = family.make()
     ids, mask = batch()
-    extra = dict(rope_selection="rorope", calibration=calibration()) if selection else {}
+    extra = dict(rope_selection="rorope", calibration=calibration()) if selection else dict(rope="partial")
     model = patch_model(copy.deepcopy(stock), "latent", rank=20, **extra)
     with torch.no_grad():
         patched = model(ids, attention_mask=mask).logits
@@ -457,7 +457,7 @@ def test_output_attentions_with_a_static_cache_has_stocks_shape():
     the real columns agree with stock's when every pair is kept and r_c covers the values."""
     family = FAMILIES[0]
     stock = family.make("eager")
-    model = patch_model(copy.deepcopy(stock), "latent", rank=family.kv_heads * HEAD_DIM)
+    model = patch_model(copy.deepcopy(stock), "latent", rank=family.kv_heads * HEAD_DIM, rope="partial")
     ids, mask = batch(length=6)
     outputs = []
     for m in (stock, model):

@@ -108,6 +108,9 @@ class ComparisonArguments:
     rope_selection: Literal["2norm", "high", "low", "uniform", "rorope"] | None = arg(
         None, "rotary models, latent modes: which pairs stay rotated (default 2norm when --rope_pairs drops pairs); "
         "2norm and rorope are calibrated on --calibration_samples train blocks, high / low / uniform use no data")
+    rope: Literal["exact", "partial"] | None = arg(
+        None, "rotary models, latent modes: exact (every pair keeps its rotation, keys compressed before RoPE: the "
+        "default) or partial (--rope_pairs kept rotated, the default when --rope_pairs / --rope_selection are given)")
 
 
 @dataclass
@@ -206,7 +209,8 @@ def patch_kwargs(mode: str, args: FinetuneArguments | None = None) -> tuple[str,
     base, _, extra = mode.partition("+")
     kwargs = {"values": "merged"} if extra == "values" else {}
     if args is not None and base == "latent":
-        kwargs.update({k: getattr(args, k) for k in ("rope_pairs", "rope_selection") if getattr(args, k) is not None})
+        kwargs.update({k: getattr(args, k) for k in ("rope_pairs", "rope_selection", "rope")
+                       if getattr(args, k) is not None})
     return base, kwargs
 
 
@@ -302,7 +306,8 @@ def validate(args: FinetuneArguments) -> tuple[list, AutoConfig]:
 def check_rotary(args, spec, modes, head_dim: int) -> None:
     """A rotary model takes stock and latent (integer r_c) only, and --rope_pairs <= hd/2; other models take no rope
     setting. Errors say what to pass instead."""
-    rope = [f"--{k} {getattr(args, k)}" for k in ("rope_pairs", "rope_selection") if getattr(args, k) is not None]
+    rope = [f"--{k} {getattr(args, k)}" for k in ("rope_pairs", "rope_selection", "rope")
+            if getattr(args, k) is not None]
     name = f"--model_name_or_path {args.model_name_or_path!r}"
     if not spec.rotary:
         if rope:
@@ -389,9 +394,9 @@ def _ranks_per_block(model) -> dict[str, int] | None:
 
 
 def _rope_settings(model) -> dict:
-    """{"rope_pairs", "rope_selection"} as the patch resolved them on a rotary model (None on others and stock)."""
+    """{"rope", "rope_pairs", "rope_selection"} as the patch resolved them on a rotary model (None on others, stock)."""
     record = getattr(model.config, "merged_attn", None) or {}
-    return {key: record.get(key) for key in ("rope_pairs", "rope_selection")}
+    return {key: record.get(key) for key in ("rope", "rope_pairs", "rope_selection")}
 
 
 def eval_loss(model, stream, args, max_tokens=None, reference=None) -> dict:

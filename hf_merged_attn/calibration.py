@@ -283,3 +283,35 @@ def evenly_spaced_blocks(input_ids: torch.Tensor, num_blocks: int, block_size: i
         )
     starts = [(i * available // num_blocks) * block_size for i in range(num_blocks)]
     return torch.stack([input_ids[s : s + block_size] for s in starts]).long()
+
+
+def mixed_blocks(streams: dict[str, torch.Tensor], num_blocks: int, block_size: int) -> torch.Tensor:
+    """A calibration set drawn equally from several token streams (texts of different kinds): (num_blocks, T) long.
+
+    Source i (in the dict's order) gives num_blocks // n blocks, the first num_blocks % n sources one more, each spread
+    evenly over its stream (`evenly_spaced_blocks`). A whitened seed keeps the directions its calibration uses and
+    drops the rest; mixing kinds of text keeps what each needs (docs/domains.md measures it).
+
+    Raises:
+        ValueError: no source, an empty or non-1-D stream, or a stream too short for its share — all named, before any
+            block is cut.
+    """
+    if not isinstance(streams, dict) or not streams:
+        raise ValueError(f"mixed_blocks needs a dict {{name: 1-D token ids}} of at least one source; got {streams!r}.")
+    if num_blocks < len(streams) or block_size < 1:
+        raise ValueError(
+            f"num_blocks={num_blocks} must be at least the number of sources ({len(streams)}: {', '.join(streams)}) and "
+            f"block_size={block_size} at least 1: every source gives one block or more."
+        )
+    shares = {name: num_blocks // len(streams) + (i < num_blocks % len(streams)) for i, name in enumerate(streams)}
+    problems = []
+    for name, ids in streams.items():
+        ids = torch.as_tensor(ids)
+        if ids.dim() != 1 or ids.numel() < shares[name] * block_size:
+            problems.append(f"{name!r} has {ids.numel()} tokens (shape {tuple(ids.shape)}), its share needs "
+                            f"{shares[name]} blocks of {block_size} = {shares[name] * block_size}")
+    if problems:
+        raise ValueError(f"mixed_blocks: {'; '.join(problems)}. Give each source more text, or ask for fewer or shorter "
+                         "blocks.")
+    return torch.cat([evenly_spaced_blocks(torch.as_tensor(ids), shares[name], block_size)
+                      for name, ids in streams.items()])

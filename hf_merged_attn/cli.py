@@ -16,6 +16,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -56,6 +57,9 @@ class ConvertArguments:
                                  "with --kv_budget the default is hd/16, MHA2MLA's)")
     rope_selection: str | None = arg(None, "which pairs stay rotated: 2norm, high, low, uniform or rorope",
                                      choices=["2norm", "high", "low", "uniform", "rorope"])
+    rope: str | None = arg(None, "rotary families: exact (every pair keeps its rotation; keys compressed before RoPE "
+                           "with the values — the default) or partial (--rope_pairs kept, the others dropped: MHA2MLA)",
+                           choices=["exact", "partial"])
     balance_kv: bool = arg(True, "latent: keys and values scaled to equal norms before their joint SVD")
     calibration_file: str | None = arg(None, "a UTF-8 .txt file or a folder of .txt files: calibration and recovery "
                                        "text (default: the repository's Shakespeare train split)")
@@ -157,6 +161,11 @@ def lowrank_rank(kv_budget: float, hidden_size: int, heads: int, value_numbers: 
 def resolve_budget(args: ConvertArguments, config, spec) -> tuple[int, int | None, str]:
     """(rank, rope_pairs, the line that says how) for `--kv_budget` on a model of `config` (family `spec`)."""
     budget = args.kv_budget
+    if spec.rotary and _rope_route(args) == "exact":
+        stock = 2 * _kv_heads(config) * _head_dim(config)
+        rank = max(1, math.floor(budget * stock))
+        return rank, None, (f"kv_budget {budget}: r_c = {rank} (exact-RoPE latent: per layer r_c = {rank} of stock's "
+                            f"2·G·hd = {stock}, plus each token's position)")
     if spec.rotary:
         kv_heads, head_dim = _kv_heads(config), _head_dim(config)
         pairs = args.rope_pairs if args.rope_pairs is not None else max(1, head_dim // 16)
@@ -172,6 +181,13 @@ def resolve_budget(args: ConvertArguments, config, spec) -> tuple[int, int | Non
     rank = lowrank_rank(budget, d, heads, values)
     return rank, None, (f"kv_budget {budget}: r = {rank} (per layer H·r + values = {heads}·{rank} + {values} = "
                         f"{heads * rank + values} of stock's 2·d = {2 * d})")
+
+
+def _rope_route(args: ConvertArguments) -> str:
+    """The rotary route asked for: --rope, else partial when --rope_pairs / --rope_selection are given, else exact."""
+    if args.rope:
+        return args.rope
+    return "partial" if args.rope_pairs is not None or args.rope_selection is not None else "exact"
 
 
 def _kv_heads(config) -> int:
@@ -310,9 +326,19 @@ def check_arguments(args: ConvertArguments):
     if spec.rotary and args.mode != "latent":
         raise ValueError(f"--mode {args.mode} was given for {spec.family}, a rotary family: its query–key product is not "
                          "position-free, so only --mode latent (the rotary latent, with --rope_pairs) applies.")
-    if not spec.rotary and (args.rope_pairs is not None or args.rope_selection is not None):
-        raise ValueError(f"--rope_pairs / --rope_selection were given for {spec.family}, which has no rotary positions; "
-                         "drop them (they apply to Llama, Qwen2, Mistral).")
+    if not spec.rotary and (args.rope_pairs is not None or args.rope_selection is not None or args.rope is not None):
+        raise ValueError(f"--rope / --rope_pairs / --rope_selection were given for {spec.family}, which has no rotary "
+                         "positions; drop them (they apply to Llama, Qwen2, Mistral).")
+    if spec.rotary and args.rope == "exact" and (args.rope_pairs is not None or args.rope_selection is not None):
+        raise ValueError("--rope exact keeps every frequency pair rotated, so --rope_pairs / --rope_selection have "
+                         "nothing to choose; drop them, or pass --rope partial.")
+    if spec.rotary and args.rank is not None and isinstance(parse_rank(args.rank), float):
+        raise ValueError(f"--rank {args.rank} (a spectral-energy target) is not available on rotary models; pass an "
+                         "integer r_c or --kv_budget (e.g. --kv_budget 0.3125).")
+    limit = spec.max_length(config)
+    if limit and args.block_size is not None and args.block_size > limit:
+        raise ValueError(f"--block_size {args.block_size} exceeds the model's {limit} positions; use --block_size <= "
+                         f"{limit}.")
     half = _head_dim(config) // 2
     if spec.rotary and args.rope_pairs is not None and not 0 <= args.rope_pairs <= half:
         raise ValueError(f"--rope_pairs {args.rope_pairs}: a head of {2 * half} has {half} pairs; use 0 <= rope_pairs <= "
@@ -329,11 +355,12 @@ def check_arguments(args: ConvertArguments):
         raise ValueError(f"--mode {args.mode} needs --rank or --kv_budget (e.g. --kv_budget 0.3125).")
     # the command always has calibration text: approximations are fitted to it unless --init svd is asked for
     init = args.init or ("whitened" if args.mode != "covariance" or args.value_rank else "svd")
+    rope = _rope_route(args) if spec.rotary else None
     patch = {"mode": args.mode, "rank": rank, "layers": parse_layers(args.layers), "init": init, "values": args.values,
              "value_rank": args.value_rank, "rope_pairs": pairs, "rope_selection": args.rope_selection,
-             "balance_kv": args.balance_kv}
+             "rope": rope, "balance_kv": args.balance_kv}
     checked = PatchConfig(args.mode, rank, patch["layers"], init, args.values, args.value_rank, pairs,
-                          args.rope_selection)
+                          args.rope_selection, rope)
     checked.check_against(config.hidden_size, config.num_hidden_layers, config.num_attention_heads)
     if args.quantized_cache_bits:
         # the cached width: r_c, or d for covariance + merged values; an energy target's ranks are known only at patch
@@ -345,12 +372,14 @@ def check_arguments(args: ConvertArguments):
             if problem:
                 raise ValueError(f"--quantized_cache_bits {args.quantized_cache_bits}: {problem}")
     if spec.rotary:
-        kept = half if pairs is None else pairs
+        kept = 0 if rope == "exact" else half if pairs is None else pairs
         widest = _kv_heads(config) * (4 * half - 2 * kept)  # the NoPE keys and the values: what a latent can hold
         ranks = rank.values() if isinstance(rank, dict) else [rank] if isinstance(rank, int) else []
         if any(r > widest for r in ranks):
-            raise ValueError(f"--rank {args.rank}: with {kept} kept pairs of {half} a latent holds at most {widest} "
-                             f"numbers (G·(2·hd − 2r)), already exact; use --rank <= {widest}.")
+            what = ("the keys before RoPE and the values (2·G·hd)" if rope == "exact"
+                    else f"with {kept} kept pairs of {half}, G·(2·hd − 2r)")
+            raise ValueError(f"--rank {args.rank}: a latent holds at most {widest} numbers ({what}), already exact; use "
+                             f"--rank <= {widest}.")
     # whether the seeding reads the calibration blocks (patch_model refuses them otherwise)
     reads_data = checked.init == "whitened" or (spec.rotary and checked.rope_needs_calibration(2 * half))
     return config, spec, patch, how, reads_data
@@ -408,8 +437,9 @@ def _tokens(tokenizer, text: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode_ms_per_step(model, steps: int, prompt_length: int = 16) -> float:
-    """Milliseconds per greedy decode step (batch 1): the time of prefill + `steps` steps minus that of prefill + 1."""
+def decode_ms_per_step(model, steps: int, prompt_length: int = 16) -> float | None:
+    """Milliseconds per greedy decode step (batch 1): the time of prefill + `steps` steps minus that of prefill + 1;
+    None when that difference is not positive (too few steps to measure)."""
     prompt = torch.arange(1, prompt_length + 1).remainder(model.config.vocab_size).unsqueeze(0)
     prompt = prompt.to(next(model.parameters()).device)
 
@@ -420,7 +450,12 @@ def decode_ms_per_step(model, steps: int, prompt_length: int = 16) -> float:
         return time.perf_counter() - start
 
     timed(2)  # warm-up
-    return 1000 * max(timed(steps + 1) - timed(1), 0.0) / steps
+    difference = timed(steps + 1) - timed(1)
+    return 1000 * difference / steps if difference > 0 else None  # too few steps to rise above the timer's noise
+
+
+def _ms(value: float | None, steps: int) -> str:
+    return f"{value:.2f}" if value is not None else f"not measured ({steps} steps are too few: pass --decode_tokens 32)"
 
 
 def distill(model, stock, batches, steps: int, learning_rate: float, seed: int) -> tuple[float, float]:
@@ -488,9 +523,7 @@ def convert(args: ConvertArguments) -> dict[str, str]:
         f"{sum(p.numel() for p in stock.parameters()):,} parameters ({time.perf_counter() - start:.1f} s)")
 
     limit = spec.max_length(config)
-    block = args.block_size or min(512, limit or 512)
-    if limit and block > limit:
-        raise ValueError(f"--block_size {block} exceeds the model's {limit} positions; use --block_size <= {limit}.")
+    block = args.block_size or min(512, limit or 512)  # checked against the positions at [0/6]
     calibration_text, held_text, source = _texts(args)
     stream = _tokens(tokenizer, calibration_text)
     count = min(args.calibration_blocks, stream.numel() // block)
@@ -515,7 +548,7 @@ def convert(args: ConvertArguments) -> dict[str, str]:
     with torch.no_grad():
         ids = blocks[:1]
         gap = (model(ids).logits - stock(ids).logits).abs().max().item()
-    say(f"[3/6] patched {len(modules)} layers ({json.dumps({k: v for k, v in model.config.merged_attn.items() if k in ('mode', 'rank', 'rope_pairs', 'rope_selection', 'values', 'value_rank', 'init')})}): "
+    say(f"[3/6] patched {len(modules)} layers ({json.dumps({k: v for k, v in model.config.merged_attn.items() if k in ('mode', 'rank', 'rope', 'rope_pairs', 'rope_selection', 'values', 'value_rank', 'init')})}): "
         f"KV numbers per token {ours:,} of stock's {theirs:,} ({ours / theirs:.4g}); max |Δlogits| to stock "
         f"{gap:.3g} ({time.perf_counter() - start:.1f} s)")
 
@@ -555,8 +588,8 @@ def convert(args: ConvertArguments) -> dict[str, str]:
         "KL to stock (nats/token)": f"{ours_ppl['kl_to_reference']:.4f}",
         f"KV cache bytes per token at {cached} tokens, stock": f"{stock_bytes:,.0f}",
         f"KV cache bytes per token at {cached} tokens, converted{cache}": f"{our_bytes:,.0f} ({our_bytes / stock_bytes:.3f}x)",
-        "decode ms per step, stock": f"{stock_ms:.2f}",
-        "decode ms per step, converted": f"{our_ms:.2f}",
+        "decode ms per step, stock": _ms(stock_ms, args.decode_tokens),
+        "decode ms per step, converted": _ms(our_ms, args.decode_tokens),
         "recovery": {"none": "none", "layerwise": f"layer-wise, {args.recover_steps} steps per layer",
                      "finetune": f"KL distillation, {args.recover_steps} steps"}[args.recover],
     }
@@ -565,12 +598,24 @@ def convert(args: ConvertArguments) -> dict[str, str]:
     for key, value in results.items():
         say(f"  {key}: {value}")
 
-    model.save_pretrained(args.output_dir, model_card_results=results)
-    tokenizer.save_pretrained(args.output_dir)
-    again = AutoModelForCausalLM.from_pretrained(args.output_dir).eval()
-    with torch.no_grad():
-        reload_gap = (again(blocks[:1]).logits - model(blocks[:1]).logits).abs().max().item()
-    files = sorted(p.name for p in Path(args.output_dir).iterdir())
+    # written into a folder beside the target and renamed into place once complete and reloaded: an interrupted run
+    # leaves no folder that looks finished (only a hidden .partial one)
+    target = Path(args.output_dir)
+    staging = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save_pretrained(staging, model_card_results=results)
+        tokenizer.save_pretrained(staging)
+        again = AutoModelForCausalLM.from_pretrained(staging).eval()
+        with torch.no_grad():
+            reload_gap = (again(blocks[:1]).logits - model(blocks[:1]).logits).abs().max().item()
+        if target.exists():
+            target.rmdir()  # empty (checked at [0/6]); a folder that filled up since is refused here
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    files = sorted(p.name for p in target.iterdir())
     say(f"[6/6] saved {args.output_dir}: {', '.join(files)}; reloaded, max |Δlogits| {reload_gap:.3g}")
     if args.push_to_hub:
         model.push_to_hub(args.hub_model_id, token=args.hub_token, results=results)
@@ -579,16 +624,43 @@ def convert(args: ConvertArguments) -> dict[str, str]:
     return results
 
 
+def missing_files(folder: str, causal: bool) -> list[str]:
+    """What a converted folder lacks of what convert writes: weights, config, model card, remote code, tokenizer."""
+    path = Path(folder)
+    if not path.is_dir():
+        return []
+    wanted = {"config.json": path / "config.json", "README.md (the model card)": path / "README.md"}
+    if not (path / "model.safetensors").exists() and not (path / "model.safetensors.index.json").exists():
+        wanted["model.safetensors"] = path / "model.safetensors"
+    lacking = [name for name, file in wanted.items() if not file.exists()]
+    if not list(path.glob("modeling_merged_*.py")):
+        lacking.append("the remote code (modeling_merged_*.py)")
+    if causal and not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json",
+                                                              "tokenizer.model", "vocab.json")):
+        lacking.append("a tokenizer (tokenizer.json / tokenizer_config.json)")
+    return lacking
+
+
 def inspect(where: str) -> dict:
     """What a checkpoint (folder or Hub id) is: printed, and returned as a dict."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from .evaluation import kv_cache_bytes_per_token
     from .merged_attention import MergedAttention
+    from .merged_models import is_hub_id
     from .quantized_cache import GENERATION_FIELD
     from .registry import MERGED_REGISTRY, REGISTRY
 
-    config = AutoConfig.from_pretrained(where)
+    if not Path(where).is_dir() and not is_hub_id(where):
+        raise FileNotFoundError(f"{where!r} is neither a folder nor a Hub id; pass a converted checkpoint's folder.")
+    local = Path(where).is_dir()
+    try:
+        config = AutoConfig.from_pretrained(where)
+    except (ValueError, KeyError, OSError) as error:  # OSError: transformers' message for a broken or absent file
+        if not local and isinstance(error, OSError):
+            raise
+        raise ValueError(f"{where}: its config.json cannot be read ({' '.join(str(error).split())}); the checkpoint "
+                         "is damaged or not a transformers checkpoint.") from None
     spec = MERGED_REGISTRY.get(config.model_type)
     if spec is None:
         known = REGISTRY.get(config.model_type)
@@ -596,21 +668,27 @@ def inspect(where: str) -> dict:
                  if known else f"model_type {config.model_type!r}: not a family hf_merged_attn converts")
         say(f"{where}: {state}")
         return {"patched": False, "model_type": config.model_type}
+    lacking = missing_files(where, spec.has_cache)
+    if lacking and Path(where).is_dir():
+        raise FileNotFoundError(f"{where} is an incomplete converted checkpoint: it lacks {', '.join(lacking)} (an "
+                                "interrupted save?). Convert again, or copy the missing files from the original.")
     model = (AutoModelForCausalLM if spec.has_cache else AutoModel).from_pretrained(where).eval()
     record = model.config.merged_attn
     modules = [m for m in model.modules() if isinstance(m, MergedAttention)]
     layers = []
     for m in modules:
         rotary = getattr(m, "rotary", False)
-        if rotary:
+        if rotary and m.rope == "exact":
+            exact = m.rank >= min(2 * m.num_kv_heads * m.head_dim, m.embed_dim)
+        elif rotary:
             exact = m.rope_pairs == m.head_dim // 2 and m.rank >= m.num_kv_heads * m.head_dim
         elif m.mode == "covariance":
             exact = True
         else:
             exact = m.rank >= (m.head_dim if m.mode == "lowrank" else m.embed_dim)
         exact = exact and (m.value_rank is None or m.value_rank >= m.head_dim)
-        layers.append({"layer": m.layer_idx, "mode": m.mode, "rank": m.rank,
-                       "rope_pairs": m.rope_pairs if rotary else None, "exact_at_patch": bool(exact),
+        layers.append({"layer": m.layer_idx, "mode": m.mode, "rank": m.rank, "rope": m.rope if rotary else None,
+                       "rope_pairs": m.rope_pairs if rotary and m.rope == "partial" else None, "exact_at_patch": bool(exact),
                        "kv_numbers_per_token": m.cache_numbers_per_token(),
                        "stock_kv_numbers_per_token": m.stock_cache_numbers_per_token()})
     quantized = getattr(model.generation_config, GENERATION_FIELD, None) if spec.has_cache else None
@@ -626,6 +704,7 @@ def inspect(where: str) -> dict:
         f"{config.num_hidden_layers}")
     for row in layers:
         pairs = f", rope_pairs {row['rope_pairs']}" if row["rope_pairs"] is not None else ""
+        pairs = (", exact-RoPE (every pair rotated)" if row["rope"] == "exact" else pairs)
         say(f"  layer {row['layer']}: {row['mode']}, rank {row['rank']}{pairs}, "
             f"{'exact' if row['exact_at_patch'] else 'approximate'} at patch, KV numbers per token "
             f"{row['kv_numbers_per_token']} of stock's {row['stock_kv_numbers_per_token']}")
@@ -635,6 +714,54 @@ def inspect(where: str) -> dict:
             + (f"; generate() defaults to a quantized latent cache {quantized}" if quantized else
                "; no quantized cache default"))
     return info
+
+
+def read_config_file(parser, path: str) -> ConvertArguments:
+    """ConvertArguments from a .json / .yaml file (as run_clm reads one), every value checked against its field's type
+    and choices (a file, unlike the command line, passes values through unconverted).
+
+    Raises:
+        ValueError: a file that cannot be read or parsed, an unknown key, or a value of the wrong type or choice — each
+            naming the key, the value given and what is allowed.
+    """
+    import dataclasses
+    import typing
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist.")
+    try:
+        if path.endswith(".json"):
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        else:
+            import yaml
+
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, ImportError, UnicodeDecodeError) as error:
+        raise ValueError(f"config file {path!r} cannot be read: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path!r} holds a {type(data).__name__}, not a mapping of argument names to values.")
+    fields = {f.name: f for f in dataclasses.fields(ConvertArguments)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"config file {path!r}: unknown key(s) {unknown}; allowed keys are the flags of "
+                         "`hf-merged-attn convert --help` without their dashes.")
+    hints = typing.get_type_hints(ConvertArguments)
+    for key, value in data.items():
+        allowed = tuple(t for t in typing.get_args(hints[key]) or (hints[key],) if t is not type(None))
+        ok = value is None and type(None) in typing.get_args(hints[key])
+        if not ok:
+            kinds = (int, float) if float in allowed else allowed  # an integer where a float is expected is fine
+            ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in allowed)
+            if str in allowed and key == "rank" and isinstance(value, (int, float)):
+                ok = not isinstance(value, bool)  # --rank also takes a number in a file
+        choices = fields[key].metadata.get("choices")
+        if ok and choices is not None and value is not None and value not in choices:
+            raise ValueError(f"config file {path!r}: {key} = {value!r} is not one of {choices}.")
+        if not ok:
+            names = " or ".join(t.__name__ for t in allowed) + (" or null" if type(None) in typing.get_args(hints[key]) else "")
+            raise ValueError(f"config file {path!r}: {key} = {value!r} ({type(value).__name__}) must be {names}"
+                             + (f" (one of {choices})" if choices else "") + f": {fields[key].metadata['help']}.")
+    return ConvertArguments(**data)
 
 
 USAGE = """usage: hf-merged-attn {convert,inspect} ...
@@ -658,20 +785,22 @@ def main(argv: list[str] | None = None) -> int:
         if len(rest) != 1 or rest[0].startswith("-"):
             print("usage: hf-merged-attn inspect FOLDER_OR_ID", file=sys.stderr)
             return 0 if rest and rest[0] in ("-h", "--help") else 2
-        inspect(rest[0])
+        try:
+            inspect(rest[0])
+        except (ValueError, OSError, KeyError) as error:  # a missing folder, a broken config.json, missing weights
+            print(f"hf-merged-attn inspect: {error}", file=sys.stderr)
+            return 1
         return 0
     if command != "convert":
         print(f"hf-merged-attn: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     parser = HfArgumentParser(ConvertArguments, prog="hf-merged-attn convert",
                               description="Convert a causal LM: calibrate, patch, recover, evaluate, save, push.")
-    if len(rest) == 1 and rest[0].endswith(".json"):
-        (args,) = parser.parse_json_file(os.path.abspath(rest[0]))
-    elif len(rest) == 1 and rest[0].endswith((".yaml", ".yml")):
-        (args,) = parser.parse_yaml_file(os.path.abspath(rest[0]))
-    else:
-        (args,) = parser.parse_args_into_dataclasses(rest)
     try:
+        if len(rest) == 1 and rest[0].endswith((".json", ".yaml", ".yml")):
+            args = read_config_file(parser, rest[0])
+        else:
+            (args,) = parser.parse_args_into_dataclasses(rest)
         convert(args)
     except (ValueError, OSError, NotImplementedError, ImportError) as error:  # OSError: files, the Hub
         print(f"hf-merged-attn convert: {error}", file=sys.stderr)

@@ -77,6 +77,13 @@ def evaluate_perplexity(
             f"max_length={max_length} exceeds the model's {positions} positions (config.max_position_embeddings). "
             f"Pass max_length <= {positions}."
         )
+    if reference is not None:
+        ours, theirs = (getattr(getattr(m, "config", None), "vocab_size", None) for m in (model, reference))
+        if ours is not None and theirs is not None and ours != theirs:
+            raise ValueError(
+                f"reference has a vocabulary of {theirs} tokens and model of {ours}: the KL between their next-token "
+                "distributions needs the same vocabulary. Pass the stock model the patched one was made from."
+            )
     if stride is None:
         stride = max_length // 2
     was_training = model.training, reference is not None and reference.training

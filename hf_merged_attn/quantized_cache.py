@@ -232,7 +232,7 @@ class LatentQuantizedLayer(DynamicLayer):
             step = -(-step // self.group) * self.group
         quantized = 0 if self.codes is None else self.codes.shape[2]
         blocks = [(start, min(start + step, quantized)) for start in range(0, quantized, step)]
-        return [(start, end) for start, end in [*blocks, (quantized, self.get_seq_length())] if start < end]
+        return [(start, end) for start, end in [*blocks, (quantized, self.held())] if start < end]
 
     def _read(self, start: int, end: int, halves: tuple[slice, ...], affine: bool):
         """Tokens start..end as float32 (B, Tb, r or r/2) per channel half, and the per-token scale and minimum
@@ -279,7 +279,7 @@ class LatentQuantizedLayer(DynamicLayer):
             gets 0), and the weights (B, H, T, Tk) in that dtype, or None without `need_weights`.
         """
         batch, heads, length, width = query.shape
-        total = self.get_seq_length()
+        total = self.held()
         if mask is None and length > 1:
             mask = torch.ones(length, total, dtype=torch.bool, device=query.device).tril_(total - length)
         rows = query.float().reshape(batch, heads * length, width)  # (B, H*T, r): heads folded into the rows
@@ -341,10 +341,14 @@ class LatentQuantizedLayer(DynamicLayer):
             return out, None
         return out, weights.view(batch, heads, length, total).to(query.dtype)
 
-    def get_seq_length(self) -> int:
+    def held(self) -> int:
+        """Tokens this layer holds (quantized + full-precision window)."""
         if not self.is_initialized:
             return 0
         return self.keys.shape[-2] + (0 if self.codes is None else self.codes.shape[-2])
+
+    def get_seq_length(self) -> int:
+        return self.held()
 
     def stored_tensors(self) -> list[torch.Tensor]:
         """What the cache holds for its tokens: codes, scales, minima and the full-precision window (and, while past
@@ -397,7 +401,7 @@ class LatentQuantizedLayer(DynamicLayer):
         pending, self.pending = self.pending, None
         if tokens_to_remove == 0 or not self.is_initialized:
             return
-        total = self.get_seq_length()
+        total = self.held()
         length = max(0, total - abs(int(tokens_to_remove)))
         quantized = 0 if self.codes is None else self.codes.shape[2]
         kept = min(self._quantized_count(length), quantized)  # of the `length` tokens left, those held quantized
@@ -437,6 +441,81 @@ class LatentQuantizedLayer(DynamicLayer):
         self.__dict__.pop("reads_codes", None)  # the next update decides again
 
 
+class SlidingLatentQuantizedLayer(LatentQuantizedLayer):
+    """A `LatentQuantizedLayer` for a sliding-window attention layer (Mistral; Qwen2's sliding layers): it holds only
+    the newest `sliding_window - 1` tokens between steps, as transformers' `DynamicSlidingWindowLayer` does — the oldest
+    dropped from the quantized part first (whole groups of tokens on the channel axis, so a few more may stay), then
+    from the window. The mask sees the held tokens at their absolute positions (`get_mask_sizes`' offset), so anything
+    held beyond the window is still masked. While past recording is on nothing is dropped until the next crop."""
+
+    is_sliding = True
+
+    def __init__(self, settings: QuantizationSettings, sliding_window: int):
+        super().__init__(settings)
+        self.sliding_window = int(sliding_window)
+        self.dropped = 0  # tokens dropped from the front: the absolute position of the first held token
+
+    def get_seq_length(self) -> int:
+        """Every token seen (what positions count from), as the sliding layers of transformers report."""
+        return self.dropped + self.held()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.held() + query_length, self.dropped
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)  # what this step attends
+        if not self.record_past:
+            self._slide()
+        return keys, values
+
+    def crop(self, tokens_to_remove) -> None:
+        super().crop(tokens_to_remove)
+        self._slide()
+
+    def _slide(self) -> None:
+        """Drop the oldest held tokens beyond the newest `sliding_window - 1`."""
+        excess = self.held() - (self.sliding_window - 1)
+        if excess <= 0:
+            return
+        quantized = 0 if self.codes is None else self.codes.shape[2]
+        from_codes = min(excess, quantized)
+        if self.settings.axis == "channel":
+            from_codes -= from_codes % self.group  # whole groups of tokens only
+        if from_codes:
+            groups = from_codes // self.group if self.settings.axis == "channel" else from_codes
+            self.codes, self.scale, self.low = (t[:, :, n:] for t, n in ((self.codes, from_codes),
+                                                                          (self.scale, groups), (self.low, groups)))
+            if self.codes.shape[2] == 0:
+                self.codes = self.scale = self.low = None
+        from_window = excess - from_codes if from_codes == quantized else 0
+        self.keys = self.keys[..., from_window:, :]
+        dropped = from_codes + from_window
+        if self.carries_values:
+            self.values = self.values[..., dropped:, :]
+        else:
+            self.values = self.keys[..., :0]
+        self.dropped += dropped
+
+    def reset(self) -> None:
+        super().reset()
+        self.dropped = 0
+
+
+def _sliding_windows(config, num_layers: int) -> list[int | None]:
+    """Each layer's sliding window (None: full attention), from `layer_types` where the config has it, else
+    `sliding_window` for every layer (Mistral)."""
+    if config is None:
+        return [None] * num_layers
+    text = config.get_text_config(decoder=True)
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None)
+    if not window:
+        return [None] * num_layers
+    if layer_types is None:
+        return [window] * num_layers
+    return [window if kind == "sliding_attention" else None for kind in layer_types[:num_layers]]
+
+
 class LatentQuantizedCache(Cache):
     """A transformers `Cache` of `LatentQuantizedLayer`s, one per layer of the model (see the module doc).
 
@@ -453,7 +532,10 @@ class LatentQuantizedCache(Cache):
             if config is None:
                 raise ValueError("LatentQuantizedCache needs the model's config (or num_layers=...).")
             num_layers = config.get_text_config(decoder=True).num_hidden_layers
-        super().__init__(layers=[LatentQuantizedLayer(self.settings) for _ in range(num_layers)])
+        super().__init__(layers=[
+            LatentQuantizedLayer(self.settings) if window is None else SlidingLatentQuantizedLayer(self.settings, window)
+            for window in _sliding_windows(config, num_layers)
+        ])
 
 
 GENERATION_FIELD = "merged_attn_cache"  # the generation-config field that makes a quantized latent cache the default

@@ -70,6 +70,35 @@ def _capture_call(module: nn.Module, run) -> tuple[tuple, dict]:
     return seen[0]
 
 
+def _capture_calls(blocks: list[nn.Module], run) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) each of `blocks` is called with when `run()` runs (each block's own: a model of mixed
+    attention types gives each layer its own mask); the pass stops at the last block. Hidden states are kept for the
+    first block only (the others' are replaced by the stream's)."""
+    seen: dict[int, tuple] = {}
+
+    def make_hook(i: int):
+        def hook(_, args, kwargs):
+            if i > 0:  # only the arguments: the hidden states come from the stream
+                args, kwargs = _with_hidden(args, kwargs, None)
+            seen[i] = (args, kwargs)
+            if i == len(blocks) - 1:
+                raise _Captured
+        return hook
+
+    handles = [block.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    try:
+        run()
+    except _Captured:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(seen) != len(blocks):
+        raise RuntimeError(f"{len(blocks) - len(seen)} of {len(blocks)} blocks were not called by the forward pass; "
+                           "cannot recover this model layer by layer.")
+    return [seen[i] for i in range(len(blocks))]
+
+
 def _blocks(model: nn.Module, block_class: type, attentions: list[nn.Module]) -> list[nn.Module]:
     """The transformer block holding each attention module, in order."""
     blocks = [m for m in model.modules() if isinstance(m, block_class)]
@@ -165,11 +194,15 @@ def recover_layerwise(
     spec = _check(model, reference, inputs, steps, learning_rate)
     config = model.config
     batches = list(calibration_batches(calibration, config.vocab_size, spec.max_length(config)))
-    ours = [m for m in model.modules() if isinstance(m, MergedAttention)]
+    patched = {m.layer_idx: m for m in model.modules() if isinstance(m, MergedAttention)}  # a partial patch too
     theirs = [m for _, _, m in spec.stock_attentions(reference)]
-    if len(ours) != len(theirs):
-        raise ValueError(f"model has {len(ours)} patched attention layers but reference {len(theirs)} stock ones.")
-    our_blocks, their_blocks = _blocks(model, spec.block_class, ours), _blocks(reference, spec.block_class, theirs)
+    our_blocks = [m for m in model.modules() if isinstance(m, spec.block_class)]
+    their_blocks = _blocks(reference, spec.block_class, theirs)
+    if len(our_blocks) != len(their_blocks) or not set(patched) <= {m.layer_idx for m in theirs}:
+        raise ValueError(
+            f"model has {len(our_blocks)} blocks (patched layers {sorted(patched)}) but reference {len(their_blocks)} "
+            "stock ones; pass the stock model the patched one was made from."
+        )
     device = next(model.parameters()).device
     cache = {"use_cache": False} if spec.has_cache else {}
     modes = (model.training, reference.training)
@@ -177,38 +210,44 @@ def recover_layerwise(
     reference.eval()
     records = []
     try:
-        with torch.no_grad():  # each batch's call of block 0: its hidden states and its other arguments
-            def block_input(runner, block, ids, mask):
-                return _capture_call(block, lambda: getattr(runner, "base_model", runner)(
+        with torch.no_grad():  # each batch's call of every block: block 0's hidden states, each block's own arguments
+            def block_calls(runner, blocks, ids, mask):
+                return _capture_calls(blocks, lambda: getattr(runner, "base_model", runner)(
                     input_ids=ids, attention_mask=mask, **cache))
 
             streams = []
             for ids, mask in batches:
                 ids, mask = ids.to(device), None if mask is None else mask.to(device)
-                stock_call = block_input(reference, their_blocks[0], ids, mask)
-                patched_call = block_input(model, our_blocks[0], ids, mask) if inputs == "patched" else None
+                stock_calls = block_calls(reference, their_blocks, ids, mask)
+                patched_calls = block_calls(model, our_blocks, ids, mask) if inputs == "patched" else None
                 tokens = torch.ones(ids.shape, dtype=torch.bool, device=device) if mask is None else mask.bool()
-                streams.append({"stock": stock_call, "patched": patched_call, "tokens": tokens})
+                streams.append({"stock": stock_calls, "patched": patched_calls, "tokens": tokens,
+                                "hidden": {"stock": _hidden_of(*stock_calls[0]),
+                                           "patched": None if patched_calls is None else _hidden_of(*patched_calls[0])}})
         generator = torch.Generator().manual_seed(seed)
-        progress = tqdm(list(zip(ours, theirs, our_blocks, their_blocks)), desc="layer-wise recovery",
-                        disable=not show_progress)
-        for index, (attn, stock_attn, block, stock_block) in enumerate(progress):
+        progress = tqdm(range(len(their_blocks)), desc="layer-wise recovery", disable=not show_progress)
+        for index in progress:
             start = time.perf_counter()
+            attn, stock_attn = patched.get(index), theirs[index]
+            block, stock_block = our_blocks[index], their_blocks[index]
             samples = []  # (attention call on this layer's input, stock output (B, T, d_out), token mask (B, T))
             with torch.no_grad():
                 for stream in streams:
-                    args, kwargs = stream["stock"]
+                    # this block's own arguments (its attention type's mask: full or sliding window) with the stream
+                    args, kwargs = _with_hidden(*stream["stock"][index], stream["hidden"]["stock"])
                     call, output = [], []
                     pre = stock_attn.register_forward_pre_hook(lambda m, a, k: call.append((a, k)), with_kwargs=True)
                     post = stock_attn.register_forward_hook(lambda m, a, o: output.append(_first(o)))
                     try:
-                        stream["stock"] = _with_hidden(args, kwargs, _first(stock_block(*args, **kwargs)))
+                        stream["hidden"]["stock"] = _first(stock_block(*args, **kwargs))
                     finally:
                         pre.remove()
                         post.remove()
+                    if attn is None:
+                        continue
                     attn_args, attn_kwargs = call[0]
                     if inputs == "patched":
-                        args, kwargs = stream["patched"]
+                        args, kwargs = _with_hidden(*stream["patched"][index], stream["hidden"]["patched"])
                         ours_in = _hidden_of(*_capture_call(attn, lambda: block(*args, **kwargs)))
                         attn_args, attn_kwargs = _with_hidden(attn_args, attn_kwargs, ours_in)
                     samples.append(((attn_args, attn_kwargs), output[0], stream["tokens"]))
@@ -222,29 +261,31 @@ def recover_layerwise(
                 with torch.no_grad():
                     return sum(error(s).item() for s in samples) / len(samples)
 
-            params = [p for p in attn.parameters() if p.requires_grad]
-            before = mean_error()
-            if params and before > 1e-12:  # an exact layer (or a frozen one) is left as it is
-                optimizer = torch.optim.Adam(params, lr=learning_rate)
-                schedule = torch.optim.lr_scheduler.LambdaLR(
-                    optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
-                order = torch.cat([torch.randperm(len(samples), generator=generator)
-                                   for _ in range(-(-steps // len(samples)))])[:steps]
-                for b in order.tolist():
-                    loss = error(samples[b])
-                    loss.backward()
-                    optimizer.step()
-                    schedule.step()
-                    optimizer.zero_grad(set_to_none=True)
-            after = mean_error()
+            if attn is not None:
+                params = [p for p in attn.parameters() if p.requires_grad]
+                before = mean_error()
+                if params and before > 1e-12:  # an exact layer (or a frozen one) is left as it is
+                    optimizer = torch.optim.Adam(params, lr=learning_rate)
+                    schedule = torch.optim.lr_scheduler.LambdaLR(
+                        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+                    order = torch.cat([torch.randperm(len(samples), generator=generator)
+                                       for _ in range(-(-steps // len(samples)))])[:steps]
+                    for b in order.tolist():
+                        loss = error(samples[b])
+                        loss.backward()
+                        optimizer.step()
+                        schedule.step()
+                        optimizer.zero_grad(set_to_none=True)
+                after = mean_error()
             if inputs == "patched":
                 with torch.no_grad():
                     for stream in streams:
-                        args, kwargs = stream["patched"]
-                        stream["patched"] = _with_hidden(args, kwargs, _first(block(*args, **kwargs)))
-            records.append({"layer": index, "error_before": before, "error_after": after,
-                            "seconds": time.perf_counter() - start})
-            progress.set_postfix(before=f"{before:.2e}", after=f"{after:.2e}")
+                        args, kwargs = _with_hidden(*stream["patched"][index], stream["hidden"]["patched"])
+                        stream["hidden"]["patched"] = _first(block(*args, **kwargs))
+            if attn is not None:
+                records.append({"layer": index, "error_before": before, "error_after": after,
+                                "seconds": time.perf_counter() - start})
+                progress.set_postfix(before=f"{before:.2e}", after=f"{after:.2e}")
     finally:
         model.train(modes[0])
         reference.train(modes[1])

@@ -230,7 +230,8 @@ class RotaryLatentAttention(ExactRopeLatent, MergedAttention):
             buffer = cached_latent.shape[2]  # a static cache returns its whole buffer
             if phase == "decode":  # attend the cache; a prefill attends its own fresh tokens (a static buffer is longer)
                 latent = cached_latent[:, 0]  # (B, Tk, r_c)
-                rope_key = cached_rope[:, 0].view(batch, -1, key_heads, width).transpose(1, 2)  # (B, Gk, Tk, 2K)
+                tokens = latent.shape[1]  # rope_pairs = 0 caches no rotary key: its view has no length to infer
+                rope_key = cached_rope[:, 0, :tokens].reshape(batch, tokens, key_heads, width).transpose(1, 2)  # (B, Gk, Tk, 2K)
         if phase != "decode" and attention_mask is not None and attention_mask.shape[-1] > length:
             attention_mask = attention_mask[..., :length]  # a static cache's mask spans its whole buffer
         dropout = self.training and self.attn_dropout.p > 0
@@ -284,6 +285,8 @@ class RotaryLatentAttention(ExactRopeLatent, MergedAttention):
     def _rope_scores(self, inputs: RotaryInputs) -> torch.Tensor:
         """q_P·k_P of every head against its rotary key head: (B, H, T, Tk)."""
         batch, heads, length, width = inputs.rope_query.shape
+        if width == 0:  # rope_pairs = 0: no rotary key, the latent scores alone
+            return inputs.rope_query.new_zeros(batch, heads, length, inputs.rope_key.shape[2])
         grouped = inputs.rope_query.reshape(batch, self.rope_heads, -1, width)  # (B, Gk, H/Gk·T, 2K)
         return (grouped @ inputs.rope_key.mT).view(batch, heads, length, -1)  # (B, Gk, H/Gk·T, Tk) -> (B, H, T, Tk)
 

@@ -42,8 +42,9 @@ CASES = [
                            "--quantized_cache_bits", "8"], (16, 64)),
     ("opt", FAMILIES[1], ["--mode", "lowrank", "--rank", "2", "--recover", "finetune"], (4 * 2 + 32, 64)),
     ("bloom", FAMILIES[2], ["--mode", "covariance", "--values", "merged", "--recover", "layerwise"], (32, 64)),
-    # G = 2 KV heads of hd = 8; kv_budget 0.5 with rope_pairs hd/16 -> 1: r_c = 16 - 2·2·1 = 12
-    ("llama", ROTARY[0], ["--mode", "latent", "--kv_budget", "0.5", "--recover", "layerwise"], (16, 32)),
+    # G = 2 KV heads of hd = 8; kv_budget 0.5, the exact-RoPE latent (the rotary default): r_c = 0.5·2·G·hd = 16,
+    # plus each token's position (1 number in fp32)
+    ("llama", ROTARY[0], ["--mode", "latent", "--kv_budget", "0.5", "--recover", "layerwise"], (16 + 1, 32)),
     ("qwen2", ROTARY[2], ["--mode", "latent", "--kv_budget", "0.75", "--rope_pairs", "2", "--rope_selection", "rorope",
                           "--recover", "finetune"], (12, 16)),
     ("mistral", ROTARY[3], ["--mode", "latent", "--rank", "16", "--rope_pairs", "2", "--rope_selection", "high",
@@ -171,11 +172,14 @@ def test_inspect_says_what_each_checkpoint_is(converted, capsys):
     assert all(r["exact_at_patch"] and r["mode"] == "covariance" for r in bloom["layers"])
     assert bloom["quantized_cache_default"] is None
     llama = cli.inspect(str(converted["llama"][1]))
-    assert [(r["rank"], r["rope_pairs"]) for r in llama["layers"]] == [(12, 1), (12, 1)]
+    assert [(r["rank"], r["rope"], r["rope_pairs"]) for r in llama["layers"]] == [(16, "exact", None)] * 2
+    mistral = cli.inspect(str(converted["mistral"][1]))
+    assert [(r["rank"], r["rope"], r["rope_pairs"]) for r in mistral["layers"]] == [(16, "partial", 2)] * 2
     stock = cli.inspect(str(converted["llama"][0]))
     assert stock == {"patched": False, "model_type": "llama"}
     printed = capsys.readouterr().out
-    assert "rope_pairs 1" in printed and "approximate at patch" in printed and "exact at patch" in printed
+    assert "exact-RoPE (every pair rotated)" in printed and "rope_pairs 2" in printed
+    assert "approximate at patch" in printed and "exact at patch" in printed
     assert "hf-merged-attn convert --model_name_or_path" in printed  # the stock one: how to convert it
 
 
@@ -298,11 +302,16 @@ def test_budget_resolution():
 
 @pytest.mark.parametrize("extra, message", [
     (["--mode", "lowrank", "--rank", "4"], "only --mode latent"),
-    (["--rank", "20"], "a latent holds at most 16"),  # G·(2·hd − 2r) = 2·(16 − 8) with every pair kept
+    # partial route, every pair kept: G·(2·hd − 2r) = 2·(16 − 8)
+    (["--rope", "partial", "--rank", "20"], "a latent holds at most 16"),
+    (["--rank", "40"], "exceeds the hidden size 32"),  # exact route: 2·G·hd = 32 = d
     (["--rank", "8", "--rope_pairs", "5"], "has 4 pairs"),
     (["--kv_budget", "0.5", "--rope_pairs", "5"], "has 4 pairs"),
-    (["--kv_budget", "0.1"], "alone take 4"),  # 0.1 · 32 = 3 numbers; one kept pair of 2 KV heads takes 4
-], ids=["lowrank", "rank", "pairs", "budget-pairs", "budget"])
+    (["--rope", "partial", "--kv_budget", "0.1"], "alone take 4"),  # 0.1 · 32 = 3; one kept pair of 2 KV heads: 4
+    (["--rope", "exact", "--rope_pairs", "2", "--rank", "8"], "--rope exact keeps every frequency pair rotated"),
+    (["--rank", "0.5"], "spectral-energy target) is not available on rotary models"),  # #36: before loading
+    (["--rank", "8", "--block_size", "1000"], "exceeds the model's 64 positions"),  # #36: before loading
+], ids=["lowrank", "rank", "exact-rank", "pairs", "budget-pairs", "budget", "exact-pairs", "energy", "block"])
 def test_rotary_arguments_are_refused_before_any_work(tmp_path, extra, message, capsys, monkeypatch):
     folder = tiny_model(ROTARY[0], tmp_path / "llama")
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))

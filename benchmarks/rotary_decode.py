@@ -10,7 +10,10 @@ of its G heads; the latent: c and the rotated rotary keys) — the time of a ste
 real prefill of 8 x 2048 tokens would take minutes per model here — then --steps single-token steps are timed,
 --repeats times, the models interleaved. The latent rows are r = 4 kept pairs per KV head and r_c = G·d_kv with
 d_kv = 32, 16, 8 (-68.75%, -81.25%, -87.5% of stock's numbers per token), each with the two decode kernels of the
-table (the explicit one, `rotary_absorbed`, and one SDPA call with the rotary scores as its bias). Bytes per token are
+table (the explicit one, `rotary_absorbed`, and one SDPA call with the rotary scores as its bias); the exact-RoPE latent
+(rope="exact") at r_c = 1/2, 5/16 and 1/8 of 2·G·hd with its two decode kernels (`exact_rebuild`: keys rebuilt from c,
+rotated, scored per KV head, values through c; `exact_rebuild_sdpa`: the same keys and c as the value in one SDPA
+call). Bytes per token are
 measured on the filled caches. fp32; writes rotary_decode.json and rotary_decode.md to --output_dir.
 """
 
@@ -30,10 +33,12 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaF
 
 from hf_merged_attn import patch_model, use_kernels
 from hf_merged_attn.evaluation import cache_bytes_per_token
+from hf_merged_attn.exact_rope import encode_positions
 
 transformers.logging.set_verbosity_error()
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "runs" / "SmolLM2-135M-Instruct"
 BUDGETS = {"-68.75%": 32, "-81.25%": 16, "-87.5%": 8}  # d_kv per KV head
+EXACT_BUDGETS = {"-50%": 0.5, "-68.75%": 0.3125, "-87.5%": 0.125}  # r_c / (2·G·hd) of the exact-RoPE latent
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,7 +76,11 @@ def filled_cache(model, batch: int, context: int) -> DynamicCache:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
-        if hasattr(attn, "cache_layout"):
+        if getattr(attn, "rope", None) == "exact":  # c, and each token's position (what the keys are rebuilt at)
+            key = torch.randn(batch, 1, context, attn.rank)
+            value = encode_positions(torch.arange(context).expand(batch, -1), attn.cache_layout.value_width,
+                                     key.dtype)
+        elif hasattr(attn, "cache_layout"):
             layout = attn.cache_layout
             key = torch.randn(batch, layout.key_heads, context, layout.key_width)
             value = torch.randn(batch, layout.value_heads, context, layout.value_width)
@@ -97,6 +106,11 @@ def main(argv=None) -> None:
                             rope_selection="high")  # which pairs are kept does not change the time
         for kernel in ("rotary_absorbed", "rotary_absorbed_sdpa"):
             rows[f"latent r_c={kv_heads * d_kv} r=4 ({budget}), {kernel}"] = (model, kernel)
+    for budget, share in EXACT_BUDGETS.items():  # the exact-RoPE latent: c alone (and positions), keys rebuilt
+        rank = round(share * 2 * kv_heads * head_dim)
+        model = patch_model(copy.deepcopy(stock), "latent", rank=rank, rope="exact")
+        for kernel in ("exact_rebuild", "exact_rebuild_sdpa"):
+            rows[f"exact-RoPE r_c={rank} ({budget}), {kernel}"] = (model, kernel)
     times: dict[str, list[float]] = {name: [] for name in rows}
     caches = {}
     token = torch.randint(0, config.vocab_size, (args.batch, 1))
@@ -127,7 +141,7 @@ def main(argv=None) -> None:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "rotary_decode.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     lines = [
-        "# Decode speed of the rotary latent (fp32, CPU)",
+        "# Decode speed of the rotary latents (fp32, CPU)",
         "",
         f"`python benchmarks/rotary_decode.py --output_dir {args.output_dir}` on {record['model']}: batch {args.batch}, "
         f"{args.context} tokens in the cache, {args.steps} timed steps x {args.repeats} repeats (median, [min, max]); "

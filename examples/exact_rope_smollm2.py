@@ -11,7 +11,8 @@ random number enters), so one run per row.
 Rows: stock; `patch_model(model, "latent", rank=r_c, rope="exact", init="whitened")` at r_c = 192, 120, 72, 48 (−50%,
 −68.75%, −81.25%, −87.5% of stock's 2·G·hd = 384 numbers per token and layer), each also with its cache's c quantized
 to int8 and int4 codes (token axis, groups of ≤ 32 channels, a scale and a minimum per group: what
-`LatentQuantizedCache(residual_length=0)` attends, through `fake_quantized_latent`); at −68.75% the seeding ablations:
+`LatentQuantizedCache(residual_length=0)` attends, through `fake_quantized_latent`), at −68.75% and −87.5% also with c
+mixed by an orthogonal matrix before its codes (seeding={"rotate_latent": True}); at −68.75% the seeding ablations:
 weights only (init="svd"), keys and values unbalanced.
 """
 
@@ -59,6 +60,11 @@ def configurations(quick: bool) -> list[dict]:
             rows.append({"label": f"{budget} r_c={rank}" + (f" int{nbits}" if nbits else ""), "budget": budget,
                          "rank": rank, "nbits": nbits, "init": "whitened",
                          "kwargs": dict(rank=rank, rope="exact", init="whitened")})
+        if budget in ("-68.75%", "-87.5%"):  # c mixed by an orthogonal matrix before its codes (exact in fp32)
+            for nbits in (8, 4):
+                rows.append({"label": f"{budget} r_c={rank} int{nbits}, c rotated", "budget": budget, "rank": rank,
+                             "nbits": nbits, "init": "whitened", "kwargs": dict(
+                                 rank=rank, rope="exact", init="whitened", seeding={"rotate_latent": True})})
         if budget == "-68.75%":
             rows.append({"label": f"{budget} r_c={rank} svd (weights only)", "budget": budget, "rank": rank,
                          "nbits": None, "init": "svd", "kwargs": dict(rank=rank, rope="exact", init="svd")})

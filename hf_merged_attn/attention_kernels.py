@@ -301,3 +301,64 @@ def resolve_kernel(query: KernelQuery, forced: str | None = None, table: dict[st
         return kernel
     fitting = [k for k in table.values() if k.fits(query)]
     return next((k for k in fitting if k.prefers(query)), fitting[0])
+
+
+# --- the tensor helpers the kernels and the merged modules share -------------------------------------------------
+
+
+def _row_sums(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The row sums of the attention weights implied by a mask, (B, T, 1 or H), or None where every row sums to 1.
+
+    Only a boolean (SDPA-style) mask can hide every key of a query; SDPA (and this module's kernels) then give that
+    query all-zero weights. An additive float mask (eager) leaves a softmax that sums to 1 in every row.
+    """
+    if mask is None or mask.dtype != torch.bool:
+        return None
+    return mask.any(dim=-1).transpose(1, 2)  # (B, 1 or H, T) -> (B, T, 1 or H)
+
+
+def _weighted_values(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A·V as (B, T, H, v) for weights (B, H, T, Tk) and per-head values (B, H, Tk, v) or ONE head-shared value
+    (B, 1, Tk, v) — merged values, the absorbed latent. The shared one goes through one bmm with the heads folded
+    into the rows: a broadcast matmul would copy the value to every head first (H x the cache, per step)."""
+    if values.shape[1] == 1 and weights.shape[1] > 1:
+        batch, heads, length, _ = weights.shape
+        rows = weights.transpose(1, 2).reshape(batch, length * heads, -1)  # (B, T*H, Tk): a view when T = 1
+        return torch.bmm(rows, values[:, 0]).view(batch, length, heads, -1)  # (B, T, H, v)
+    return (weights @ values).transpose(1, 2)  # (B, H, T, v) -> (B, T, H, v)
+
+
+def _bias_mask(
+    bias: torch.Tensor, mask: torch.Tensor | None, length: int, kv_length: int, causal: bool
+) -> torch.Tensor:
+    """An additive score bias (ALiBi) and the attention mask as ONE additive float mask (B, H, T, Tk).
+
+    The merged scores then get exactly stock's `bias + scaling·q·k (+ mask)` through the ordinary masked path.
+    A missing mask means no padding: causal over the last T of the Tk keys for decoders (a cache holds the first
+    Tk - T), nothing hidden for encoders.
+    """
+    low = torch.finfo(bias.dtype).min
+    if mask is None and causal and length > 1:
+        mask = torch.ones(length, kv_length, dtype=torch.bool, device=bias.device).tril_(kv_length - length)
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        mask = torch.zeros((), dtype=bias.dtype, device=bias.device).masked_fill(~mask, low)
+    return (bias + mask).clamp_min(low)  # (B, H, T, Tk); clamped: min + a negative bias must not reach -inf
+
+
+def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Softmax over keys (the last dim) in float32, cast to `dtype`, under an eager or an SDPA-style mask.
+
+    `mask` broadcasts to `scores`: additive float (eager's format, added) or boolean, True = attend (sdpa's format;
+    a query whose mask hides every key gets weights 0, as SDPA gives). `scores` must be a fresh tensor: a boolean
+    mask is applied to it in place.
+    """
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+    elif mask is not None:
+        scores = scores + mask  # not in place: a float32 mask promotes half scores, as in stock
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+    if mask is not None and mask.dtype == torch.bool:
+        weights = weights.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+    return weights

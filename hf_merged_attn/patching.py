@@ -29,6 +29,7 @@ from .seeding import (
     covariance_from_qk,
     kept_pairs,
     pair_norm_scores,
+    orthogonal_mix,
     query_pair_energy,
     rorope_maps,
     rotary_latent_from_kv,
@@ -245,7 +246,7 @@ def seeded_rotary_attention(
 
 # The exact-RoPE latent's seeding options (`patch_model(seeding=...)`): the whitening's relative ridge (damping, as
 # `seeding.damped_cholesky`) and whether the key columns are weighed by their groups' query energy (query-aware keys).
-EXACT_ROPE_SEEDING = {"damping": DEFAULT_DAMPING, "query_aware_keys": False}
+EXACT_ROPE_SEEDING = {"damping": DEFAULT_DAMPING, "query_aware_keys": False, "rotate_latent": False}
 
 
 def seeded_exact_rope_attention(spec: ArchitectureSpec, attn: nn.Module, config, rank: int, *,
@@ -262,6 +263,9 @@ def seeded_exact_rope_attention(spec: ArchitectureSpec, attn: nn.Module, config,
         weights = query_pair_energy(parts["wq"], parts["bq"], new.num_kv_heads, moment)  # (G, hd)
     down, key_up, value_up = latent_from_kv(parts["wk"], parts["wv"], rank, moment, balance=balance,
                                             damping=seeding["damping"], key_weights=weights)
+    if seeding["rotate_latent"]:  # c·H: the same model in full precision, evener coordinates for quantized codes
+        mix = orthogonal_mix(rank).to(down)
+        down, key_up, value_up = down @ mix, mix.mT @ key_up, mix.mT @ value_up
     weights = {"q_proj.weight": attn.q_proj.weight.detach(), "latent_proj.weight": down.mT,
                "k_up.weight": heads_to_linear(key_up), "v_up.weight": heads_to_linear(value_up)}  # (G·hd, r_c)
     for name, side in (("q_proj", "bq"), ("k_up", "bk"), ("v_up", "bv")):
@@ -453,7 +457,9 @@ def patch_model(
         seeding: rope="exact" only, options of its seeding (defaults `EXACT_ROPE_SEEDING`, the measured best):
             {"damping": λ} the whitening's relative ridge (Σ_x + λ·mean(diag Σ_x)·I: larger λ moves the seed toward the
             weights-only PCA), {"query_aware_keys": True} weighs each key dimension by its KV group's offset-averaged
-            query energy when choosing the latent (`seeding.query_pair_energy`).
+            query energy when choosing the latent (`seeding.query_pair_energy`), {"rotate_latent": True} mixes c by a
+            fixed orthogonal matrix (`seeding.orthogonal_mix`, folded into W_c, Bk, Bv: exact in full precision) so
+            that quantized codes see evener coordinates.
 
     New weights take `requires_grad` from the stock weights they are seeded from (a frozen model stays frozen, a
     PEFT model keeps its frozen / trainable split). A peft model whose adapters sit on the replaced attention weights

@@ -382,6 +382,21 @@ def query_pair_energy(wq: torch.Tensor, bq: torch.Tensor | None, kv_heads: int,
     return torch.cat([pairs, pairs], dim=1)
 
 
+def orthogonal_mix(size: int, seed: int = 0) -> torch.Tensor:
+    """A fixed orthogonal (size, size) float64 matrix that spreads energy evenly over coordinates: the normalised
+    Hadamard matrix when `size` is a power of two, else the Q of a seeded Gaussian matrix's QR (a random rotation).
+    Folded into a latent (W_c H, Hᵀ Bk, Hᵀ Bv: exact in full precision) it evens out a PCA's decaying coordinates before
+    per-group quantization (MATH.md part five, quantizing c)."""
+    if size & (size - 1) == 0:
+        mix = torch.ones(1, 1, dtype=_SEED_DTYPE)
+        while mix.shape[0] < size:
+            mix = torch.cat([torch.cat([mix, mix], 1), torch.cat([mix, -mix], 1)], 0)
+        return mix / size**0.5
+    generator = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=_SEED_DTYPE))
+    return q * torch.sign(torch.diagonal(r))  # a unique Q (positive diagonal of R)
+
+
 def _stacked_kv(wk: torch.Tensor, wv: torch.Tensor, moment: torch.Tensor | None, damping: float,
                 balance: bool = True, key_weights: torch.Tensor | None = None):
     """The balanced stacked matrix [Wk | Wv] (d x (Hk·wk + Hv·wv)) the latent is fitted to, optionally whitened:

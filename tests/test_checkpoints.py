@@ -125,12 +125,12 @@ def test_load_with_remote_code_where_the_package_is_not_importable(tmp_path, ids
     folder = tmp_path / "ckpt"
     model.save_pretrained(folder)
     for name in ("modeling_merged_gpt2.py", "merged_attention.py", "merged_models.py", "attention_kernels.py",
-                 "quantized_cache.py"):
+                 "quantized_cache.py", "config.py", "weights.py", "projections.py"):
         source = (folder / name).read_text()
         imports = {line.split()[1] for line in source.splitlines() if line.startswith(("import ", "from "))}
         assert imports <= {"__future__", "logging", "os", "math", "tempfile", "contextlib", "dataclasses", "numbers", "typing",
                            "torch", "transformers", ".merged_attention", ".merged_models", ".attention_kernels",
-                           ".quantized_cache"} | {
+                           ".quantized_cache", ".config", ".weights", ".projections"} | {
             i for i in imports if i.startswith(("torch.", "transformers."))
         }, imports  # self-contained: torch / transformers / the core files beside it only
     result = run_without_package(folder, True, ids, tmp_path)

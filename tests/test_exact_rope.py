@@ -207,7 +207,7 @@ def test_quantized_latent_cache(family):
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
         cache = LatentQuantizedCache(model.config, nbits=8, residual_length=2)
-        prefix = model(ids[:, :-2], attention_mask=mask[:, :-2], position_ids=positions[:, :-2], past_key_values=cache)
+        model(ids[:, :-2], attention_mask=mask[:, :-2], position_ids=positions[:, :-2], past_key_values=cache)
         step = model(ids[:, -2:], attention_mask=mask, position_ids=positions[:, -2:], past_key_values=cache).logits
     assert max_diff(step, full[:, -2:]) < 0.05 * full.abs().max().item()  # int8 codes of c, per token
 
@@ -301,3 +301,23 @@ def test_default_route_is_exact_and_partial_keeps_todays_route():
     with torch.no_grad():
         partial(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
     assert cache.layers[0].values.shape[-1] == 2 * family.kv_heads * 2  # the rotated kept pairs, not positions
+
+
+def test_a_rotated_latent_is_the_same_model_in_full_precision():
+    """seeding={"rotate_latent": True} folds an orthogonal mix of c into W_c, Bk and Bv: the same logits (fp32
+    round-off), a different cached c."""
+    from hf_merged_attn.seeding import orthogonal_mix
+
+    family = FAMILIES[1]
+    stock = family.make("sdpa")
+    ids, mask = batch()
+    plain = patch_model(copy.deepcopy(stock), "latent", rank=6, rope="exact")
+    rotated = patch_model(copy.deepcopy(stock), "latent", rank=6, rope="exact", seeding={"rotate_latent": True})
+    with torch.no_grad():
+        assert max_diff(real_rows(rotated(ids, attention_mask=mask).logits, mask),
+                        real_rows(plain(ids, attention_mask=mask).logits, mask)) < 1e-5
+    down = [m.model.layers[0].self_attn.latent_proj.weight for m in (plain, rotated)]
+    assert not torch.allclose(down[0], down[1])
+    for size in (8, 6):  # Hadamard, and a seeded rotation
+        mix = orthogonal_mix(size)
+        assert torch.allclose(mix @ mix.T, torch.eye(size, dtype=mix.dtype), atol=1e-12)

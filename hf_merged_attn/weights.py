@@ -1,5 +1,5 @@
-"""What a family adapter tells the package (`ArchitectureSpec`, the registry entry), and how per-head weights are read
-from and written to `nn.Linear` / `Conv1D` projections.
+"""What a family adapter tells the package (`ArchitectureSpec`, the registry entry), and how per-head weights are
+read out of (and written back to) `nn.Linear` / `Conv1D` projections.
 
 Self-contained (torch and transformers only): it travels next to every saved checkpoint with the core files.
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from dataclasses import dataclass, field
 from importlib import import_module
 
 import torch
@@ -477,13 +478,44 @@ def patch_model(
         NotImplementedError: an unsupported family (rotary ones with the reason), or an unsupported variant of
             a supported one (GPT-2 with cross-attention, a BERT decoder, ...).
     """
+    patch = PatchConfig(mode, rank, layers, init, values, value_rank, rope_pairs, rope_selection, rope)
+    spec, patched, reads_data = resolve_patch(model, patch, calibration, seeding)  # checks only: nothing changed yet
+    statistics = calibrate(model, patch, calibration, reads_data)  # one pass of the stock model, if the seed reads data
+    # The patched model gets its own copy of the config: another model built from the same config object must not
+    # start reporting a patch (and a merged model_type) it does not have.
+    config = copy.deepcopy(model.config)
+    # every new module is built before the first swap: a seeding error leaves the model untouched
+    seeded = [(parent, name, old, seed_layer(spec, old, config, patch, statistics, balance_kv, seeding))
+              for parent, name, old in patched]
+    install(model, seeded, config)
+    record_patch(model, spec, patch, config, statistics.tokens)
+    return model
+
+
+@dataclass
+class CalibrationStatistics:
+    """What the seeding reads from a pass of the stock model over calibration text (empty without one)."""
+
+    moments: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> E[x̃ᵀx̃] of its attention input
+    tokens: int | None = None  # calibration tokens seen
+    pair_norms: dict[int, tuple] = field(default_factory=dict)  # layer -> rotary pair norms ('2norm')
+
+
+def resolve_patch(model: nn.Module, patch: PatchConfig, calibration, seeding: dict | None = None
+                  ) -> tuple[ArchitectureSpec, list[tuple[nn.Module, str, nn.Module]], bool]:
+    """Step 1 of `patch_model`: check `patch` against `model` (family, sizes, rotary route, adapters, calibration) and
+    resolve what it leaves open (layers, rotary defaults, energy targets to ranks). Changes nothing in the model.
+
+    Returns:
+        (the family's registry entry, [(parent, name, stock attention)] of the layers to patch, whether the seeding
+        reads calibration data).
+    """
     if not isinstance(model, nn.Module):
         load = f"AutoModelForCausalLM.from_pretrained({model if isinstance(model, str) else 'gpt2'!r})"
         raise TypeError(
             f"patch_model takes a transformers model (an nn.Module); got {model!r} ({type(model).__name__}). Load "
             f"the model first, e.g. model = {load}, then patch_model(model, ...)."
         )
-    patch = PatchConfig(mode, rank, layers, init, values, value_rank, rope_pairs, rope_selection, rope)
     _check_seeding(seeding, patch.rope)
     patch.check_calibration(calibration)
     if any(isinstance(module, MergedAttention) for module in model.modules()):
@@ -495,9 +527,9 @@ def patch_model(
     spec = spec_for_model(model)
     config = model.config
     spec.check_model(config)
-    rotary_data = False  # whether a rotary patch reads calibration data
+    reads_data = patch.init == "whitened"  # whether the seeding reads calibration data
     if spec.rotary:
-        rotary_data = _resolve_rotary(patch, spec, model, calibration)
+        reads_data = _resolve_rotary(patch, spec, model, calibration)
         _check_seeding(seeding, patch.rope)
     elif patch.rope_pairs is not None or patch.rope_selection is not None or patch.rope is not None:
         raise ValueError(
@@ -515,13 +547,6 @@ def patch_model(
     patch.check_against(config.hidden_size, len(found), config.num_attention_heads)
     patched = [(parent, name, old) for parent, name, old in found if old.layer_idx in patch.layers]
     _refuse_adapters(model, spec, patch, [old for _, _, old in patched])
-    moments, calibration_tokens, pair_norms = {}, None, {}
-    if rotary_data and patch.rope == "exact":
-        moments, calibration_tokens = collect_attention_moments(model, calibration, patch.layers)
-    elif rotary_data:  # the pair norms ('2norm') and moments (RoRoPE, whitening) in one pass
-        moments, calibration_tokens, pair_norms = collect_rotary_statistics(model, calibration, patch.layers)
-    elif patch.init == "whitened":  # one pass of the STOCK model; raises on bad calibration before any swap
-        moments, calibration_tokens = collect_attention_moments(model, calibration, patch.layers)
     if patch.energy is not None:
         if any(p.is_meta for _, _, old in patched for p in old.parameters()):
             raise ValueError(
@@ -530,32 +555,52 @@ def patch_model(
                 "weights first, or pass an integer rank or a dict {block: rank}."
             )
         patch.rank = {old.layer_idx: _rank_for_energy(spec, old, patch.mode, patch.energy) for _, _, old in patched}
-    # The patched model gets its own copy of the config: another model built from the same config object must not
-    # start reporting a patch (and a merged model_type) it does not have.
-    shared_config, config = config, copy.deepcopy(config)
-    def seed(old):
-        if spec.rotary and patch.rope == "exact":
-            return seeded_exact_rope_attention(spec, old, config, patch.rank_for(old.layer_idx),
-                                               moment=moments.get(old.layer_idx), balance=balance_kv, seeding=seeding)
-        if spec.rotary:
-            return seeded_rotary_attention(
-                spec, old, config, patch.rank_for(old.layer_idx), patch.rope_pairs, patch.rope_selection,
-                moment=moments.get(old.layer_idx), pair_norms=pair_norms.get(old.layer_idx),
-                whiten=patch.init == "whitened", balance=balance_kv,
-            )
-        return seeded_attention(
-            spec, old, config, patch.mode, patch.rank_for(old.layer_idx), moment=moments.get(old.layer_idx),
-            values=patch.values, value_rank=patch.value_rank, balance_kv=balance_kv,
-        )
+    return spec, patched, reads_data
 
-    # every new module is built before the first swap: a seeding error leaves the model untouched
-    seeded = [(parent, name, old, seed(old)) for parent, name, old in patched]
+
+def calibrate(model: nn.Module, patch: PatchConfig, calibration, reads_data: bool) -> CalibrationStatistics:
+    """Step 2 of `patch_model`: one pass of the STOCK model over `calibration` (eval, no gradients) for what the seeding
+    reads — the second moments of every patched layer's attention input (whitening, RoRoPE) and, for the '2norm' rule,
+    the rotary pair norms; nothing without `reads_data`. Raises on bad calibration before any swap."""
+    if not reads_data:
+        return CalibrationStatistics()
+    if getattr(patch, "rope", None) == "partial":  # the pair norms ('2norm') and moments in one pass
+        moments, tokens, pair_norms = collect_rotary_statistics(model, calibration, patch.layers)
+        return CalibrationStatistics(moments, tokens, pair_norms)
+    moments, tokens = collect_attention_moments(model, calibration, patch.layers)
+    return CalibrationStatistics(moments, tokens)
+
+
+def seed_layer(spec: ArchitectureSpec, old: nn.Module, config, patch: PatchConfig, statistics: CalibrationStatistics,
+               balance_kv: bool = True, seeding: dict | None = None) -> MergedAttention:
+    """Step 3 of `patch_model`: the merged module that replaces the stock attention `old`, seeded from its weights (and
+    the calibration statistics of its layer) by the route `patch` gives."""
+    layer, rank = old.layer_idx, patch.rank_for(old.layer_idx)
+    moment = statistics.moments.get(layer)
+    if spec.rotary and patch.rope == "exact":
+        return seeded_exact_rope_attention(spec, old, config, rank, moment=moment, balance=balance_kv, seeding=seeding)
+    if spec.rotary:
+        return seeded_rotary_attention(spec, old, config, rank, patch.rope_pairs, patch.rope_selection, moment=moment,
+                                       pair_norms=statistics.pair_norms.get(layer), whiten=patch.init == "whitened",
+                                       balance=balance_kv)
+    return seeded_attention(spec, old, config, patch.mode, rank, moment=moment, values=patch.values,
+                            value_rank=patch.value_rank, balance_kv=balance_kv)
+
+
+def install(model: nn.Module, seeded: list[tuple[nn.Module, str, nn.Module, nn.Module]], config) -> None:
+    """Step 4 of `patch_model`: swap each (parent, name, old, new) (hooks and train/eval mode move to the new module),
+    and give every module that held the model's config its own copy `config`."""
+    shared = model.config
     for parent, name, old, new in seeded:
         _swap(parent, name, old, new)
     for module in model.modules():  # every module that held the shared config now holds the model's own copy
-        if module.__dict__.get("config") is shared_config:
+        if module.__dict__.get("config") is shared:
             module.config = config
 
+
+def record_patch(model: nn.Module, spec: ArchitectureSpec, patch: PatchConfig, config, calibration_tokens) -> None:
+    """Step 5 of `patch_model`: the merged config class and its `merged_attn` record, the model's merged class (so
+    save_pretrained writes a checkpoint that reloads), and no generation default the patch cannot decode with."""
     if type(config) is spec.config_class.__base__:  # the stock config class: same fields plus merged_attn
         config.__class__ = spec.config_class  # model_type "merged_<family>"
     _forget_merged_names(config)
@@ -572,7 +617,6 @@ def patch_model(
             "that reloads as a merged model.", type(inner).__name__, spec.family,
         )
     _drop_unusable_cache_default(inner)
-    return model
 
 
 def _drop_unusable_cache_default(model: nn.Module) -> None:

@@ -56,6 +56,11 @@ def make_gpt2(cls=GPT2LMHeadModel, attn_implementation: str = "eager", **overrid
     return model
 
 
+# Subprocess timeouts catch hangs only: a test's verdict must not depend on the machine's load (several jobs on two
+# cores run the slowest subprocess here ~5x slower than an idle machine), so the limit is far above any honest run.
+HANG_TIMEOUT = 3600
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 

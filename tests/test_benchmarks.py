@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HEAD_DIM, HIDDEN, max_diff, make_gpt2
+from conftest import HANG_TIMEOUT, HEAD_DIM, HIDDEN, make_gpt2, max_diff
 
 from hf_merged_attn import patch_model
 
@@ -24,7 +24,7 @@ def test_quick_benchmark_writes_every_mode(tmp_path):
     """`python benchmarks/run.py --quick` (the CI smoke run) in a fresh process: a few seconds after imports."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, cwd=ROOT, timeout=300, check=False,
+        capture_output=True, text=True, cwd=ROOT, timeout=HANG_TIMEOUT, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "benchmarks.json").read_text())

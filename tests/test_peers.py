@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HANG_TIMEOUT
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,7 @@ def test_peers_dry_run_measures_every_row_it_lists(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--dry_run", "--sliding_windows", "8", "64",
          "--output_dir", str(tmp_path)],
-        capture_output=True, text=True, cwd=ROOT, timeout=600, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        capture_output=True, text=True, cwd=ROOT, timeout=HANG_TIMEOUT, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((tmp_path / "peers.json").read_text())["runs"]["shakespeare-gpt2"]
     rows, not_run = record["rows"], record["not_run"]
@@ -132,7 +133,7 @@ def test_a_rotary_model_with_its_kvpress_rows(tmp_path):
         [sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--dry_run", "--model_name_or_path", str(folder),
          "--only", "stock", "latent r_c=16", "sliding window", "--kvpress_venv", str(venv), "--kvpress_presses",
          "SnapKVPress", "MissingPress", "--kvpress_ratios", "0.5", "--output_dir", str(tmp_path / "out")],
-        capture_output=True, text=True, cwd=ROOT, timeout=600, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        capture_output=True, text=True, cwd=ROOT, timeout=HANG_TIMEOUT, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((tmp_path / "out" / "peers.json").read_text())["runs"]["tiny-llama"]
     rows = record["rows"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BLOCK_PACKAGE
+from conftest import BLOCK_PACKAGE, HANG_TIMEOUT
 from test_finetune import LAUNCH_ENV, ROOT, assets, tiny_args  # noqa: F401  (assets: the tiny model and data fixture)
 from transformers import AutoModelForCausalLM
 
@@ -27,7 +27,7 @@ def launch_command(config: str, args: list[str], port: int) -> list[str]:
 
 def launch(config: str, args: list[str], port: int) -> dict:
     """Run launch_command, which must succeed; its results.json."""
-    result = subprocess.run(launch_command(config, args, port), capture_output=True, text=True, timeout=600,
+    result = subprocess.run(launch_command(config, args, port), capture_output=True, text=True, timeout=HANG_TIMEOUT,
                             env=LAUNCH_ENV)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads((Path(args[args.index("--output_dir") + 1]) / "results.json").read_text())
@@ -65,7 +65,7 @@ def test_fsdp_config_shards_and_saves_a_model_that_reloads_exactly(assets, tmp_p
     with torch.no_grad():
         package = AutoModelForCausalLM.from_pretrained(folder).eval()(ids).logits
     remote = subprocess.run([sys.executable, "-c", REMOTE_LOGITS, str(folder), json.dumps(ids.tolist())],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert remote.returncode == 0, remote.stderr[-3000:]
     # the same weights through the same code (the remote copy is the package's own source): identical
     assert torch.equal(torch.tensor(json.loads(remote.stdout.strip().splitlines()[-1])), package)
@@ -114,7 +114,7 @@ def test_shipped_configs_name_what_they_promise():
 def test_push_to_hub_is_refused_when_sharded(assets, tmp_path):
     """push_to_hub on a sharded model would upload one rank's shards: refused before any work, with what to do."""
     args = tiny_args(assets, tmp_path / "push", "--modes", "covariance", "--push_to_hub", "--hub_model_id", "me/x")
-    result = subprocess.run(launch_command("fsdp.yaml", args, 29534), capture_output=True, text=True, timeout=300,
+    result = subprocess.run(launch_command("fsdp.yaml", args, 29534), capture_output=True, text=True, timeout=HANG_TIMEOUT,
                             env=LAUNCH_ENV)
     assert result.returncode != 0
     assert "--push_to_hub with FSDP" in result.stderr and "push that folder" in result.stderr

@@ -103,7 +103,6 @@ def test_quick_study_writes_the_docs_outputs(quick):
     for section in ("## Answer", "## What the stand-in can and cannot tell about GPT-2", "--dataset_name wikitext",
                     "quick smoke run", "![test perplexity against KV-cache bytes per token](study_pareto_cache.png)"):
         assert section in md
-    assert result["test_wall_s"] < 180 or os.getloadavg()[0] > 2.5  # --quick: under 3 minutes on an idle 2-core CPU
 
 
 def test_learning_rates_are_chosen_on_validation_only(quick):

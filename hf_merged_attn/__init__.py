@@ -35,7 +35,7 @@ from .modeling_merged_gpt2 import (
 from .modeling_merged_opt import MergedOPTAttention, MergedOPTConfig, MergedOPTForCausalLM, MergedOPTModel
 from .patching import patch_model, unpatch_model
 from .quantized_cache import LatentQuantizedCache, use_quantized_latent_cache
-from .recovery import recover_layerwise
+from .recovery import recover_end_to_end, recover_layerwise
 from .registry import REGISTRY, SPECS
 
 for _spec in SPECS:
@@ -73,6 +73,7 @@ __all__ = [
     "MergedRobertaModel",
     "PatchConfig",
     "patch_model",
+    "recover_end_to_end",
     "recover_layerwise",
     "unpatch_model",
     "use_kernels",

@@ -12,6 +12,7 @@ argument is read as a config file, as run_clm does. `python -m hf_merged_attn` i
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
@@ -48,10 +49,11 @@ class ConvertArguments:
     kv_budget: float | None = arg(None, "the fraction of stock's KV-cache numbers per token kept, in (0, 1]: resolved "
                                   "to the rank (and the kept rotary pairs) and printed; instead of --rank")
     layers: str | None = arg(None, "blocks to patch, e.g. '0,1,2' (default: all)")
-    init: str | None = arg(None, "how factors are seeded: whitened (least error on the calibration activations; the "
-                           "default where something is approximated) or svd (the weights only)",
+    init: str | None = arg(None, "how factors are seeded: whitened (least error on the calibration activations) or svd "
+                           "(the weights only) (default: whitened where something is approximated)",
                            choices=["svd", "whitened"])
-    values: str | None = arg(None, "'merged': the value is x, M_h = Wv_h Wo_h (covariance / lowrank)")
+    values: str | None = arg(None, "merged: the value is x, M_h = Wv_h Wo_h (covariance / lowrank; default: stock "
+                             "values)", choices=["merged"])
     value_rank: int | None = arg(None, "r_v: low-rank values M_h ≈ P_h Q_hᵀ (covariance / lowrank)")
     rope_pairs: int | None = arg(None, "rotary families: frequency pairs per KV head kept rotated (hd/2 keeps all; "
                                  "with --kv_budget the default is hd/16, MHA2MLA's)")
@@ -436,50 +438,8 @@ def _tokens(tokenizer, text: str) -> torch.Tensor:
         hf_logging.set_verbosity(verbosity)
 
 
-@torch.no_grad()
-def decode_ms_per_step(model, steps: int, prompt_length: int = 16) -> float | None:
-    """Milliseconds per greedy decode step (batch 1): the time of prefill + `steps` steps minus that of prefill + 1;
-    None when that difference is not positive (too few steps to measure)."""
-    prompt = torch.arange(1, prompt_length + 1).remainder(model.config.vocab_size).unsqueeze(0)
-    prompt = prompt.to(next(model.parameters()).device)
-
-    def timed(new: int) -> float:
-        start = time.perf_counter()
-        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
-                       do_sample=False, pad_token_id=model.config.pad_token_id or 0)
-        return time.perf_counter() - start
-
-    timed(2)  # warm-up
-    difference = timed(steps + 1) - timed(1)
-    return 1000 * difference / steps if difference > 0 else None  # too few steps to rise above the timer's noise
-
-
 def _ms(value: float | None, steps: int) -> str:
     return f"{value:.2f}" if value is not None else f"not measured ({steps} steps are too few: pass --decode_tokens 32)"
-
-
-def distill(model, stock, batches, steps: int, learning_rate: float, seed: int) -> tuple[float, float]:
-    """A short end-to-end recovery: Adam on KL(stock ‖ model) of the next-token distributions over the calibration
-    batches (the stock model frozen). Returns the mean KL over the batches before and after."""
-    from tqdm.auto import tqdm
-
-    from .recovery import distillation_loss
-
-    def mean_kl() -> float:
-        with torch.no_grad():
-            return sum(distillation_loss(model, stock, ids).item() for ids in batches) / len(batches)
-
-    model.eval()  # no dropout: the recovery fits the model as it will decode
-    before = mean_kl()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=learning_rate)
-    order = torch.randint(len(batches), (steps,), generator=torch.Generator().manual_seed(seed)).tolist()
-    for step in tqdm(order, desc="distillation"):
-        loss = distillation_loss(model, stock, batches[step])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return before, mean_kl()
 
 
 def _load(where: str, gguf: str | None):
@@ -503,8 +463,9 @@ def convert(args: ConvertArguments) -> dict[str, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import patch_model, recover_layerwise, use_quantized_latent_cache
+    from .recovery import recover_end_to_end
     from .calibration import evenly_spaced_blocks
-    from .evaluation import evaluate_perplexity, kv_cache_bytes_per_token
+    from .evaluation import decode_ms_per_step, evaluate_perplexity, kv_cache_bytes_per_token
     from .merged_attention import MergedAttention
     from .quantized_cache import QuantizationSettings
 
@@ -561,7 +522,7 @@ def convert(args: ConvertArguments) -> dict[str, str]:
         say(f"[4/6] layer-wise recovery, {args.recover_steps} steps per layer: mean relative error of the attention "
             f"outputs {before:.3g} -> {after:.3g} ({time.perf_counter() - start:.1f} s)")
     elif args.recover == "finetune":
-        before, after = distill(model, stock, batches, args.recover_steps, args.learning_rate, args.seed)
+        before, after = recover_end_to_end(model, stock, batches, args.recover_steps, args.learning_rate, args.seed)
         say(f"[4/6] distillation, {args.recover_steps} steps: KL to stock on the calibration blocks {before:.4g} -> "
             f"{after:.4g} nats/token ({time.perf_counter() - start:.1f} s)")
     else:
@@ -716,6 +677,57 @@ def inspect(where: str) -> dict:
     return info
 
 
+HELP_EXAMPLE = """Convert a causal LM: check every argument, load, calibrate, patch, recover, evaluate, save, push.
+
+example:
+  hf-merged-attn convert --model_name_or_path HuggingFaceTB/SmolLM2-135M --kv_budget 0.3125 \\
+      --calibration_file notes.txt --eval_file held_out.txt --output_dir smollm2-mla
+  hf-merged-attn convert config.json        (the same settings in a .json / .yaml file)"""
+# the flags of `convert --help`, by what they set (anything not named lands in the last group)
+HELP_GROUPS = {
+    "model": ("model_name_or_path", "gguf_file", "output_dir"),
+    "what to patch and the cache budget": ("mode", "kv_budget", "rank", "layers", "rope", "rope_pairs",
+                                           "rope_selection", "values", "value_rank", "init", "balance_kv"),
+    "calibration and evaluation text": ("calibration_file", "eval_file", "dataset_name", "dataset_config_name",
+                                        "text_column", "block_size", "calibration_blocks", "eval_tokens", "batch_size"),
+    "recovery": ("recover", "recover_steps", "learning_rate", "recover_inputs", "seed"),
+    "output": ("quantized_cache_bits", "decode_tokens", "push_to_hub", "hub_model_id", "hub_token"),
+}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each flag's true default once (none shown for an unset optional value or a required flag)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default not in (None, False, argparse.SUPPRESS) and not action.required
+                and "default" not in text and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
+def convert_parser():
+    """The argument parser of `hf-merged-attn convert`: transformers' HfArgumentParser over `ConvertArguments`, its
+    flags grouped (HELP_GROUPS), the required ones marked, one example at the top."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(ConvertArguments, prog="hf-merged-attn convert", description=HELP_EXAMPLE,
+                              formatter_class=_HelpFormatter)
+    general = parser._action_groups[1]  # argparse's "options" group, where HfArgumentParser put every flag
+    groups = {title: parser.add_argument_group(title) for title in HELP_GROUPS}
+    for action in list(general._group_actions):
+        if action.dest == "help":
+            continue
+        title = next((t for t, names in HELP_GROUPS.items() if action.dest in names), "output")
+        general._group_actions.remove(action)
+        groups[title]._group_actions.append(action)
+        if action.dest in ("model_name_or_path", "output_dir"):
+            action.required = True
+        if action.dest == "balance_kv" and "--no_balance_kv" in action.option_strings:
+            action.help = "latent: fit [Wk | Wv] as it is, keys and values NOT scaled to equal norms (an ablation)"
+    return parser
+
+
 def read_config_file(parser, path: str) -> ConvertArguments:
     """ConvertArguments from a .json / .yaml file (as run_clm reads one), every value checked against its field's type
     and choices (a file, unlike the command line, passes values through unconverted).
@@ -774,8 +786,6 @@ USAGE = """usage: hf-merged-attn {convert,inspect} ...
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transformers import HfArgumentParser
-
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -794,8 +804,7 @@ def main(argv: list[str] | None = None) -> int:
     if command != "convert":
         print(f"hf-merged-attn: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    parser = HfArgumentParser(ConvertArguments, prog="hf-merged-attn convert",
-                              description="Convert a causal LM: calibrate, patch, recover, evaluate, save, push.")
+    parser = convert_parser()
     try:
         if len(rest) == 1 and rest[0].endswith((".json", ".yaml", ".yml")):
             args = read_config_file(parser, rest[0])
@@ -808,5 +817,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["ConvertArguments", "check_arguments", "convert", "inspect", "latent_rank", "lowrank_rank",
+from .evaluation import decode_ms_per_step  # noqa: E402  (a step of convert, kept importable from here)
+
+__all__ = ["ConvertArguments", "decode_ms_per_step", "check_arguments", "convert", "inspect", "latent_rank", "lowrank_rank",
            "main", "resolve_budget", "rotary_latent_rank"]

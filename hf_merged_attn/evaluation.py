@@ -10,6 +10,7 @@ exp(total NLL / number of scored tokens). stride = max_length gives disjoint blo
 from __future__ import annotations
 
 import math
+import time
 from numbers import Integral
 
 import torch
@@ -168,3 +169,21 @@ def cache_bytes_per_token(cache) -> float:
     tensors = [t for layer in cache.layers for t in (
         layer.stored_tensors() if hasattr(layer, "stored_tensors") else (layer.keys, layer.values)) if t is not None]
     return sum(t.numel() * t.element_size() for t in tensors) / cache.get_seq_length()
+
+
+@torch.no_grad()
+def decode_ms_per_step(model, steps: int, prompt_length: int = 16) -> float | None:
+    """Milliseconds per greedy decode step (batch 1): the time of prefill + `steps` steps minus that of prefill + 1;
+    None when that difference is not positive (too few steps to measure)."""
+    prompt = torch.arange(1, prompt_length + 1).remainder(model.config.vocab_size).unsqueeze(0)
+    prompt = prompt.to(next(model.parameters()).device)
+
+    def timed(new: int) -> float:
+        start = time.perf_counter()
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False, pad_token_id=model.config.pad_token_id or 0)
+        return time.perf_counter() - start
+
+    timed(2)  # warm-up
+    difference = timed(steps + 1) - timed(1)
+    return 1000 * difference / steps if difference > 0 else None  # too few steps to rise above the timer's noise

@@ -290,3 +290,27 @@ def recover_layerwise(
         model.train(modes[0])
         reference.train(modes[1])
     return records
+
+
+def recover_end_to_end(model: nn.Module, reference: nn.Module, batches: list[torch.Tensor], steps: int,
+                       learning_rate: float, seed: int = 0) -> tuple[float, float]:
+    """A short end-to-end recovery (what `hf-merged-attn convert --recover finetune` runs): Adam on KL(reference ‖ model)
+    of the next-token distributions (`distillation_loss`) over `batches` of token ids, `steps` batches drawn with
+    `seed`, eval mode (no dropout); the reference is not trained. Returns the mean KL over the batches before and
+    after."""
+
+    def mean_kl() -> float:
+        with torch.no_grad():
+            return sum(distillation_loss(model, reference, ids).item() for ids in batches) / len(batches)
+
+    model.eval()  # no dropout: the recovery fits the model as it will decode
+    before = mean_kl()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    order = torch.randint(len(batches), (steps,), generator=torch.Generator().manual_seed(seed)).tolist()
+    for step in tqdm(order, desc="distillation"):
+        loss = distillation_loss(model, reference, batches[step])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return before, mean_kl()

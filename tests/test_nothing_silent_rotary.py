@@ -209,10 +209,10 @@ def test_an_unmeasurable_decode_time_is_not_reported_as_a_figure(converted_llama
     and the card then says it was not measured instead of showing 0.00."""
     from types import SimpleNamespace
 
-    from hf_merged_attn import cli
+    from hf_merged_attn import evaluation
 
     ticks = iter([0.0, 0.1, 1.0, 1.2, 2.0, 2.5])  # warm-up; prefill + 3 steps: 0.2 s; prefill + 1 step: 0.5 s
-    monkeypatch.setattr(cli, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    monkeypatch.setattr(evaluation, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
     assert decode_ms_per_step(FAMILIES[0].make(), 2) is None
     _, out, *_ = converted_llama
     card = (out / "README.md").read_text()

@@ -76,6 +76,9 @@ KVPRESS_INSTALL = "python3 -m venv {p} && {p}/bin/pip install torch==2.13.0 && {
 CHECK_TOLERANCE = 1e-3  # the stock DynamicCache loop against a full forward: max |logit difference|
 
 
+EXACT = "exact-RoPE latent"  # the rows of rope="exact" (rotary models)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name_or_path", default=str(STAND_IN), help="an HF folder (default: the stand-in GPT-2)")
@@ -86,6 +89,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="r_c of the latent rows (default: d/2, d/4, d/8; rotary: G·hd/2, /4, /8)")
     p.add_argument("--rope_pairs", type=int, default=4, help="rotary models: kept pairs per KV head")
     p.add_argument("--rope_selection", default="rorope", help="rotary models: which pairs stay rotated")
+    p.add_argument("--exact_ranks", type=int, nargs="*", default=None,
+                   help="rotary models: r_c of the exact-RoPE latent rows (default: 1/2, 5/16 and 1/8 of 2·G·hd; none: "
+                        "no such rows)")
+    p.add_argument("--keep_rows", action="store_true",
+                   help="keep the rows of this model's entry in peers.json that this run does not measure (with --only), "
+                        "when they scored the same windows (the stock row must reproduce its loss)")
     p.add_argument("--calibration_blocks", type=int, default=16)
     p.add_argument("--calibration_length", type=int, default=256)
     p.add_argument("--recover_steps", type=int, default=0,
@@ -206,15 +215,18 @@ def peer_rows(config, args) -> list[dict]:
     return rows
 
 
-def latent_rows(config, ranks: list[int]) -> list[dict]:
+def latent_rows(config, ranks: list[int], prefix: str = "latent") -> list[dict]:
+    """The project's rows: the latent at each r_c in a DynamicCache and its int8 / int4 LatentQuantizedCache (groups of
+    at most 32 channels that divide r_c). `prefix` names the route ("latent", or "exact-RoPE latent")."""
     rows = []
     for r_c in ranks:
-        rows.append({"name": f"latent r_c={r_c}", "curve": "latent (fp32 cache)", "model": f"latent{r_c}",
+        rows.append({"name": f"{prefix} r_c={r_c}", "curve": f"{prefix} (fp32 cache)", "model": f"{prefix}{r_c}",
                      "cache": lambda: DynamicCache(config=config)})
+        group = max(g for g in range(1, 33) if r_c % g == 0) if prefix != "latent" else None
         for bits in (8, 4):
-            rows.append({"name": f"latent r_c={r_c}, int{bits}", "curve": f"latent, int{bits} cache",
-                         "model": f"latent{r_c}", "cache": lambda b=bits: LatentQuantizedCache(
-                             config, nbits=b, residual_length=0)})
+            rows.append({"name": f"{prefix} r_c={r_c}, int{bits}", "curve": f"{prefix}, int{bits} cache",
+                         "model": f"{prefix}{r_c}", "cache": lambda b=bits, g=group: LatentQuantizedCache(
+                             config, nbits=b, residual_length=0, q_group_size=g)})
     return rows
 
 
@@ -363,8 +375,10 @@ def main(argv=None) -> dict:
     if args.kvpress_venv is not None and not kvpress_ok:
         raise ValueError(f"kvpress hooks {KVPRESS_FAMILIES} only, not {config.model_type}: drop --kvpress_venv.")
 
+    exact = [] if not rotary else (args.exact_ranks if args.exact_ranks is not None else
+                                   [2 * full // 2, 2 * full * 5 // 16, 2 * full // 8])
     rows = peer_rows(config, args)
-    names = [row["name"] for row in rows + latent_rows(config, ranks)]
+    names = [row["name"] for row in rows + latent_rows(config, ranks) + latent_rows(config, exact, EXACT)]
     unmatched = [o for o in args.only or [] if not any(n.startswith(o) for n in names)]
     if unmatched:
         raise ValueError(f"--only {unmatched} matches no row; the rows: {names}.")
@@ -386,7 +400,16 @@ def main(argv=None) -> dict:
         if args.recover_steps:
             recover_layerwise(models[f"latent{r_c}"], stock, calibration, steps=args.recover_steps, show_progress=False)
         models[f"latent{r_c}"].set_attn_implementation("sdpa")
-    rows += latent_rows(config, ranks)
+    for r_c in exact:  # the exact-RoPE latent: every pair rotated, keys rebuilt from c
+        if not wanted(f"{EXACT} r_c={r_c}"):
+            continue
+        models[f"{EXACT}{r_c}"] = patch_model(copy.deepcopy(stock), "latent", rank=r_c, rope="exact", init="whitened",
+                                              calibration=calibration)
+        if args.recover_steps:
+            recover_layerwise(models[f"{EXACT}{r_c}"], stock, calibration, steps=args.recover_steps,
+                              show_progress=False)
+        models[f"{EXACT}{r_c}"].set_attn_implementation("sdpa")
+    rows += latent_rows(config, ranks) + latent_rows(config, exact, EXACT)
 
     results, not_run = {}, {}
     for row in rows:
@@ -444,8 +467,33 @@ def main(argv=None) -> dict:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, **peer_versions()},
     }
     record["wall_time_s"] = time.time() - start
+    if args.keep_rows:
+        keep_rows(record, args.output_dir / "peers.json")
     write(record, args.output_dir)
     return record
+
+
+def keep_rows(record: dict, path: Path) -> None:
+    """Copy into `record` the rows of its model's previous entry in `path` that it did not measure, when both runs
+    scored the same windows: same context, scored tokens and windows, and a stock loss equal to 1e-6 nats (so the
+    previous rows' paired ΔNLL is against the same stock). Each kept row says which run measured it."""
+    previous = (json.loads(path.read_text())["runs"] if path.exists() else {}).get(record["model"])
+    if previous is None:
+        raise ValueError(f"--keep_rows: {path} has no entry for {record['model']} to keep rows from.")
+    same = all(previous["args"].get(k) == record["args"].get(k) for k in ("context", "scored", "windows"))
+    gap = abs(previous["rows"]["stock"]["loss"] - record["rows"]["stock"]["loss"])
+    if not same or gap > 1e-6:
+        raise ValueError(f"--keep_rows: the previous {record['model']} run scored other windows or another stock (stock "
+                         f"loss {previous['rows']['stock']['loss']:.6f} vs {record['rows']['stock']['loss']:.6f}); "
+                         "measure every row again instead.")
+    for name, row in previous["rows"].items():
+        if name not in record["rows"]:
+            record["rows"][name] = {**row, "kept_from": previous["command"]}
+            record["not_run"].pop(name, None)
+    for name, reason in previous.get("not_run", {}).items():
+        if name not in record["rows"] and reason != "left out by --only":
+            record["not_run"].setdefault(name, reason)
+    record["kept_from"] = previous["command"]
 
 
 def paired(nll: list[float], reference: list[float]) -> tuple[float, float]:
@@ -522,7 +570,10 @@ def markdown(runs: dict) -> str:
                f"{stock['kvpress_env']['versions']['transformers']} (its stock row: {stock['kvpress_env']['loss']:.5f} "
                f"nats/token, here {stock['loss']:.5f})" if "kvpress_env" in stock else "")
             + f". The latent: whitened seeding on {a['calibration_blocks']} blocks of {a['calibration_length']} training "
-            f"tokens{rope}{recovered}, no fine-tuning. Stock's loop through a DynamicCache matches a full forward to "
+            f"tokens{rope}{recovered}, no fine-tuning"
+            + ("; the exact-RoPE latent (rope='exact'): every pair rotated, the cache holds c and each token's position, "
+               "int8 / int4 codes in groups of at most 32 channels" if any(n.startswith(EXACT) for n in rows) else "")
+            + f". Stock's loop through a DynamicCache matches a full forward to "
             f"{stock['loop_vs_full_forward_max_abs']:.1e} (max |logit difference|).",
             "", "| row | perplexity (× stock) | ΔNLL ± 2 SE | bytes / token (× stock) | "
             + " | ".join(f"decode ms, batch {b} (× stock)" for b in batches) + " |",
@@ -530,11 +581,14 @@ def markdown(runs: dict) -> str:
         for name, r in sorted(rows.items(), key=lambda kv: -kv[1]["bytes_per_token"]):
             cells = [f"{r['decode'][b]['ms_per_step']:.1f} ({r['decode'][b]['vs_stock']:.2f})" if b in r.get("decode", {})
                      else "not timed" for b in batches]
-            label = f"**{name}**" if r["project"] else name
+            label = (f"**{name}**" if r["project"] else name) + (" †" if "kept_from" in r else "")
             lines.append(f"| {label} | {r['perplexity']:.3f} ({r['perplexity'] / stock['perplexity']:.3f}) | "
                          f"{r['delta_nll']:+.4f} ± {2 * r['delta_nll_se']:.4f} | "
                          f"{r['bytes_per_token']:,.0f} ({r['bytes_per_token'] / stock['bytes_per_token']:.3f}) | "
                          + " | ".join(cells) + " |")
+        if rec.get("kept_from"):
+            lines += ["", f"† measured by an earlier run on the same windows and stock (`{rec['kept_from']}`), its decode "
+                      "times from that run's machine load; the others by the command above (`--keep_rows`)."]
         if rec["not_run"]:
             lines += ["", "**Not run**: " + "; ".join(f"{n} ({why})" for n, why in rec["not_run"].items()) + "."]
         wins = dominance(rows)

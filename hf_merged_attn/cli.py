@@ -663,12 +663,18 @@ def inspect(where: str) -> dict:
                 kv_cache_bytes_per_token(model, prompt_length=cached - 4) if spec.has_cache else None}
     say(f"{where}: {spec.family} ({config.model_type}), from {info['base_model']}, {len(modules)} patched layers of "
         f"{config.num_hidden_layers}")
+    runs: list[tuple[list[int], str]] = []  # consecutive layers that read the same, printed once
     for row in layers:
         pairs = f", rope_pairs {row['rope_pairs']}" if row["rope_pairs"] is not None else ""
         pairs = (", exact-RoPE (every pair rotated)" if row["rope"] == "exact" else pairs)
-        say(f"  layer {row['layer']}: {row['mode']}, rank {row['rank']}{pairs}, "
-            f"{'exact' if row['exact_at_patch'] else 'approximate'} at patch, KV numbers per token "
-            f"{row['kv_numbers_per_token']} of stock's {row['stock_kv_numbers_per_token']}")
+        text = (f"{row['mode']}, rank {row['rank']}{pairs}, {'exact' if row['exact_at_patch'] else 'approximate'} at "
+                f"patch, KV numbers per token {row['kv_numbers_per_token']} of stock's {row['stock_kv_numbers_per_token']}")
+        if runs and runs[-1][1] == text and runs[-1][0][-1] == row["layer"] - 1:
+            runs[-1][0].append(row["layer"])
+        else:
+            runs.append(([row["layer"]], text))
+    for indices, text in runs:
+        say(f"  {f'layer {indices[0]}' if len(indices) == 1 else f'layers {indices[0]}–{indices[-1]}'}: {text}")
     if spec.has_cache:
         say(f"  KV cache bytes per token (measured at {cached} tokens, {model.dtype}): "
             f"{info['kv_cache_bytes_per_token']:,.0f}"

@@ -29,6 +29,7 @@ MODES = ("covariance", "lowrank", "latent")
 RECOVERIES = ("none", "layerwise", "finetune")
 # the shipped corpus of the repository (examples/ is not part of an installed package: then pass your own text)
 REPO_CORPUS = Path(__file__).resolve().parents[1] / "examples" / "data" / "shakespeare"
+REPO_GENERATIONS = REPO_CORPUS.parent / "generations"  # SmolLM2-Instruct's own answers (examples/make_generations.py)
 
 
 def arg(default, help: str, **kwargs):
@@ -64,7 +65,8 @@ class ConvertArguments:
                            choices=["exact", "partial"])
     balance_kv: bool = arg(True, "latent: keys and values scaled to equal norms before their joint SVD")
     calibration_file: str | None = arg(None, "a UTF-8 .txt file or a folder of .txt files: calibration and recovery "
-                                       "text (default: the repository's Shakespeare train split)")
+                                       "text (default: equal blocks of the repository's Shakespeare, SmolLM2's own "
+                                       "answers and CPython's Python reference: docs/domains.md)")
     eval_file: str | None = arg(None, "held-out text (.txt file or folder) for perplexity (default: the repository's "
                                 "Shakespeare validation split)")
     dataset_name: str | None = arg(None, "a datasets id instead of the files: its train split calibrates, its "
@@ -298,11 +300,12 @@ def check_arguments(args: ConvertArguments):
         raise ValueError("--dataset_name was given with --calibration_file / --eval_file; pass one source of text.")
     _text_source("--calibration_file", args.calibration_file)
     _text_source("--eval_file", args.eval_file)
-    if not args.dataset_name and not (args.calibration_file and args.eval_file) and not REPO_CORPUS.is_dir():
+    if not args.dataset_name and not (args.calibration_file and args.eval_file) and not (
+            REPO_CORPUS.is_dir() and (args.calibration_file or (REPO_GENERATIONS / "calibration.txt").is_file())):
         raise FileNotFoundError(
-            "no text given and no default corpus here: the default (the Shakespeare corpus in examples/data/shakespeare) "
-            "ships with the repository, not with the installed package. Pass --calibration_file and --eval_file "
-            "(.txt files or folders), or --dataset_name.")
+            "no text given and no default corpus here: the default (examples/data: the Shakespeare corpus and SmolLM2's "
+            "generations) ships with the repository, not with the installed package. Pass --calibration_file and "
+            "--eval_file (.txt files or folders), or --dataset_name.")
     if args.dataset_name:
         try:
             import datasets  # noqa: F401
@@ -402,8 +405,8 @@ def _read_text(path: str) -> str:
     return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
 
 
-def _texts(args: ConvertArguments) -> tuple[str, str, str]:
-    """(calibration text, held-out text, where they come from)."""
+def _texts(args: ConvertArguments) -> tuple[str | dict[str, str], str, str]:
+    """(calibration text — or {name: text} of the mixed default —, held-out text, where they come from)."""
     if args.dataset_name:
         from datasets import load_dataset
 
@@ -414,9 +417,26 @@ def _texts(args: ConvertArguments) -> tuple[str, str, str]:
                              f"with a {args.text_column!r} column (splits: {list(raw)}); see --text_column.")
         return ("\n\n".join(raw["train"][args.text_column]), "\n\n".join(raw[held][args.text_column]),
                 f"{args.dataset_name} (train / {held})")
-    calibration = args.calibration_file or _shown(REPO_CORPUS / "train.txt")
     held_out = args.eval_file or _shown(REPO_CORPUS / "validation.txt")
-    return _read_text(calibration), _read_text(held_out), f"{calibration} / {held_out}"
+    if args.calibration_file:
+        return _read_text(args.calibration_file), _read_text(held_out), f"{args.calibration_file} / {held_out}"
+    mixed = default_calibration_texts()
+    return mixed, _read_text(held_out), f"a mix of {', '.join(mixed)} (the default) / {held_out}"
+
+
+def default_calibration_texts() -> dict[str, str]:
+    """The default calibration of `convert` (docs/domains.md: a mix generalizes to held-out kinds of text where any one
+    text does not): the repository's Shakespeare train split, the calibration half of SmolLM2-Instruct's own answers
+    (examples/data/generations) and the first 60% of the Python language reference CPython ships (`pydoc_data`, sorted
+    by topic; the rest is held out in docs/domains.md), in equal blocks (`calibration.mixed_blocks`)."""
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    return {
+        "Shakespeare": _read_text(str(REPO_CORPUS / "train.txt")),
+        "Python reference": "\n\n".join(topics[n] for n in names[: int(len(names) * 0.6)]),
+        "SmolLM2 generations": _read_text(str(REPO_GENERATIONS / "calibration.txt")),
+    }
 
 
 def _shown(path: Path) -> str:
@@ -464,7 +484,7 @@ def convert(args: ConvertArguments) -> dict[str, str]:
 
     from . import patch_model, recover_layerwise, use_quantized_latent_cache
     from .recovery import recover_end_to_end
-    from .calibration import evenly_spaced_blocks
+    from .calibration import evenly_spaced_blocks, mixed_blocks
     from .evaluation import decode_ms_per_step, evaluate_perplexity, kv_cache_bytes_per_token
     from .merged_attention import MergedAttention
     from .quantized_cache import QuantizationSettings
@@ -486,12 +506,19 @@ def convert(args: ConvertArguments) -> dict[str, str]:
     limit = spec.max_length(config)
     block = args.block_size or min(512, limit or 512)  # checked against the positions at [0/6]
     calibration_text, held_text, source = _texts(args)
-    stream = _tokens(tokenizer, calibration_text)
-    count = min(args.calibration_blocks, stream.numel() // block)
+    if isinstance(calibration_text, dict):  # the default: equal blocks of several kinds of text
+        streams = {name: _tokens(tokenizer, text) for name, text in calibration_text.items()}
+        count = min(args.calibration_blocks, len(streams) * min(t.numel() // block for t in streams.values()))
+        count -= count % len(streams)
+        blocks = mixed_blocks(streams, count, block) if count else None
+        tokens = min(t.numel() for t in streams.values())
+    else:
+        stream = _tokens(tokenizer, calibration_text)
+        count, tokens = min(args.calibration_blocks, stream.numel() // block), stream.numel()
+        blocks = evenly_spaced_blocks(stream, count, block) if count else None
     if count < 1:
-        raise ValueError(f"the calibration text has {stream.numel()} tokens, less than one block of {block}; pass more "
-                         "text or a smaller --block_size.")
-    blocks = evenly_spaced_blocks(stream, count, block)
+        raise ValueError(f"the calibration text has {tokens} tokens, less than one block of {block}; pass more text or a "
+                         "smaller --block_size.")
     batches = list(blocks.split(args.batch_size))
     held = _tokens(tokenizer, held_text)
     if args.eval_tokens:

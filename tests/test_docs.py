@@ -65,3 +65,16 @@ def test_readme_shows_the_convert_command_and_its_flags_exist():
     assert flags <= listed, f"README flags missing from convert --help: {sorted(flags - listed)}"
     setup = (ROOT / "setup.cfg").read_text(encoding="utf-8")
     assert "hf-merged-attn = hf_merged_attn.cli:main" in setup  # the console script
+
+
+def test_the_readme_is_one_page_and_its_results_live_in_docs():
+    """#38: the README stays within 260 lines; every result page it names opens with the command that made it, and the
+    convert command's full output lives in docs/usage.md."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 260
+    usage = (ROOT / "docs" / "usage.md").read_text(encoding="utf-8")
+    convert = usage.split("## Converting a model", 1)[1]
+    assert "[0/6] arguments checked" in convert and "[6/6] saved" in convert and "Every step is a library function" in convert
+    for page in ("real_weights.md", "speed.md", "rotary.md", "domains.md", "exact_rope_smollm2.md"):
+        assert f"(docs/{page}" in readme, page
+        assert (ROOT / "docs" / page).exists(), page

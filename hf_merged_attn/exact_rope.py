@@ -26,9 +26,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .attention_kernels import EXACT_ROPE_KERNELS, KernelQuery, phase_of
 
+# the rotations of the cached tokens in the current decode step, per cache: {cache: (table key, positions, (cos, sin))}
+_STEP_ROTATIONS = WeakIdKeyDictionary()
 POSITION_BASE = 256  # digits of a stored position: every integer below 256 is exact in bf16, fp16 and fp32
 # RoPE types whose frequencies depend on the sequence length seen so far: stock rotates each key with the frequencies
 # of the step that computed it, which a key rebuilt later cannot know.
@@ -109,6 +112,21 @@ class ExactRopeLatent:
                 rotary = self.__dict__["_rotary"] = self.rotary_embedding_class(self.config)
         return rotary(like, positions)
 
+    def _cached_rotations(self, cache, positions: torch.Tensor, like: torch.Tensor):
+        """(cos, sin) (B, Tk, hd) of the cached tokens: computed once per decode step and shared by the layers that
+        hold the same positions (every layer of a model without sliding windows), as long as the table is the same
+        (dtype, device, rotary settings); under torch.compile always computed (no data-dependent check in a graph)."""
+        if torch.compiler.is_compiling():
+            return self._rotary_table(positions, like)
+        seen = _STEP_ROTATIONS.get(cache)
+        key = (like.dtype, like.device, type(self.__dict__["_rotary"]), id(self.config))
+        if (seen is not None and seen[0] == key and seen[1].shape == positions.shape
+                and torch.equal(seen[1], positions)):
+            return seen[2]
+        table = self._rotary_table(positions, like)
+        _STEP_ROTATIONS[cache] = (key, positions, table)
+        return table
+
     def _attend_exact(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs):
         """Exact-RoPE latent self-attention of `hidden_states` (B, T, d): (output (B, T, d), weights or None)."""
         implementation = self._check_implementation()
@@ -135,7 +153,7 @@ class ExactRopeLatent:
             buffer = cached_latent.shape[2]  # a static cache returns its whole buffer
             if phase == "decode":  # rebuild the cached keys at their own positions
                 latent = cached_latent[:, 0]  # (B, Tk, r_c)
-                key_cos, key_sin = self._rotary_table(decode_positions(cached_positions), latent)  # (B, Tk, hd)
+                key_cos, key_sin = self._cached_rotations(cache, decode_positions(cached_positions), latent)
         if phase != "decode" and attention_mask is not None and attention_mask.shape[-1] > length:
             attention_mask = attention_mask[..., :length]  # a static cache's mask spans its whole buffer
         kernel = self._kernel(KernelQuery(

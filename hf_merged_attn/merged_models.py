@@ -344,7 +344,7 @@ class MergedModelMixin:
                       if exact_keys and exact_values
                       else "At patch time it approximated the base model (" + ", ".join(
                           side for side, ok in (("the query–key side", exact_keys), ("the value side", exact_values)) if not ok
-                      ) + " below full rank); fine-tuning may have recovered part of the difference.")
+                      ) + " below full rank); any recovery or training since is in the Results below, if recorded.")
         auto = next((a for m, a in spec.model_classes.values() if m is type(self) and a), "AutoModel")
         stock_type = spec.model_types[0]
         front = ["---", "library_name: transformers", f"tags: [hf_merged_attn, {stock_type}, merged-attention]"]

@@ -380,7 +380,7 @@ def check_arguments(args: ConvertArguments):
         kept = 0 if rope == "exact" else half if pairs is None else pairs
         widest = _kv_heads(config) * (4 * half - 2 * kept)  # the NoPE keys and the values: what a latent can hold
         ranks = rank.values() if isinstance(rank, dict) else [rank] if isinstance(rank, int) else []
-        if any(r > widest for r in ranks):
+        if any(widest < r < config.hidden_size or (rope != "exact" and r > widest) for r in ranks):
             what = ("the keys before RoPE and the values (2·G·hd)" if rope == "exact"
                     else f"with {kept} kept pairs of {half}, G·(2·hd − 2r)")
             raise ValueError(f"--rank {args.rank}: a latent holds at most {widest} numbers ({what}), already exact; use "
@@ -588,7 +588,7 @@ def convert(args: ConvertArguments) -> dict[str, str]:
 
     # written into a folder beside the target and renamed into place once complete and reloaded: an interrupted run
     # leaves no folder that looks finished (only a hidden .partial one)
-    target = Path(args.output_dir)
+    target = Path(args.output_dir).resolve()  # "." has no name to put a staging folder beside
     staging = target.parent / f".{target.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -597,12 +597,16 @@ def convert(args: ConvertArguments) -> dict[str, str]:
         again = AutoModelForCausalLM.from_pretrained(staging).eval()
         with torch.no_grad():
             reload_gap = (again(blocks[:1]).logits - model(blocks[:1]).logits).abs().max().item()
-        if target.exists():
-            target.rmdir()  # empty (checked at [0/6]); a folder that filled up since is refused here
-        staging.rename(target)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # an interrupted save: nothing that looks finished
         raise
+    try:
+        if target.exists():
+            target.rmdir()  # empty (checked at [0/6])
+        staging.rename(target)
+    except OSError as error:  # the work is done and saved: keep it where it is and say where
+        raise OSError(f"the converted checkpoint is complete in {staging}, but it could not be moved to "
+                      f"{args.output_dir} ({error}; did something write there during the run?). Move it yourself.") from None
     files = sorted(p.name for p in target.iterdir())
     say(f"[6/6] saved {args.output_dir}: {', '.join(files)}; reloaded, max |Δlogits| {reload_gap:.3g}")
     if args.push_to_hub:
@@ -657,9 +661,12 @@ def inspect(where: str) -> dict:
         say(f"{where}: {state}")
         return {"patched": False, "model_type": config.model_type}
     lacking = missing_files(where, spec.has_cache)
-    if lacking and Path(where).is_dir():
-        raise FileNotFoundError(f"{where} is an incomplete converted checkpoint: it lacks {', '.join(lacking)} (an "
-                                "interrupted save?). Convert again, or copy the missing files from the original.")
+    needed = [name for name in lacking if name.startswith(("config.json", "model.safetensors"))]
+    if needed and Path(where).is_dir():
+        raise FileNotFoundError(f"{where} is an incomplete checkpoint: it lacks {', '.join(lacking)} (an interrupted "
+                                "save?). Convert again, or copy the missing files from the original.")
+    if lacking and Path(where).is_dir():  # loadable, but not what convert writes: say what a user will miss
+        say(f"{where}: note: it lacks {', '.join(lacking)} (convert writes them; save_pretrained alone does not)")
     model = (AutoModelForCausalLM if spec.has_cache else AutoModel).from_pretrained(where).eval()
     record = model.config.merged_attn
     modules = [m for m in model.modules() if isinstance(m, MergedAttention)]
@@ -797,8 +804,8 @@ def read_config_file(parser, path: str) -> ConvertArguments:
         if not ok:
             kinds = (int, float) if float in allowed else allowed  # an integer where a float is expected is fine
             ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in allowed)
-            if str in allowed and key == "rank" and isinstance(value, (int, float)):
-                ok = not isinstance(value, bool)  # --rank also takes a number in a file
+            if str in allowed and key == "rank" and isinstance(value, (int, float, dict)):
+                ok = not isinstance(value, bool)  # --rank also takes a number or a {block: rank} mapping in a file
         choices = fields[key].metadata.get("choices")
         if ok and choices is not None and value is not None and value not in choices:
             raise ValueError(f"config file {path!r}: {key} = {value!r} is not one of {choices}.")

@@ -78,8 +78,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class ExactRopeLatent:
     """Mixin of `RotaryLatentAttention` for rope="exact" (see the module docstring). Parameters: q_proj (stock),
     latent_proj (d -> r_c, W_cᵀ), k_up (r_c -> G·hd, Bkᵀ and the stock key bias), v_up (r_c -> G·hd, Bvᵀ and the stock
-    value bias), o_proj (stock, shared). No buffer: the cached keys' rotations come from the family's own rotary
-    embedding class (`rotary_embedding_class`), built from the config on first use."""
+    value bias), o_proj (stock, shared), and `rotary_emb`, the family's own rotary embedding (`rotary_embedding_class`,
+    built from the config; nothing of it is saved) that rotates the keys rebuilt from the cache."""
 
     rotary_embedding_class: type | None = None  # the family's RotaryEmbedding (set by the adapter)
 
@@ -100,26 +100,26 @@ class ExactRopeLatent:
         self.k_up = nn.Linear(rank, kv_heads * hd, bias=bias, **factory)
         self.v_up = nn.Linear(rank, kv_heads * hd, bias=bias, **factory)
         self.kernel_table = EXACT_ROPE_KERNELS
-        # the family's own rotary embedding rotates the keys rebuilt from the cache: not a submodule (nothing of it is
-        # saved, and its frequencies are the config's), so held outside the module registry
-        self.__dict__["_rotary"] = self.rotary_embedding_class(self.config)
+        # the family's own rotary embedding rotates the keys rebuilt from the cache. A submodule, so that .to() moves and
+        # casts it with the model (its frequencies must stay those the queries are rotated with); its buffers are not
+        # saved (non-persistent), and transformers re-initialises a *RotaryEmbedding from the config after an empty init
+        self.rotary_emb = self.rotary_embedding_class(self.config)
+        if factory.get("device") is not None:
+            self.rotary_emb.to(device=factory["device"])
 
     def _rotary_table(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) (B, Tk, hd) at integer `positions` (B, Tk) from the family's rotary embedding (what stock used)."""
-        rotary = self.__dict__["_rotary"]
-        if rotary.inv_freq.is_meta:  # built inside an empty (meta-device) init, as from_pretrained does: build again
-            with torch.device("cpu"):
-                rotary = self.__dict__["_rotary"] = self.rotary_embedding_class(self.config)
-        return rotary(like, positions)
+        return self.rotary_emb(like, positions)
 
     def _cached_rotations(self, cache, positions: torch.Tensor, like: torch.Tensor):
         """(cos, sin) (B, Tk, hd) of the cached tokens: computed once per decode step and shared by the layers that
         hold the same positions (every layer of a model without sliding windows), as long as the table is the same
         (dtype, device, rotary settings); under torch.compile always computed (no data-dependent check in a graph)."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or like.device.type != "cpu":  # on an accelerator the check would sync
             return self._rotary_table(positions, like)
         seen = _STEP_ROTATIONS.get(cache)
-        key = (like.dtype, like.device, type(self.__dict__["_rotary"]), id(self.config))
+        inv_freq = self.rotary_emb.inv_freq
+        key = (like.dtype, inv_freq.dtype, inv_freq.data_ptr(), id(self.config))
         if (seen is not None and seen[0] == key and seen[1].shape == positions.shape
                 and torch.equal(seen[1], positions)):
             return seen[2]

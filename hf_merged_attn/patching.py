@@ -596,6 +596,23 @@ def install(model: nn.Module, seeded: list[tuple[nn.Module, str, nn.Module, nn.M
     for module in model.modules():  # every module that held the shared config now holds the model's own copy
         if module.__dict__.get("config") is shared:
             module.config = config
+    _match_rotary_frequencies(model, [new for *_, new in seeded])
+
+
+def _match_rotary_frequencies(model: nn.Module, modules: list[nn.Module]) -> None:
+    """Give each exact-RoPE module's rotary embedding the model's own frequencies (values, dtype, device: a model cast to
+    bf16 before the patch rotates its queries with bf16-rounded frequencies, and the rebuilt keys must match them)."""
+    owned = {id(m.rotary_emb) for m in modules if getattr(m, "rope", None) == "exact"}
+    if not owned:
+        return
+    source = next((m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding") and id(m) not in owned
+                   and isinstance(getattr(m, "inv_freq", None), torch.Tensor)), None)
+    if source is None:
+        return
+    for module in modules:
+        if id(getattr(module, "rotary_emb", None)) in owned:
+            with torch.no_grad():
+                module.rotary_emb.inv_freq = source.inv_freq.detach().clone()
 
 
 def record_patch(model: nn.Module, spec: ArchitectureSpec, patch: PatchConfig, config, calibration_tokens) -> None:

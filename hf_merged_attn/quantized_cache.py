@@ -469,6 +469,16 @@ class SlidingLatentQuantizedLayer(LatentQuantizedLayer):
         return keys, values
 
     def crop(self, tokens_to_remove) -> None:
+        """As `LatentQuantizedLayer.crop`; refused when tokens already left the window without past recording (they
+        cannot come back: the layer would silently attend fewer than its window), as transformers' sliding layers do."""
+        removes = not isinstance(tokens_to_remove, (int, torch.Tensor)) or int(tokens_to_remove) != 0
+        if removes and self.dropped and not self.record_past:
+            raise ValueError(
+                f"LatentQuantizedCache.crop({tokens_to_remove!r}) on a sliding-window layer (window "
+                f"{self.sliding_window}) that already dropped {self.dropped} tokens: they cannot return to the window. "
+                "Call cache.activate_past_recording() before the updates a crop may undo (transformers' assisted and "
+                "prompt-lookup decoding do)."
+            )
         super().crop(tokens_to_remove)
         self._slide()
 

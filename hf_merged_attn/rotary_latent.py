@@ -293,7 +293,7 @@ class RotaryLatentAttention(ExactRopeLatent, MergedAttention):
     def _decode_mask(self, mask: torch.Tensor | None, length: int, kv_length: int) -> torch.Tensor | None:
         """The given mask, or (no mask: no padding) causal over the last `length` of the cached keys."""
         if mask is None and length > 1:
-            return torch.ones(length, kv_length, dtype=torch.bool, device=self.query_map.device).tril_(kv_length - length)
+            return torch.ones(length, kv_length, dtype=torch.bool, device=self.q_proj.weight.device).tril_(kv_length - length)
         return mask
 
     def _values(self, mixed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -321,3 +321,25 @@ def test_a_rotated_latent_is_the_same_model_in_full_precision():
     for size in (8, 6):  # Hadamard, and a seeded rotation
         mix = orthogonal_mix(size)
         assert torch.allclose(mix @ mix.T, torch.eye(size, dtype=mix.dtype), atol=1e-12)
+
+
+@pytest.mark.parametrize("cast", ["before the patch", "after the patch"])
+def test_bf16_keys_are_rotated_with_the_queries_frequencies_at_long_positions(cast):
+    """A model cast to bf16 rotates its queries with bf16-rounded frequencies; the keys rebuilt from the cache must get
+    the same ones (the layer's rotary embedding follows the model's casts, and takes the model's own frequencies at
+    patch): one decode step after 3,000 tokens equals the full forward to bf16 noise (a float32 table for the keys
+    against the bf16 one of the queries was off by ~5 in the logits here)."""
+    config = LlamaConfig(**{**FAMILIES[0].config.to_dict(), "max_position_embeddings": 4096})
+    torch.manual_seed(0)
+    stock = LlamaForCausalLM(config).eval()
+    if cast == "before the patch":
+        stock = stock.to(torch.bfloat16)
+    model = patch_model(stock, "latent", rank=_full_rank(FAMILIES[0]), rope="exact")
+    if cast == "after the patch":
+        model = model.to(torch.bfloat16)
+    ids = torch.randint(2, 101, (1, 3001))
+    with torch.no_grad():
+        full = model(ids).logits.float()
+        prefix = model(ids[:, :-1], use_cache=True)
+        step = model(ids[:, -1:], past_key_values=prefix.past_key_values).logits.float()
+    assert max_diff(step[:, -1], full[:, -1]) < 0.02 * full.abs().max().item()  # bf16 round-off of two orders of sums

@@ -247,7 +247,9 @@ def seeded_rotary_attention(
 
 # The exact-RoPE latent's seeding options (`patch_model(seeding=...)`): the whitening's relative ridge (damping, as
 # `seeding.damped_cholesky`) and whether the key columns are weighed by their groups' query energy (query-aware keys).
-EXACT_ROPE_SEEDING = {"damping": DEFAULT_DAMPING, "query_aware_keys": False, "rotate_latent": False}
+# Measured on SmolLM2 (docs/domains.md, docs/exact_rope_smollm2.md): larger damping and query-aware keys lose on every
+# held-out text; rotating c loses nothing in full precision and lowers the int4 codes' cost (1.33x vs 1.35x at -68.75%).
+EXACT_ROPE_SEEDING = {"damping": DEFAULT_DAMPING, "query_aware_keys": False, "rotate_latent": True}
 
 
 def seeded_exact_rope_attention(spec: ArchitectureSpec, attn: nn.Module, config, rank: int, *,

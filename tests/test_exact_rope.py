@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import BLOCK_PACKAGE, max_diff
-from test_rotary import FAMILIES, HEAD_DIM, IDS, IMPLEMENTATIONS, LAYERS, STRATEGIES, batch, real_rows
+from conftest import max_diff
+from test_rotary import (FAMILIES, HEAD_DIM, IDS, IMPLEMENTATIONS, LAYERS, STRATEGIES, batch, real_rows,
+                         remote_logits_and_tokens)
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 from hf_merged_attn import LatentQuantizedCache, patch_model, recover_layerwise, unpatch_model, use_kernels
@@ -228,18 +227,7 @@ def test_save_and_load_with_and_without_the_package(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert max_diff(loaded(ids, attention_mask=mask).logits, expected) == 0.0
-    script = BLOCK_PACKAGE + f"""
-import torch
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
-ids, mask = torch.tensor({ids.tolist()}), torch.tensor({mask.tolist()})
-with torch.no_grad():
-    out = model(ids, attention_mask=mask).logits
-    step = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
-print(json.dumps({{"logits": out.tolist(), "tokens": step.tolist()}}))
-"""
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    remote = remote_logits_and_tokens(tmp_path, ids, mask)
     assert max_diff(torch.tensor(remote["logits"]), expected) < 1e-6  # the same code, another process
     assert remote["tokens"] == tokens.tolist()
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import BLOCK_PACKAGE, max_diff
+from conftest import BLOCK_PACKAGE, HANG_TIMEOUT, max_diff
 from peft import LoraConfig, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
@@ -83,6 +83,24 @@ def batch(length: int = 12, rows: int = 3):
     for row in range(1, rows):
         mask[row, : 2 * row] = 0
     return ids.masked_fill(mask == 0, 0), mask
+
+
+def remote_logits_and_tokens(folder, ids, mask, new_tokens: int = 3) -> dict:
+    """In another process where hf_merged_attn cannot be imported: the checkpoint in `folder` loaded as remote code,
+    its logits on (ids, mask) and `new_tokens` greedy tokens — {"logits": [...], "tokens": [...]}."""
+    script = BLOCK_PACKAGE + f"""
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+ids, mask = torch.tensor({ids.tolist()}), torch.tensor({mask.tolist()})
+with torch.no_grad():
+    out = model(ids, attention_mask=mask).logits
+    step = model.generate(ids, attention_mask=mask, max_new_tokens={new_tokens}, do_sample=False, pad_token_id=0)
+print(json.dumps({{"logits": out.tolist(), "tokens": step.tolist()}}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            timeout=HANG_TIMEOUT)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def calibration():
@@ -317,18 +335,7 @@ def test_save_and_load_with_and_without_the_package(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert max_diff(loaded(ids, attention_mask=mask).logits, expected) == 0.0
-    script = BLOCK_PACKAGE + f"""
-import torch
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
-ids, mask = torch.tensor({ids.tolist()}), torch.tensor({mask.tolist()})
-with torch.no_grad():
-    out = model(ids, attention_mask=mask).logits
-    step = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
-print(json.dumps({{"logits": out.tolist(), "tokens": step.tolist()}}))
-"""
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    remote = remote_logits_and_tokens(tmp_path, ids, mask)
     assert max_diff(torch.tensor(remote["logits"]), expected) < 1e-6  # the same code, another process
     with torch.no_grad():
         local = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)

@@ -127,6 +127,11 @@ def check_arguments(args: ConvertArguments):
     where, gguf = _model_location(args)
     if gguf is None and not Path(where).is_dir() and not is_hub_id(where):
         raise FileNotFoundError(f"--model_name_or_path {where!r} is neither a local folder, a .gguf file nor a Hub id.")
+    first = Path(where).parts[0] if Path(where).parts else ""
+    if gguf is None and not Path(where).is_dir() and (where.startswith((".", "~", os.sep)) or Path(first).is_dir()):
+        # a typo in a local path ("examples/shakespeare-gtp2"): fail now instead of asking the Hub for it, with retries
+        raise FileNotFoundError(f"--model_name_or_path {where!r}: no such folder (it reads as a local path: {first!r} is "
+                                "a folder here). Check the spelling; a Hub id is namespace/name.")
     config = AutoConfig.from_pretrained(where, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(where)
 
     class _Shell(torch.nn.Module):  # the registry reads the config only

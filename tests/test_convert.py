@@ -212,6 +212,7 @@ BAD = [
     (["--rank", "8", "--calibration_file", "missing.txt"], "does not exist"),
     (["--rank", "8", "--dataset_name", "wikitext"], "one source of text"),
     (["--rank", "8", "--recover_steps", "0"], "positive integer"),
+    (["--rank", "8", "--model_name_or_path", "./no-such-model"], "no such folder"),  # a local path: no Hub retries
     (["--rank", "8", "--init", "whitened", "--mode", "covariance"], "covariance"),
 ]
 

@@ -126,7 +126,7 @@ def check_arguments(args: ConvertArguments):
             raise ImportError("--dataset_name needs the datasets package: pip install datasets.") from None
     where, gguf = _model_location(args)
     if gguf is None and not Path(where).is_dir() and not is_hub_id(where):
-        raise FileNotFoundError(f"--model_name_or_path {where!r} is neither a local folder, a .gguf file nor a Hub id.")
+        raise FileNotFoundError(f"--model_name_or_path {where!r}: no such folder, and neither a .gguf file nor a Hub id.")
     first = Path(where).parts[0] if Path(where).parts else ""
     if gguf is None and not Path(where).is_dir() and (where.startswith((".", "~", os.sep)) or Path(first).is_dir()):
         # a typo in a local path ("examples/shakespeare-gtp2"): fail now instead of asking the Hub for it, with retries

@@ -66,6 +66,7 @@ from finetune_args import (  # noqa: F401
     RANKED,
     FinetuneArguments,
     HelpFormatter,
+    arg,
     argument_parser,
     causal_lm_spec,
     check_rotary,

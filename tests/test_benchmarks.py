@@ -314,13 +314,18 @@ def test_quantized_decode_benchmark_runs_and_measures_bytes(tmp_path, monkeypatc
 
 def test_rotary_decode_benchmark_dry_run(tmp_path, monkeypatch):
     """benchmarks/rotary_decode.py on a tiny random Llama: every row timed, bytes per token measured on the filled
-    caches (stock: K and V of 2 KV heads of 16; the latent: r_c + 2 heads x 2·4 rotary numbers; 2 layers, fp32)."""
+    caches (stock: K and V of 2 KV heads of 16; the partial latent: r_c + 2 heads x 2·4 rotary numbers; the exact-RoPE
+    latent: r_c + 1 position; 2 layers, fp32)."""
     bench = load_script("rotary_decode", monkeypatch)
     bench.main(["--model_name_or_path", "tiny", "--batch", "2", "--context", "16", "--steps", "2", "--repeats", "2",
                 "--output_dir", str(tmp_path)])
     record = json.loads((tmp_path / "rotary_decode.json").read_text())
     rows = {r["configuration"]: r for r in record["results"]}
-    assert len(rows) == 7 and all(r["ms_per_step"] > 0 for r in rows.values())
+    assert len(rows) == 13 and all(r["ms_per_step"] > 0 for r in rows.values())
+    for r_c in (32, 20, 8):  # 1/2, 5/16 and 1/8 of 2·G·hd = 64
+        for kernel in ("exact_rebuild", "exact_rebuild_sdpa"):
+            assert rows[f"exact-RoPE r_c={r_c} (-{ {32: '50', 20: '68.75', 8: '87.5'}[r_c] }%), {kernel}"][
+                "cache_bytes_per_token"] == 2 * (r_c + 1) * 4
     assert rows["stock"]["cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
     for r_c in (64, 32, 16):
         for kernel in ("rotary_absorbed", "rotary_absorbed_sdpa"):

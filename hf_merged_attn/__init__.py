@@ -5,8 +5,9 @@
     patch_model(model, mode="lowrank", rank=32)    # S_h ≈ U_h V_hᵀ
     recover_layerwise(model, stock, calibration)   # fit each patched layer back to the stock one
 
-Families: GPT-2, OPT, BLOOM (ALiBi), BERT and RoBERTa encoders, and the rotary Llama, Qwen2 and Mistral (the rotary
-latent mode) (`registry.SPECS`); other rotary families are refused.
+Families: GPT-2, OPT, BLOOM (ALiBi), BERT and RoBERTa encoders, and the rotary Llama, Qwen2 and Mistral (the latent
+mode: by default the exact-RoPE latent, rope="exact", which keeps every rotation; rope="partial" keeps rope_pairs)
+(`registry.SPECS`); other rotary families are refused.
 Importing the package registers the merged config and model classes with transformers' Auto classes, so saved
 checkpoints load with `AutoModelForCausalLM.from_pretrained(folder)` (or `AutoModel`) without remote code.
 """

@@ -54,9 +54,9 @@ class PatchConfig:
             holds M_h = Wv_h Wo_h (d x d); with covariance, keys and values are then the same cached tensor.
         value_rank: r_v (1 <= r_v <= head size) for low-rank values M_h ≈ P_h Q_hᵀ (V cache (B, H, T, r_v)),
             with covariance or lowrank; None for stock values.
-        rope_pairs: rotary families only (mode "latent"): r, the frequency pairs per KV head kept rotated (0 <= r <=
-            hd/2; hd/2, the default, keeps them all); the other pairs lose their rotation and their keys join the
-            latent. Resolved by `patch_model`.
+        rope_pairs: rotary families only (mode "latent", rope="partial"): r, the frequency pairs per KV head kept
+            rotated (0 <= r <= hd/2; hd/2 keeps them all); the other pairs lose their rotation and their keys join the
+            latent. Resolved by `patch_model` (None with rope="exact", which keeps every pair).
         rope_selection: which pairs stay rotated: "2norm" (the largest query·key pair norms on calibration data),
             "high" (fastest), "low" (slowest), "uniform", or "rorope" (TransMLA's PCA across the KV heads per
             frequency, keeping the strongest mixed pairs as ONE rotary key shared by all heads). Resolved by

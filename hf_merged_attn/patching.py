@@ -192,7 +192,8 @@ def patch_model(
         value_rank: r_v, 1 <= r_v <= head size, for low-rank values M_h ≈ P_h Q_hᵀ (V cache (B, H, T, r_v); exact at
             r_v = head size, best rank-r_v below, whitened with init="whitened"). With covariance or lowrank.
         rope_pairs: rotary families (Llama, Qwen2, Mistral) only, mode "latent": r, the frequency pairs per KV head
-            kept rotated (default hd/2: all, exact with r_c covering the values). The other pairs lose their rotation
+            kept rotated with rope="partial" (given, they select that route; hd/2 keeps all, exact with r_c covering the
+            values). The other pairs lose their rotation
             (a change of the model: fine-tune to recover) and their keys join the values in the latent. The layer
             then caches r_c + G·2r numbers per token (stock: 2·G·hd).
         rope_selection: which pairs stay rotated: "2norm" (default when pairs are dropped; calibration's largest

@@ -58,8 +58,10 @@ def configurations(d: int, hd: int, latent_ranks: list[int]) -> list[tuple[str, 
 
 
 def rotary_configurations(latent_ranks: list[int], rope: dict) -> list[tuple[str, str, dict]]:
-    """Stock and the rotary latent at each r_c with the given rope settings (rope_pairs, rope_selection)."""
-    return [("stock", "stock", {})] + [(f"latent r_c={r}", "latent", {"rank": r, **rope}) for r in latent_ranks]
+    """Stock and the partial-RoPE latent at each r_c with the given rope settings (rope_pairs, rope_selection); the
+    exact-RoPE latent (patch_model's rotary default) has its own sweep, examples/exact_rope_smollm2.py."""
+    return [("stock", "stock", {})] + [(f"latent r_c={r}", "latent", {"rank": r, "rope": "partial", **rope})
+                                       for r in latent_ranks]
 
 
 def split_tokens(tokenizer, data_dir: str | Path, split: str) -> torch.Tensor:

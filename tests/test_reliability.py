@@ -115,7 +115,8 @@ def test_layers_from_any_iterable(tmp_path, ids, layers):
 # ---------------------------------------------------------------- packaging
 
 ROOT = Path(__file__).resolve().parents[1]
-DISTRIBUTIONS = {"torch": "torch", "transformers": "transformers", "tqdm": "tqdm"}  # import name -> pip name
+# import name -> pip name (yaml: convert's .yaml settings files; transformers depends on pyyaml too)
+DISTRIBUTIONS = {"torch": "torch", "transformers": "transformers", "tqdm": "tqdm", "yaml": "pyyaml"}
 # imported only where a user asks for it, with an ImportError that says what to install: module -> its files
 OPTIONAL = {"datasets": {"cli.py"}}  # hf-merged-attn convert --dataset_name
 

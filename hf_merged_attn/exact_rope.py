@@ -118,13 +118,13 @@ class ExactRopeLatent:
         if torch.compiler.is_compiling() or like.device.type != "cpu":  # on an accelerator the check would sync
             return self._rotary_table(positions, like)
         seen = _STEP_ROTATIONS.get(cache)
-        inv_freq = self.rotary_emb.inv_freq
-        key = (like.dtype, inv_freq.dtype, inv_freq.data_ptr(), id(self.config))
-        if (seen is not None and seen[0] == key and seen[1].shape == positions.shape
+        inv_freq = self.rotary_emb.inv_freq  # each layer holds its own copy: compared by value
+        key = (like.dtype, inv_freq.dtype, type(self.rotary_emb), getattr(self.rotary_emb, "attention_scaling", None))
+        if (seen is not None and seen[0] == key and seen[1].shape == positions.shape and torch.equal(seen[3], inv_freq)
                 and torch.equal(seen[1], positions)):
             return seen[2]
         table = self._rotary_table(positions, like)
-        _STEP_ROTATIONS[cache] = (key, positions, table)
+        _STEP_ROTATIONS[cache] = (key, positions, table, inv_freq)
         return table
 
     def _attend_exact(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs):
@@ -169,11 +169,26 @@ class ExactRopeLatent:
         return self.o_proj(output.reshape(batch, length, -1)), weights
 
     def _rebuilt_keys(self, latent: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """k = RoPE(c·Bk + bk) per KV head: latent (B, Tk, r_c), cos/sin (B, Tk, hd) -> (B, G, Tk, hd)."""
+        """k = RoPE(c·Bk + bk) per KV head: latent (B, Tk, r_c), cos/sin (B, Tk, hd) -> (B, G, Tk, hd).
+
+        transformers' tables repeat each pair's angle on both halves (cos = cat(cos_f, cos_f)), so the rotation is
+        written on the halves, (k1·cos_f − k2·sin_f, k2·cos_f + k1·sin_f): two fused multiply-adds into one buffer,
+        in the GEMM's own (B, Tk, G, hd) layout, where rotate_half would copy the keys twice more (decode is
+        memory-bound on these elementwise passes)."""
         batch, tokens, _ = latent.shape
-        key = self.k_up(latent).view(batch, tokens, self.num_kv_heads, -1).transpose(1, 2)  # (B, G, Tk, hd)
-        cos, sin = (t.unsqueeze(1) for t in angles)  # (B, 1, Tk, hd)
-        return key * cos + rotate_half(key) * sin
+        key = self.k_up(latent).view(batch, tokens, self.num_kv_heads, -1)  # (B, Tk, G, hd), contiguous
+        half = key.shape[-1] // 2
+        cos, sin = (t[..., :half].unsqueeze(2).to(key.dtype) for t in angles)  # (B, Tk, 1, hd/2)
+        first, second = key[..., :half], key[..., half:]
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() and key.requires_grad:
+            # Dynamo takes no strided out=, autograd no out= at all: the halves joined (one more pass)
+            rotated = torch.cat([torch.addcmul(first * cos, second, sin, value=-1),
+                                 torch.addcmul(second * cos, first, sin)], dim=-1)
+        else:
+            rotated = torch.empty_like(key)
+            torch.addcmul(first * cos, second, sin, value=-1, out=rotated[..., :half])
+            torch.addcmul(second * cos, first, sin, out=rotated[..., half:])
+        return rotated.transpose(1, 2)  # (B, G, Tk, hd)
 
     def _exact_expanded(self, query, latent, angles, mask, kwargs):
         """Keys and values of every token expanded from c, through the family's own attention (any phase)."""

@@ -168,15 +168,21 @@ class ExactRopeLatent:
             weights = F.pad(weights, (0, buffer - weights.shape[-1]))
         return self.o_proj(output.reshape(batch, length, -1)), weights
 
-    def _rebuilt_keys(self, latent: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def _rebuilt_keys(self, latent: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor],
+                      fast: bool = False) -> torch.Tensor:
         """k = RoPE(c·Bk + bk) per KV head: latent (B, Tk, r_c), cos/sin (B, Tk, hd) -> (B, G, Tk, hd).
 
-        transformers' tables repeat each pair's angle on both halves (cos = cat(cos_f, cos_f)), so the rotation is
-        written on the halves, (k1·cos_f − k2·sin_f, k2·cos_f + k1·sin_f): two fused multiply-adds into one buffer,
-        in the GEMM's own (B, Tk, G, hd) layout, where rotate_half would copy the keys twice more (decode is
-        memory-bound on these elementwise passes)."""
+        Training and prefill (`fast=False`) rotate as stock does (k·cos + rotate_half(k)·sin: the same rounding). The
+        decode (`fast=True`) uses that transformers' tables repeat each pair's angle on both halves (cos = cat(cos_f,
+        cos_f)): (k1·cos_f − k2·sin_f, k2·cos_f + k1·sin_f), two fused multiply-adds into one buffer in the GEMM's own
+        (B, Tk, G, hd) layout, where rotate_half would copy the keys twice more (these elementwise passes over every
+        cached key are most of a CPU decode step)."""
         batch, tokens, _ = latent.shape
         key = self.k_up(latent).view(batch, tokens, self.num_kv_heads, -1)  # (B, Tk, G, hd), contiguous
+        if not fast:
+            cos, sin = (t.unsqueeze(1) for t in angles)  # (B, 1, Tk, hd)
+            key = key.transpose(1, 2)  # (B, G, Tk, hd)
+            return key * cos + rotate_half(key) * sin
         half = key.shape[-1] // 2
         cos, sin = (t[..., :half].unsqueeze(2).to(key.dtype) for t in angles)  # (B, Tk, 1, hd/2)
         first, second = key[..., :half], key[..., half:]
@@ -213,7 +219,7 @@ class ExactRopeLatent:
 
         batch, heads, length, hd = query.shape
         kv_heads, tokens = self.num_kv_heads, latent.shape[1]
-        key = self._rebuilt_keys(latent, angles)  # (B, G, Tk, hd)
+        key = self._rebuilt_keys(latent, angles, fast=True)  # (B, G, Tk, hd)
         grouped = query.reshape(batch, kv_heads, -1, hd)  # (B, G, H/G·T, hd): heads of a group in the rows
         scores = (grouped @ key.mT).view(batch, heads, length, tokens) * self.scaling  # (B, H, T, Tk)
         weights = _masked_softmax(scores, self._decode_mask(mask, length, tokens), latent.dtype)
@@ -226,7 +232,7 @@ class ExactRopeLatent:
         """Decode: the rebuilt keys and the latent itself as the value (one view per KV head, no copy) through ONE SDPA
         call with grouped heads; then Bv. No weights."""
         batch, heads, length, _ = query.shape
-        key = self._rebuilt_keys(latent, angles)  # (B, G, Tk, hd)
+        key = self._rebuilt_keys(latent, angles, fast=True)  # (B, G, Tk, hd)
         value = latent.unsqueeze(1).expand(-1, self.num_kv_heads, -1, -1)  # (B, G, Tk, r_c): a view
         mask = self._decode_mask(mask, length, latent.shape[1])
         mixed = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=self.scaling,

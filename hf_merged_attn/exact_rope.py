@@ -28,7 +28,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .attention_kernels import EXACT_ROPE_KERNELS, KernelQuery, phase_of
+from .attention_kernels import EXACT_ROPE_KERNELS, KernelQuery, _masked_softmax, phase_of
+from .projections import _hooked
 
 # the rotations of the cached tokens in the current decode step, per cache: {cache: (table key, positions, (cos, sin))}
 _STEP_ROTATIONS = WeakIdKeyDictionary()
@@ -69,10 +70,11 @@ def rope_type_of(config) -> str:
     return "default"
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """transformers' rotate_half: (x1, x2) -> (-x2, x1) on the two halves of the last dimension."""
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in transformers' rotate_half convention, x·cos + rotate_half(x)·sin, on features laid out [first halves of
+    the pairs | second halves] (a whole head here; the kept pairs of the partial route in rotary_latent.py)."""
     first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 
 class ExactRopeLatent:
@@ -134,7 +136,7 @@ class ExactRopeLatent:
         batch, length = hidden_states.shape[:-1]
         cos, sin = position_embeddings  # (B or 1, T, hd): the model's, used as given
         query = self.q_proj(hidden_states).view(batch, length, self.num_heads, -1).transpose(1, 2)  # (B, H, T, hd)
-        query = query * cos.unsqueeze(1) + rotate_half(query) * sin.unsqueeze(1)
+        query = rotate(query, cos.unsqueeze(1), sin.unsqueeze(1))
         latent = self.latent_proj(hidden_states)  # (B, T, r_c)
         key_cos, key_sin = cos, sin
         phase, buffer = "train", length
@@ -161,7 +163,7 @@ class ExactRopeLatent:
             width=self.head_dim, dropout=self.training and self.attn_dropout.p > 0,
             masked=attention_mask is not None,
         ))
-        if phase == "decode" and self._hooked_values():  # hooks on v_up act on the values themselves: expand them
+        if phase == "decode" and _hooked(self.v_up):  # hooks on v_up act on the values themselves: expand them
             kernel = EXACT_ROPE_KERNELS["exact_expand"]
         output, weights = kernel.run(self, query, latent, (key_cos, key_sin), attention_mask, kwargs)  # (B, T, H, hd)
         if weights is not None and weights.shape[-1] < buffer:  # a static cache's prefill: stock returns the buffer
@@ -180,9 +182,7 @@ class ExactRopeLatent:
         batch, tokens, _ = latent.shape
         key = self.k_up(latent).view(batch, tokens, self.num_kv_heads, -1)  # (B, Tk, G, hd), contiguous
         if not fast:
-            cos, sin = (t.unsqueeze(1) for t in angles)  # (B, 1, Tk, hd)
-            key = key.transpose(1, 2)  # (B, G, Tk, hd)
-            return key * cos + rotate_half(key) * sin
+            return rotate(key.transpose(1, 2), *(t.unsqueeze(1) for t in angles))  # (B, G, Tk, hd)
         half = key.shape[-1] // 2
         cos, sin = (t[..., :half].unsqueeze(2).to(key.dtype) for t in angles)  # (B, Tk, 1, hd/2)
         first, second = key[..., :half], key[..., half:]
@@ -205,9 +205,8 @@ class ExactRopeLatent:
         value = self.v_up(latent).view(batch, tokens, self.num_kv_heads, -1).transpose(1, 2)  # (B, G, Tk, hd)
         if mask is None and query.shape[2] > 1 and query.shape[2] < tokens:  # decoding several tokens, no padding
             mask = self._decode_mask(None, query.shape[2], tokens)
+        mask = self._additive_for_eager(mask, query.dtype)
         implementation = self.config._attn_implementation or "eager"
-        if implementation == "eager" and mask is not None and mask.dtype == torch.bool:
-            mask = torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(~mask, torch.finfo(query.dtype).min)
         attention = self.eager_attention if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
         return attention(self, query, key, value, mask, dropout=self.attn_dropout.p if self.training else 0.0,
                          scaling=self.scaling, **kwargs)
@@ -215,8 +214,6 @@ class ExactRopeLatent:
     def _exact_rebuild(self, query, latent, angles, mask, kwargs):
         """Decode: the cached keys rebuilt (one GEMM) and rotated, scores per KV head, a float32 softmax, then the
         values through c: z_i = (A_i·c)·Bv_g(i) + rowsum(A_i)·bv_g(i). Returns the weights."""
-        from .merged_attention import _masked_softmax
-
         batch, heads, length, hd = query.shape
         kv_heads, tokens = self.num_kv_heads, latent.shape[1]
         key = self._rebuilt_keys(latent, angles, fast=True)  # (B, G, Tk, hd)
@@ -242,11 +239,6 @@ class ExactRopeLatent:
             rows = rows * mask.any(-1)  # a query that sees no key gets 0, as stock SDPA gives
             mixed = mixed * rows.unsqueeze(-1)
         return self._values(mixed, rows), None
-
-    def _hooked_values(self) -> bool:
-        from .merged_attention import _hooked
-
-        return _hooked(self.v_up)
 
     @torch.no_grad()
     def _exact_stock_parts(self) -> dict[str, torch.Tensor | None]:

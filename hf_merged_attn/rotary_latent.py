@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from transformers.cache_utils import Cache
 
 from .attention_kernels import ROTARY_KERNELS, CacheLayout, KernelQuery, phase_of
-from .exact_rope import ExactRopeLatent, position_digits
+from .exact_rope import ExactRopeLatent, position_digits, rotate
 from .merged_attention import (
     ROPE_SELECTIONS,
     SUPPORTED_ATTN_IMPLEMENTATIONS,
@@ -37,12 +37,6 @@ from .merged_attention import (
     _linear_map,
     _masked_softmax,
 )
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE in transformers' rotate_half convention on features laid out [first halves of K pairs | second halves]."""
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 
 @dataclass
@@ -243,10 +237,8 @@ class RotaryLatentAttention(ExactRopeLatent, MergedAttention):
         hooked = any(m is not None and _hooked(m) for m in (self.k_up, self.v_up))
         if phase == "decode" and hooked:  # what hooks on k_up / v_up do acts on the latent itself: expand it
             kernel = ROTARY_KERNELS["rotary_expand"]
-            attention_mask = self._decode_mask(attention_mask, length, latent.shape[1])
-            if implementation == "eager" and attention_mask is not None and attention_mask.dtype == torch.bool:
-                low = torch.finfo(latent.dtype).min  # the family's eager attention adds its mask
-                attention_mask = torch.zeros((), dtype=latent.dtype, device=latent.device).masked_fill(~attention_mask, low)
+            attention_mask = self._additive_for_eager(self._decode_mask(attention_mask, length, latent.shape[1]),
+                                                      latent.dtype)
         output, weights = kernel.run(self, inputs, attention_mask, implementation == "eager", kwargs)  # (B, T, H, hd)
         if weights is not None and weights.shape[-1] < buffer:  # a static cache's prefill: stock returns the buffer
             weights = F.pad(weights, (0, buffer - weights.shape[-1]))
@@ -295,6 +287,13 @@ class RotaryLatentAttention(ExactRopeLatent, MergedAttention):
         if mask is None and length > 1:
             return torch.ones(length, kv_length, dtype=torch.bool, device=self.q_proj.weight.device).tril_(kv_length - length)
         return mask
+
+    def _additive_for_eager(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """A boolean mask as the family's eager attention takes it (added to the scores: 0 or dtype's minimum); any
+        other mask, or any mask under sdpa, as it is."""
+        if (self.config._attn_implementation or "eager") != "eager" or mask is None or mask.dtype != torch.bool:
+            return mask
+        return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
     def _values(self, mixed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """z_i = (A_i c)·Bv_g(i) + rowsum(A_i)·bv_g(i): (B, H, T, r_c) and row sums (B, 1 or H, T) -> (B, T, H, hd)."""

@@ -96,16 +96,17 @@ def _resolve_rotary(patch: PatchConfig, spec: ArchitectureSpec, model: nn.Module
 
 
 def _check_seeding(seeding, rope: str | None) -> None:
-    """Refuse seeding options that are not a dict of `EXACT_ROPE_SEEDING`'s keys, or given to a route other than
-    rope='exact' (None: not resolved yet)."""
+    """Refuse seeding options that are not a dict of `EXACT_ROPE_SEEDING`'s keys, or given to a patch whose resolved
+    route is not rope='exact' (None: not a rotary model)."""
     if seeding is None:
         return
     unknown = sorted(set(seeding) - set(EXACT_ROPE_SEEDING)) if isinstance(seeding, dict) else None
-    if unknown is None or unknown or rope not in (None, "exact"):
+    if unknown is None or unknown or rope != "exact":
+        route = (f"this patch has rope={rope!r}: pass rope='exact'" if rope is not None
+                 else "this model is not rotary, so no seeding option applies: drop seeding")
         raise ValueError(
             f"seeding={seeding!r}: a dict of rope='exact' seeding options ({', '.join(EXACT_ROPE_SEEDING)})"
-            + (f"; unknown: {unknown}." if unknown else f"; this patch has rope={rope!r}: pass rope='exact'."
-               if unknown is not None else ".")
+            + (f"; unknown: {unknown}." if unknown else f"; {route}." if unknown is not None else ".")
         )
 
 
@@ -268,7 +269,6 @@ def resolve_patch(model: nn.Module, patch: PatchConfig, calibration, seeding: di
             f"patch_model takes a transformers model (an nn.Module); got {model!r} ({type(model).__name__}). Load "
             f"the model first, e.g. model = {load}, then patch_model(model, ...)."
         )
-    _check_seeding(seeding, patch.rope)
     patch.check_calibration(calibration)
     if any(isinstance(module, MergedAttention) for module in model.modules()):
         raise ValueError(
@@ -282,13 +282,13 @@ def resolve_patch(model: nn.Module, patch: PatchConfig, calibration, seeding: di
     reads_data = patch.init == "whitened"  # whether the seeding reads calibration data
     if spec.rotary:
         reads_data = _resolve_rotary(patch, spec, model, calibration)
-        _check_seeding(seeding, patch.rope)
     elif patch.rope_pairs is not None or patch.rope_selection is not None or patch.rope is not None:
         raise ValueError(
             f"rope={patch.rope!r} / rope_pairs={patch.rope_pairs!r} / rope_selection={patch.rope_selection!r} were given for "
             f"{type(model).__name__} ({spec.family}), whose positions are not rotary: there is no rotation to keep. "
             "Drop them."
         )
+    _check_seeding(seeding, patch.rope)  # once the route is resolved (None on a model without rotary positions)
     found = spec.stock_attentions(model)
     if not found:
         raise ValueError(

@@ -242,6 +242,10 @@ def test_seeding_options_are_checked():
     with pytest.raises(ValueError, match="rope='partial'"):
         patch_model(copy.deepcopy(model), "latent", rank=6, rope_pairs=2, rope_selection="high",
                     seeding={"damping": 0.1})
+    from families import FAMILIES as ABSOLUTE
+
+    with pytest.raises(ValueError, match="this model is not rotary"):  # never silently ignored
+        patch_model(ABSOLUTE[0].make(), "latent", rank=8, seeding={"damping": 0.1})
     aware = patch_model(copy.deepcopy(model), "latent", rank=6, seeding={"query_aware_keys": True})
     plain = patch_model(copy.deepcopy(model), "latent", rank=6)
     assert not torch.equal(aware.model.layers[0].self_attn.latent_proj.weight,

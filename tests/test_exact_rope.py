@@ -176,21 +176,9 @@ def test_both_decode_kernels_agree_and_steps_without_a_mask_are_causal():
 def test_compiled_decode_with_a_static_cache_does_not_recompile():
     """generate()'s compiled static-cache decode (fullgraph) gives eager's tokens, and compiling model.forward decodes
     step after step with no more graphs than stock compiles."""
-    from test_rotary import _compiled_graphs, _decode_by_hand
-    from transformers import CompileConfig
+    from test_rotary import check_compiled_decode
 
-    family = FAMILIES[0]
-    ids, mask = batch(length=8)
-    _, stock_graphs = _compiled_graphs(family.make("sdpa"), ids, mask)
-    model = _reduced(family)
-    tokens, graphs = _compiled_graphs(model, ids, mask)
-    assert graphs == stock_graphs <= 2
-    assert torch.equal(tokens, _decode_by_hand(model, model.forward, ids, mask))
-    config = CompileConfig(fullgraph=True, backend="eager", mode=None)
-    config._compile_all_devices = True
-    torch._dynamo.reset()
-    assert torch.equal(_generate(model, ids, mask, cache_implementation="static", compile_config=config),
-                       _generate(model, ids, mask))
+    check_compiled_decode(FAMILIES[0], _reduced(FAMILIES[0]))
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)

@@ -306,9 +306,14 @@ def test_compiled_decode_with_a_static_cache(name):
     """torch.compile(model.forward, fullgraph=True) decodes from the static cache with no graph break and no more
     graphs than stock compiles (none per step), giving eager's tokens; and generate()'s own compiled static decode."""
     family = FAMILIES[0]
+    check_compiled_decode(family, _reduced(family, name))
+
+
+def check_compiled_decode(family, model) -> None:
+    """torch.compile(model.forward, fullgraph=True) over a static cache: no more graphs than stock compiles, eager's
+    tokens; and generate()'s own compiled static decode gives the dynamic cache's tokens."""
     ids, mask = batch(length=8)
     _, stock_graphs = _compiled_graphs(family.make("sdpa"), ids, mask)
-    model = _reduced(family, name)
     tokens, graphs = _compiled_graphs(model, ids, mask)
     assert graphs == stock_graphs <= 2
     assert torch.equal(tokens, _decode_by_hand(model, model.forward, ids, mask))
